@@ -1,0 +1,111 @@
+"""The Python API the CLI is a thin layer over: start or connect to a server, run prefills.
+
+    from tsqp import api
+    with api.spawn_server("models/tiny") as server:
+        runner = api.connect(server.endpoint, model_dir="models/tiny")
+        result = runner.prefill(torch.randint(0, 512, (1, 128)))
+        result.logits, result.seconds, result.breakdown_s
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ServerUnreachable, TsqpError
+from .server import GpuServer, ServerThread
+from .tee.runner import TeeRunner
+from .transport import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client
+
+
+def free_endpoint(host: str = "127.0.0.1") -> str:
+    """A tcp endpoint on a port nobody is listening on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = "lean", wire_dtype: str = "float32",
+            timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> TeeRunner:
+    """A TEE runner for the server at `endpoint`; fails fast if the server does not answer."""
+    client = Client(endpoint, timeout_s=timeout_s)
+    try:
+        client.ping(timeout_s=connect_timeout_s)
+        return TeeRunner(client, model_dir, protocol=protocol, wire_dtype=wire_dtype)
+    except BaseException:
+        client.close()
+        raise
+
+
+def start_server(model_dir: str | Path, device: str | None = None, dtype: str = "float32",
+                 endpoint: str | None = None) -> ServerThread:
+    """A server in a thread of this process (shares the GIL: for tests and notebooks)."""
+    return ServerThread(GpuServer(model_dir, device, dtype), endpoint or free_endpoint())
+
+
+class ServerProcess:
+    """A server in its own process, as in a real deployment: for the demo and the benchmark."""
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str = "float32",
+                 endpoint: str | None = None, ready_timeout_s: float = 600.0, extra_args: tuple[str, ...] = ()):
+        self.endpoint = endpoint or free_endpoint()
+        cmd = [sys.executable, "-m", "tsqp", "serve", "--model", str(model_dir), "--dtype", dtype,
+               "--endpoint", self.endpoint, *extra_args]
+        if device:
+            cmd += ["--device", device]
+        self._log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+        self._wait_ready(ready_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with Client(self.endpoint) as client:
+            while True:
+                if self.process.poll() is not None:
+                    lines = self.output().strip().splitlines()
+                    raise TsqpError(f"server exited during start-up: {lines[-1] if lines else 'no output'}")
+                try:
+                    client.ping(timeout_s=0.5)
+                    return
+                except ServerUnreachable:
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise TsqpError(f"server did not answer within {timeout_s:g} s of start-up") from None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def output(self) -> str:
+        """Everything the server process has printed so far."""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def spawn_server(model_dir: str | Path, **kwargs: Any) -> ServerProcess:
+    return ServerProcess(model_dir, **kwargs)
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """An environment variable, treating an empty value as unset."""
+    value = os.environ.get(name)
+    return value if value else default

@@ -1,0 +1,5 @@
+"""Benchmark harness (placeholder until the benchmark lands)."""
+
+
+def add_bench_parser(sub) -> None:
+    pass

@@ -1,0 +1,177 @@
+"""What the TEE side knows about the model, read from a local model directory it trusts.
+
+The TEE never takes the architecture, the norm weights or the rope parameters from the GPU
+server: `ModelConfig` comes from `config.json` and `TeeWeights` reads only the small tensors it
+needs (the RMSNorm weights) straight from the safetensors files, lazily.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict[str, Any]) -> "RopeConfig":
+        """Accept both the transformers 5 `rope_parameters` and the 4.x `rope_theta`+`rope_scaling`."""
+        params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelError(f"unsupported rope type '{rope_type}' (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ModelError("partial_rotary_factor != 1 is not supported")
+        kwargs = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor") if k in params}
+        if "original_max_position_embeddings" in params:
+            kwargs["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+        return cls(theta=float(theta), rope_type=rope_type, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelError(f"unsupported architecture: model_type '{model_type}' (TSQP splits LLaMA-family models: llama)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ModelError(f"unsupported activation '{cfg['hidden_act']}' (LLaMA uses silu)")
+        try:
+            heads = int(cfg["num_attention_heads"])
+            kv_heads = int(cfg.get("num_key_value_heads") or heads)
+            hidden = int(cfg["hidden_size"])
+            config = cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                rope=RopeConfig.from_config_dict(cfg),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+            )
+        except KeyError as missing:
+            raise ModelError(f"config.json lacks required field {missing}") from None
+        if heads % kv_heads:
+            raise ModelError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        return config
+
+
+def _model_dir(path: str | Path) -> Path:
+    model_dir = Path(path).expanduser()
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory not found: {model_dir}")
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"not a model directory (no config.json): {model_dir}")
+    return model_dir
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    config_path = _model_dir(path) / "config.json"
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read {config_path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{config_path} is not a JSON object")
+    return ModelConfig.from_dict(raw)
+
+
+class NormWeights:
+    """The RMSNorm weights the TEE applies, by their checkpoint names, as float32."""
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def input_norm(self, layer: int) -> torch.Tensor:
+        return self.get(f"model.layers.{layer}.input_layernorm.weight")
+
+    def post_attention_norm(self, layer: int) -> torch.Tensor:
+        return self.get(f"model.layers.{layer}.post_attention_layernorm.weight")
+
+    def final_norm(self) -> torch.Tensor:
+        return self.get("model.norm.weight")
+
+
+class DirectoryWeights(NormWeights):
+    """Reads one tensor at a time from the model's safetensors files, on first use."""
+
+    def __init__(self, model_dir: str | Path):
+        from safetensors import safe_open
+
+        self.model_dir = _model_dir(model_dir)
+        self._where: dict[str, Path] = {}
+        self._cache: dict[str, torch.Tensor] = {}
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"no *.safetensors weights in {self.model_dir}")
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    self._where.update(dict.fromkeys(f.keys(), path))
+            except Exception as err:  # safetensors raises several types for corrupt files
+                raise ModelError(f"cannot read weights {path.name}: {err}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            from safetensors import safe_open
+
+            path = self._where.get(name)
+            if path is None:
+                raise ModelError(f"weight '{name}' not found in {self.model_dir}")
+            with safe_open(str(path), framework="pt") as f:
+                self._cache[name] = f.get_tensor(name).to(torch.float32)
+        return self._cache[name]
+
+
+class ProvidedWeights(NormWeights):
+    """Weights handed over by someone else (the server's Init): only for the seed's fallback flow."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self._tensors = {k: v.to(torch.float32) for k, v in tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            raise ModelError(f"weight '{name}' missing from the server's Init reply")
+        return self._tensors[name]

@@ -1,0 +1,204 @@
+"""The forward pass across the trust boundary.
+
+The TEE keeps the control flow and every non-linear step; a `Steps` object sends the linear
+algebra to the GPU server. Two protocols implement `Steps`:
+
+* `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2),
+  K and V expanded for GQA before they are sent;
+* `LeanSteps`: fused calls (q/k/v, gate/up, P·V with o_proj), K un-expanded, V kept on the
+  server since no TEE op touches it (5 per layer + 2).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import DirectoryWeights, ModelConfig, NormWeights, ProvidedWeights, load_config
+from ..errors import InputError
+from ..protocol import DTYPES, WIRE_DTYPES
+from ..transport import Client, WireStats
+from . import ops
+
+PROTOCOLS = ("lean", "seed")
+
+
+class SeedSteps:
+    """The seed's protocol: Embedding, Linear (one module), Matmul, LMHead."""
+
+    def __init__(self, client: Client, config: ModelConfig, wire_dtype: torch.dtype):
+        self.client, self.config, self.wire = client, config, wire_dtype
+        self.wire_name = {v: k for k, v in DTYPES.items()}[wire_dtype]
+
+    def _call(self, method: str, *tensors: torch.Tensor, **args) -> list[torch.Tensor]:
+        sent = [t.to(self.wire) if t.is_floating_point() else t for t in tensors]
+        reply = self.client.call(method, sent, wire_dtype=self.wire_name, **args)
+        return [t.float() for t in reply.tensors]
+
+    def _linear(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
+        return self._call("Linear", x, layer_idx=layer, module_name=module)[0]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._call("Embedding", input_ids)[0]
+
+    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self._linear(layer, "q_proj", x), self._linear(layer, "k_proj", x), self._linear(layer, "v_proj", x)
+
+    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        k = ops.repeat_kv(k, self.config.kv_groups)  # [TEE] Repeat KV, as the seed does
+        return self._call("Matmul", q, k.transpose(2, 3))[0]
+
+    def attn_out(self, layer: int, probs: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+        assert v is not None
+        out = self._call("Matmul", probs, ops.repeat_kv(v, self.config.kv_groups))[0]
+        b, h, n, d = out.shape
+        return self._linear(layer, "o_proj", out.transpose(1, 2).reshape(b, n, h * d))
+
+    def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._linear(layer, "gate_proj", x), self._linear(layer, "up_proj", x)
+
+    def down(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return self._linear(layer, "down_proj", h)
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self._call("LMHead", h)[0]
+
+
+class LeanSteps(SeedSteps):
+    """Fused calls; V never comes back to the TEE (no TEE op touches it)."""
+
+    def __init__(self, client: Client, config: ModelConfig, wire_dtype: torch.dtype):
+        super().__init__(client, config, wire_dtype)
+        self.session = uuid.uuid4().hex
+
+    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        q, k = self._call("QKV", x, layer_idx=layer, session=self.session)
+        return q, k, None
+
+    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return self._call("Scores", q, k)[0]
+
+    def attn_out(self, layer: int, probs: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+        return self._call("AttnOut", probs, layer_idx=layer, session=self.session)[0]
+
+    def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = self._call("GateUp", x, layer_idx=layer)
+        return gate, up
+
+    def down(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return self._call("Down", h, layer_idx=layer)[0]
+
+
+@dataclass
+class PrefillResult:
+    """Logits of one prefill and where its time went."""
+
+    logits: torch.Tensor  # float32 [batch, 1 or seq, vocab]
+    seconds: float  # wall time of the whole prefill, as the TEE sees it
+    batch: int
+    tokens: int
+    wire: WireStats = field(default_factory=WireStats)
+
+    @property
+    def throughput(self) -> float:
+        """Prompt tokens processed per second (all sequences of the batch)."""
+        return self.batch * self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def breakdown_s(self) -> dict[str, float]:
+        """TEE compute / (de)serialization / transport and wait / server compute."""
+        w = self.wire
+        return {
+            "tee_compute": max(self.seconds - w.serialize_s - w.wait_s, 0.0),
+            "serialization": w.serialize_s,
+            "transport_wait": max(w.wait_s - w.server_s, 0.0),
+            "server_compute": w.server_s,
+        }
+
+
+class TeeRunner:
+    """Runs prefills for one model against one GPU server."""
+
+    def __init__(self, client: Client, model_dir: str | Path | None = None, protocol: str = "lean",
+                 wire_dtype: str = "float32"):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol '{protocol}' (choose from: {', '.join(PROTOCOLS)})")
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"unsupported wire dtype '{wire_dtype}' (choose from: {', '.join(WIRE_DTYPES)})")
+        self.client = client
+        if model_dir is not None:
+            self.config: ModelConfig = load_config(model_dir)
+            self.weights: NormWeights = DirectoryWeights(model_dir)
+            self.inv_freq, self.rope_scaling = ops.rope_inv_freq(self.config.rope, self.config.head_dim)
+        else:
+            self.config, self.weights, self.inv_freq, self.rope_scaling = self._init_from_server()
+        steps_cls = LeanSteps if protocol == "lean" else SeedSteps
+        self.steps = steps_cls(client, self.config, DTYPES[wire_dtype])
+        self.protocol, self.wire_dtype = protocol, wire_dtype
+
+    def _init_from_server(self) -> tuple[ModelConfig, NormWeights, torch.Tensor, float]:
+        warnings.warn("no model directory given: trusting the GPU server's Init for config, norm weights and "
+                      "rope parameters (give the TEE its own copy with --model / LLAMA_MODEL_PATH)", stacklevel=3)
+        reply = self.client.call("Init")
+        names = reply.header["weight_names"]
+        weights = ProvidedWeights(dict(zip(names, reply.tensors[: len(names)])))
+        inv_freq = reply.tensors[len(names)].float()
+        return ModelConfig.from_dict(reply.header["config"]), weights, inv_freq, float(reply.header["attention_scaling"])
+
+    def check_input(self, input_ids: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if input_ids.dtype != torch.int64 or input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise InputError(f"input ids must be a non-empty int64 [batch, seq] tensor, got {input_ids.dtype} "
+                             f"{list(input_ids.shape)}")
+        if input_ids.shape[1] > c.max_position_embeddings:
+            raise InputError(f"{input_ids.shape[1]} tokens exceed the model's max_position_embeddings "
+                             f"({c.max_position_embeddings})")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size:
+            raise InputError(f"token ids must lie in [0, {c.vocab_size})")
+        return input_ids
+
+    def prefill(self, input_ids: torch.Tensor, all_positions: bool = False) -> PrefillResult:
+        """Logits for `input_ids` [batch, seq]: the last position, or every position."""
+        input_ids = self.check_input(input_ids)
+        before = WireStats(**self.client.stats.as_dict())
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = self._forward(input_ids, all_positions)
+        seconds = time.perf_counter() - start
+        after = self.client.stats
+        wire = WireStats(**{k: v - getattr(before, k) for k, v in after.as_dict().items()})
+        batch, tokens = input_ids.shape
+        return PrefillResult(logits=logits, seconds=seconds, batch=batch, tokens=tokens, wire=wire)
+
+    def _forward(self, input_ids: torch.Tensor, all_positions: bool) -> torch.Tensor:
+        c, w, steps = self.config, self.weights, self.steps
+        batch, n = input_ids.shape
+        cos, sin = ops.rope_cos_sin(self.inv_freq, self.rope_scaling, torch.arange(n))
+        scaling = c.head_dim ** -0.5
+
+        h = steps.embed(input_ids)  # [GPU] Embedding
+        for i in range(c.num_layers):
+            # Attention
+            x = ops.rms_norm(h, w.input_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
+            q, k, v = steps.qkv(i, x)  # [GPU] Q/K/V projections
+            q = q.view(batch, n, c.num_heads, c.head_dim).transpose(1, 2)  # [TEE] Reshape
+            k = k.view(batch, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            if v is not None:
+                v = v.view(batch, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)  # [TEE] RoPE
+            scores = steps.scores(i, q.contiguous(), k.contiguous())  # [GPU] Q @ K^T
+            probs = ops.causal_softmax(scores, scaling)  # [TEE] mask + softmax
+            h = h + steps.attn_out(i, probs, v)  # [GPU] P @ V, o_proj; [TEE] residual
+            # MLP
+            x = ops.rms_norm(h, w.post_attention_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
+            gate, up = steps.gate_up(i, x)  # [GPU] gate & up projections
+            h = h + steps.down(i, ops.swiglu(gate, up))  # [TEE] SiLU * up; [GPU] down; [TEE] residual
+        if not all_positions:
+            h = h[:, -1:]
+        h = ops.rms_norm(h, w.final_norm(), c.rms_norm_eps)  # [TEE] final RMSNorm
+        return steps.lm_head(h)  # [GPU] LM head
