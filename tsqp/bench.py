@@ -1,5 +1,286 @@
-"""Benchmark harness (placeholder until the benchmark lands)."""
+"""`tsqp bench`: what the split costs, measured in one process run, modes alternating.
+
+Modes:
+  split       the lean protocol (fused calls, V kept on the server)
+  split-seed  the seed's protocol (9 round trips per layer), the baseline
+  whole       the model run whole by transformers on the server's device: the split's speed of light
+  tee-only    the model run whole by transformers on the TEE side's CPU: what splitting must beat
+
+Every mode is warmed up first; each repetition runs every mode once, in turn, so drift hits all
+modes alike; the figure reported is the median. Server time is measured by the server around the
+device work (synchronized), so time is split into TEE compute, (de)serialization, transport and
+waiting, and server compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+MODES = ("split", "split-seed", "whole", "tee-only")
+BREAKDOWN_KEYS = ("tee_compute", "serialization", "transport_wait", "server_compute")
+
+
+@dataclass
+class Run:
+    seconds: float
+    round_trips: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    breakdown_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModeResult:
+    """One (mode, tokens) cell; the JSON shape is kept stable across versions."""
+
+    mode: str
+    tokens: int
+    median_s: float
+    runs_s: list[float]
+    round_trips: int
+    bytes_sent: int
+    bytes_received: int
+    breakdown_s: dict[str, float]
+
+    @classmethod
+    def from_runs(cls, mode: str, tokens: int, runs: list[Run]) -> "ModeResult":
+        keys = runs[0].breakdown_s.keys()
+        return cls(mode=mode, tokens=tokens, median_s=statistics.median(r.seconds for r in runs),
+                   runs_s=[r.seconds for r in runs], round_trips=runs[0].round_trips,
+                   bytes_sent=runs[0].bytes_sent, bytes_received=runs[0].bytes_received,
+                   breakdown_s={k: statistics.median(r.breakdown_s[k] for r in runs) for k in keys})
 
 
 def add_bench_parser(sub) -> None:
-    pass
+    p = sub.add_parser("bench", help="benchmark split vs seed protocol vs whole model vs TEE-only",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="local model directory (default: the cached tiny preset)")
+    src.add_argument("--preset", help="make (once, cached) and use a preset: tiny, tinyllama-1.1b, llama-3.2-1b")
+    p.add_argument("--endpoint", help="an already running server (default: start one locally)")
+    p.add_argument("--device", help="device for the local server (default: cuda:0, or cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="server weights dtype (default float32)")
+    p.add_argument("--tokens", default="128", help="comma-separated prompt lengths (default 128)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per mode and length (default 3)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--accuracy", action="store_true",
+                   help="also measure each wire dtype's logits error against the whole model")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write results as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot time vs tokens with the breakdown")
+    p.set_defaults(func=cmd_bench)
+
+
+def _split_runner(runner) -> Callable[[torch.Tensor], Run]:
+    def run(ids: torch.Tensor) -> Run:
+        r = runner.prefill(ids)
+        return Run(r.seconds, r.wire.round_trips, r.wire.bytes_sent, r.wire.bytes_received, r.breakdown_s)
+
+    return run
+
+
+def _whole_runner(client) -> Callable[[torch.Tensor], Run]:
+    import time
+
+    def run(ids: torch.Tensor) -> Run:
+        before = dict(client.stats.as_dict())
+        start = time.perf_counter()
+        client.call("Whole", [ids])
+        seconds = time.perf_counter() - start
+        d = {k: v - before[k] for k, v in client.stats.as_dict().items()}
+        breakdown = {"tee_compute": max(seconds - d["serialize_s"] - d["wait_s"], 0.0),
+                     "serialization": d["serialize_s"], "transport_wait": max(d["wait_s"] - d["server_s"], 0.0),
+                     "server_compute": d["server_s"]}
+        return Run(seconds, int(d["round_trips"]), int(d["bytes_sent"]), int(d["bytes_received"]), breakdown)
+
+    return run
+
+
+def _tee_only_runner(model_dir: str) -> Callable[[torch.Tensor], Run]:
+    import time
+
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+
+    def run(ids: torch.Tensor) -> Run:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+        return Run(seconds, breakdown_s={"tee_compute": seconds, "serialization": 0.0, "transport_wait": 0.0,
+                                         "server_compute": 0.0})
+
+    return run
+
+
+def measure(runners: dict[str, Callable[[torch.Tensor], Run]], token_counts: list[int], batch: int, repeat: int,
+            vocab_size: int, progress: bool = True) -> list[ModeResult]:
+    """Warm up each mode, then `repeat` rounds of every mode in turn, for each length."""
+    from tqdm import tqdm
+
+    results = []
+    total = len(token_counts) * (repeat + 1) * len(runners)
+    with tqdm(total=total, desc="bench", disable=not progress, file=sys.stderr) as bar:
+        for n in token_counts:
+            ids = torch.randint(0, vocab_size, (batch, n), generator=torch.Generator().manual_seed(n))
+            runs: dict[str, list[Run]] = {mode: [] for mode in runners}
+            for round_ in range(repeat + 1):
+                for mode, run in runners.items():
+                    bar.set_postfix_str(f"{mode} {n} tokens")
+                    outcome = run(ids)
+                    if round_ > 0:  # round 0 is the warm-up
+                        runs[mode].append(outcome)
+                    bar.update()
+            results += [ModeResult.from_runs(mode, n, runs[mode]) for mode in runners]
+    return results
+
+
+def markdown_table(results: list[ModeResult], batch: int) -> str:
+    whole = {r.tokens: r.median_s for r in results if r.mode == "whole"}
+    seed_bytes = {r.tokens: r.bytes_sent + r.bytes_received for r in results if r.mode == "split-seed"}
+    rows = ["| mode | tokens | median s | tokens/s | × whole | round trips | MB sent | MB received | bytes × seed "
+            "| TEE s | serialize s | transport+wait s | server s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        ratio = f"{r.median_s / whole[r.tokens]:.3f}" if r.tokens in whole else "–"
+        moved = r.bytes_sent + r.bytes_received
+        vs_seed = f"{moved / seed_bytes[r.tokens]:.3f}" if r.tokens in seed_bytes and r.round_trips else "–"
+        b = r.breakdown_s
+        rows.append(f"| {r.mode} | {r.tokens} | {r.median_s:.4f} | {batch * r.tokens / r.median_s:.1f} | {ratio} "
+                    f"| {r.round_trips} | {r.bytes_sent / 1e6:.2f} | {r.bytes_received / 1e6:.2f} | {vs_seed} | "
+                    + " | ".join(f"{b.get(k, 0.0):.4f}" for k in BREAKDOWN_KEYS) + " |")
+    return "\n".join(rows)
+
+
+def plot(results: list[ModeResult], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r.mode for r in results))
+    tokens = sorted({r.tokens for r in results})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for mode in modes:
+        points = sorted((r.tokens, r.median_s) for r in results if r.mode == mode)
+        left.plot([t for t, _ in points], [s for _, s in points], marker="o", label=mode)
+    left.set(xlabel="prompt tokens", ylabel="prefill time, median (s)", title="Prefill time", xscale="log",
+             yscale="log")
+    left.set_xticks(tokens, [str(t) for t in tokens])
+    left.legend()
+    width = 0.8 / len(modes)
+    colors = dict(zip(BREAKDOWN_KEYS, ("tab:green", "tab:orange", "tab:red", "tab:blue")))
+    for i, mode in enumerate(modes):
+        cells = {r.tokens: r for r in results if r.mode == mode}
+        for j, n in enumerate(tokens):
+            bottom = 0.0
+            for key in BREAKDOWN_KEYS:
+                value = cells[n].breakdown_s.get(key, 0.0) / cells[n].median_s if n in cells else 0.0
+                right.bar(j + i * width, value, width, bottom=bottom, color=colors[key],
+                          label=key if i == 0 and j == 0 else None, edgecolor="white")
+                bottom += value
+            right.text(j + i * width, 1.01, mode, rotation=90, ha="center", va="bottom", fontsize=7)
+    right.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(tokens))], [f"{n} tok" for n in tokens])
+    right.set(ylabel="share of median time", title="Where the time goes", ylim=(0, 1.45))
+    right.legend(loc="upper right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def wire_accuracy(endpoint: str, model_dir: str, tokens: int, vocab_size: int) -> list[dict]:
+    """Each wire dtype's logits error (all positions) against the whole model on the same server."""
+    from . import api
+    from .transport import Client
+
+    ids = torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    with Client(endpoint) as client:
+        reference = client.call("Whole", [ids], all_positions=True).tensors[0].float()
+    rows = []
+    for wire in ("float32", "float16", "bfloat16"):
+        runner = api.connect(endpoint, model_dir, wire_dtype=wire)
+        logits = runner.prefill(ids, all_positions=True).logits
+        runner.client.close()
+        error = ((logits - reference).abs().max() / reference.abs().max()).item()
+        rows.append({"wire_dtype": wire, "tokens": tokens, "rel_error": error})
+    return rows
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from . import api
+    from .config import load_config
+    from .errors import InputError
+    from .models import cached_model
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise InputError(f"unknown mode(s) {', '.join(unknown) or '(none)'} (choose from: {', '.join(MODES)})")
+    try:
+        token_counts = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        raise InputError(f"--tokens must be comma-separated integers, got '{args.tokens}'") from None
+    if min(token_counts) < 1 or args.repeat < 1 or args.batch < 1:
+        raise InputError("--tokens, --repeat and --batch must be positive")
+    model_dir = str(args.model or cached_model(args.preset or "tiny"))
+    config = load_config(model_dir)
+    if max(token_counts) > config.max_position_embeddings:
+        raise InputError(f"{max(token_counts)} tokens exceed max_position_embeddings ({config.max_position_embeddings})")
+
+    server = None if args.endpoint else api.spawn_server(model_dir, device=args.device, dtype=args.dtype)
+    endpoint = args.endpoint or server.endpoint
+    try:
+        info = api.connect(endpoint, model_dir).client
+        server_info = info.ping()
+        info.close()
+        runners: dict[str, Callable[[torch.Tensor], Run]] = {}
+        clients = []
+        for mode in modes:
+            if mode in ("split", "split-seed"):
+                runner = api.connect(endpoint, model_dir, "lean" if mode == "split" else "seed", args.wire_dtype)
+                clients.append(runner.client)
+                runners[mode] = _split_runner(runner)
+            elif mode == "whole":
+                client = api.connect(endpoint, model_dir).client
+                clients.append(client)
+                runners[mode] = _whole_runner(client)
+            else:
+                runners[mode] = _tee_only_runner(model_dir)
+        print(f"Benchmarking {model_dir} on server device {server_info['device']} ({server_info['dtype']}), "
+              f"tokens {token_counts}, {args.repeat} runs per mode after a warm-up", file=sys.stderr)
+        results = measure(runners, token_counts, args.batch, args.repeat, config.vocab_size)
+        accuracy = wire_accuracy(endpoint, model_dir, min(token_counts), config.vocab_size) if args.accuracy else []
+        for client in clients:
+            client.close()
+    finally:
+        if server is not None:
+            server.stop()
+
+    report = {
+        "device": server_info["device"], "model": model_dir, "dtype": server_info["dtype"],
+        "wire_dtype": args.wire_dtype, "batch": args.batch, "repeat": args.repeat,
+        "host": {"machine": platform.machine(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
+        "results": [asdict(r) for r in results], "wire_accuracy": accuracy,
+    }
+    print(markdown_table(results, args.batch))
+    for row in accuracy:
+        print(f"wire {row['wire_dtype']}: logits max|Δ|/max|ref| = {row['rel_error']:.2e} at {row['tokens']} tokens")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results written to {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(results, args.plot, f"TSQP prefill, {Path(model_dir).name}, server {server_info['device']}")
+        print(f"plot written to {args.plot}", file=sys.stderr)

@@ -102,20 +102,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print("server stopped", flush=True)
 
 
-def _input_ids(args: argparse.Namespace, runner) -> "torch.Tensor":
+def _read_ids_file(path: Path) -> "torch.Tensor":
     import numpy as np
     import torch
 
     from .errors import InputError
 
+    try:
+        array = np.load(path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read --input-ids {path}: {err}") from None
+    if array.dtype != np.int64 or array.ndim != 2 or array.size == 0:
+        raise InputError(f"--input-ids must hold int64 [batch, seq], got {array.dtype} {list(array.shape)}")
+    return torch.from_numpy(array)
+
+
+def _input_ids(args: argparse.Namespace, vocab_size: int) -> "torch.Tensor":
+    """The prompt: a file of ids, a text fitted to --tokens, or seeded random ids."""
+    import torch
+
+    from .errors import InputError
+
     if args.input_ids is not None:
-        try:
-            array = np.load(args.input_ids)
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot read --input-ids {args.input_ids}: {err}") from None
-        if array.dtype != np.int64 or array.ndim != 2:
-            raise InputError(f"--input-ids must hold int64 [batch, seq], got {array.dtype} {list(array.shape)}")
-        return torch.from_numpy(array)
+        return _read_ids_file(args.input_ids)
     if args.tokens < 1 or args.batch < 1:
         raise InputError("--tokens and --batch must be positive")
     if args.prompt is not None:
@@ -126,7 +135,7 @@ def _input_ids(args: argparse.Namespace, runner) -> "torch.Tensor":
             raise InputError("--prompt needs a tokenizer.json in the model directory (--model)")
         return fit_prompt(tokenizer, args.prompt, args.tokens, args.batch)
     generator = torch.Generator().manual_seed(args.seed)
-    return torch.randint(0, runner.config.vocab_size, (args.batch, args.tokens), generator=generator)
+    return torch.randint(0, vocab_size, (args.batch, args.tokens), generator=generator)
 
 
 def print_report(result, runner, out=sys.stdout) -> None:
@@ -157,14 +166,10 @@ def result_json(result, runner) -> dict:
     }
 
 
-def run_prefill(args: argparse.Namespace, runner) -> None:
+def run_prefill(args: argparse.Namespace, runner, input_ids: "torch.Tensor") -> None:
     import numpy as np
 
-    from .errors import InputError
-
-    input_ids = _input_ids(args, runner)
-    if args.warmup < 0:
-        raise InputError("--warmup must be >= 0")
+    runner.check_input(input_ids)
     for _ in range(args.warmup):
         runner.prefill(input_ids, all_positions=args.all_positions)
     result = runner.prefill(input_ids, all_positions=args.all_positions)
@@ -179,7 +184,13 @@ def run_prefill(args: argparse.Namespace, runner) -> None:
 
 def cmd_prefill(args: argparse.Namespace) -> None:
     from . import api
+    from .config import load_config
+    from .errors import InputError
 
+    if args.warmup < 0:
+        raise InputError("--warmup must be >= 0")
+    # Everything local is checked before the server is contacted.
+    input_ids = _input_ids(args, load_config(args.model).vocab_size) if args.model else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runner = api.connect(args.endpoint, args.model, args.protocol, args.wire_dtype, timeout_s=args.timeout)
@@ -192,7 +203,9 @@ def cmd_prefill(args: argparse.Namespace) -> None:
         print(f"warning: {w.message}", file=sys.stderr)
     print(f"✓ TEE model initialized: {runner.config.num_layers} layers\n", flush=True)
     try:
-        run_prefill(args, runner)
+        if input_ids is None:
+            input_ids = _input_ids(args, runner.config.vocab_size)
+        run_prefill(args, runner, input_ids)
     finally:
         runner.client.close()
 

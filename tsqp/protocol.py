@@ -65,7 +65,7 @@ def tensor_frame(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     carrier = _NUMPY_CARRIER.get(t.dtype)
     array = (t.view(carrier) if carrier else t).numpy()
-    return memoryview(array).cast("B")
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 def encode(header: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> list[Any]:

@@ -1,0 +1,86 @@
+"""The split forward must give transformers' logits on the same weights, at every position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsqp import api
+from tsqp.tee import ops
+
+from conftest import VARIANTS, reference_logits, relative_error
+
+TOLERANCE = 1e-4  # max|Δ| / max|ref| in float32
+
+
+def random_ids(vocab: int, batch: int, seed: int) -> torch.Tensor:
+    """Random, varied ids and lengths: identical tokens would hide a missing causal mask."""
+    g = torch.Generator().manual_seed(seed)
+    length = int(torch.randint(9, 48, (1,), generator=g))
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("protocol", ["lean", "seed"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_split_logits_match_transformers(variant, batch, protocol, servers, model_dirs, references):
+    runner = api.connect(servers[variant].endpoint, model_dirs[variant], protocol=protocol)
+    for seed in range(2):
+        ids = random_ids(runner.config.vocab_size, batch, seed=hash((variant, batch, seed)) % 10_000)
+        result = runner.prefill(ids, all_positions=True)
+        expected = reference_logits(references[variant], ids)
+        assert result.logits.shape == expected.shape
+        assert relative_error(result.logits, expected) <= TOLERANCE
+        last = runner.prefill(ids)  # the seed's default: the last position only
+        assert last.logits.shape == (batch, 1, runner.config.vocab_size)
+        assert relative_error(last.logits, expected[:, -1:]) <= TOLERANCE
+    runner.client.close()
+
+
+def test_a_missing_causal_mask_is_caught(servers, model_dirs, references, monkeypatch):
+    """The exactness check above must fail if the TEE forgets the mask."""
+    def unmasked_softmax(scores, scaling):
+        return torch.softmax(scores * scaling, dim=-1, dtype=torch.float32)
+
+    monkeypatch.setattr(ops, "causal_softmax", unmasked_softmax)
+    runner = api.connect(servers["gqa"].endpoint, model_dirs["gqa"])
+    ids = random_ids(runner.config.vocab_size, 1, seed=7)
+    result = runner.prefill(ids, all_positions=True)
+    assert relative_error(result.logits, reference_logits(references["gqa"], ids)) > 1e-2
+
+
+def test_future_tokens_do_not_change_earlier_logits(servers, model_dirs):
+    runner = api.connect(servers["gqa"].endpoint, model_dirs["gqa"])
+    ids = random_ids(runner.config.vocab_size, 1, seed=11)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % runner.config.vocab_size
+    a = runner.prefill(ids, all_positions=True).logits
+    b = runner.prefill(changed, all_positions=True).logits
+    assert torch.equal(a[:, :-1], b[:, :-1])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+@pytest.mark.parametrize("wire", ["float16", "bfloat16"])
+def test_16_bit_wire_is_close_but_not_exact(wire, servers, model_dirs, references):
+    runner = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], wire_dtype=wire)
+    ids = random_ids(runner.config.vocab_size, 2, seed=5)
+    error = relative_error(runner.prefill(ids, all_positions=True).logits, reference_logits(references["gqa"], ids))
+    assert 0 < error < 5e-2
+
+
+def test_norm_weights_and_config_come_from_the_tee_directory(servers, model_dirs, monkeypatch):
+    """With a model directory the TEE never asks the server for Init."""
+    runner = api.connect(servers["gqa"].endpoint, model_dirs["gqa"])
+    methods = []
+    original = runner.client.call
+    monkeypatch.setattr(runner.client, "call", lambda method, *a, **k: methods.append(method) or original(method, *a, **k))
+    runner.prefill(random_ids(runner.config.vocab_size, 1, seed=3))
+    assert "Init" not in methods and methods[0] == "Embedding" and methods[-1] == "LMHead"
+
+
+def test_init_fallback_warns_and_matches(servers, references):
+    with pytest.warns(UserWarning, match="trusting the GPU server"):
+        runner = api.connect(servers["llama3-rope"].endpoint, None, protocol="seed")
+    ids = random_ids(runner.config.vocab_size, 1, seed=9)
+    expected = reference_logits(references["llama3-rope"], ids)
+    assert relative_error(runner.prefill(ids, all_positions=True).logits, expected) <= TOLERANCE

@@ -1,0 +1,91 @@
+"""Wire format, fused methods and the counters of what crossed the socket."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from tsqp import api, protocol
+from tsqp.errors import ProtocolError, RemoteError
+from tsqp.transport import Client
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_tensors_round_trip_bit_exact(dtype):
+    g = torch.Generator().manual_seed(0)
+    tensors = [(torch.randn(3, 5, 7, generator=g) * 100).to(dtype), torch.randn(0, 4, generator=g).to(dtype)]
+    frames = protocol.encode({"method": "X"}, tensors)
+    message = protocol.decode([bytes(f) for f in frames])
+    for sent, got in zip(tensors, message.tensors):
+        assert got.dtype == sent.dtype and got.shape == sent.shape and torch.equal(got, sent)
+
+
+@pytest.mark.parametrize("frames, problem", [
+    ([], "empty"),
+    ([b"\xc1garbage"], "msgpack"),
+    ([msgpack.packb([1, 2])], "map"),
+    ([msgpack.packb({"tensors": [{"dtype": "float32", "shape": [2]}]})], "payload frames"),
+    ([msgpack.packb({"tensors": [{"dtype": "float32", "shape": [3]}]}), b"\0" * 8], "does not match"),
+    ([msgpack.packb({"tensors": [{"dtype": "complex64", "shape": [1]}]}), b"\0" * 8], "unsupported dtype"),
+    ([msgpack.packb({"tensors": [{"dtype": "float32", "shape": [-1]}]}), b""], "shape"),
+])
+def test_malformed_messages_are_named(frames, problem):
+    with pytest.raises(ProtocolError, match=problem):
+        protocol.decode(frames)
+
+
+def test_bad_requests_get_error_replies_and_the_server_keeps_serving(servers, model_dirs):
+    endpoint = servers["gqa"].endpoint
+    client = Client(endpoint, timeout_s=10)
+    hidden = torch.randn(1, 4, 64)
+    bad_calls = [
+        ("Teleport", [], {}),
+        ("Linear", [hidden], {"layer_idx": 99, "module_name": "q_proj"}),
+        ("Linear", [hidden], {"layer_idx": 0, "module_name": "rm_rf"}),
+        ("Linear", [torch.randn(1, 4, 63)], {"layer_idx": 0, "module_name": "q_proj"}),
+        ("Matmul", [torch.randn(2, 3), torch.randn(4, 5)], {}),
+        ("Embedding", [torch.tensor([[1, 10**6]])], {}),
+        ("AttnOut", [torch.randn(1, 4, 4, 4)], {"layer_idx": 0, "session": "never-seen"}),
+        ("QKV", [hidden], {"layer_idx": 0}),
+    ]
+    for method, tensors, args in bad_calls:
+        with pytest.raises(RemoteError) as caught:
+            client.call(method, tensors, **args)
+        assert caught.value.code in ("bad_request", "unknown_method"), caught.value
+    # raw garbage on the socket: an error reply, not a dead server
+    raw = zmq.Context.instance().socket(zmq.REQ)
+    raw.connect(endpoint)
+    raw.send_multipart([b"\x00\xff not msgpack", b"extra"])
+    assert raw.poll(5000)
+    reply = protocol.decode(raw.recv_multipart())
+    assert reply.header["ok"] is False and reply.header["error"]["code"] == "bad_request"
+    raw.close(linger=0)
+    # and a valid call still works
+    out = client.call("Linear", [hidden], layer_idx=1, module_name="q_proj")
+    assert out.tensors[0].shape == (1, 4, 64)
+    client.close()
+
+
+def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
+    seed = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], protocol="seed")
+    lean = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], protocol="lean")
+    c = seed.config
+    batch, n = 2, 24
+    ids = torch.randint(0, c.vocab_size, (batch, n))
+    s, l = seed.prefill(ids), lean.prefill(ids)
+    assert s.wire.round_trips == 9 * c.num_layers + 2
+    assert l.wire.round_trips == 5 * c.num_layers + 2
+    # payload bytes the lean protocol must move, float32 on the wire
+    tok, f = batch * n, 4
+    h, i, qd, kd = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    scores = batch * c.num_heads * n * n
+    sent = ids.numel() * 8 + c.num_layers * tok * f * (h + qd + kd + h + i) + c.num_layers * scores * f + batch * h * f
+    received = tok * h * f + c.num_layers * tok * f * (qd + kd + h + 2 * i + h) + c.num_layers * scores * f \
+        + batch * c.vocab_size * f
+    rounds = l.wire.round_trips
+    assert sent <= l.wire.bytes_sent <= sent + 300 * rounds  # headers are small
+    assert received <= l.wire.bytes_received <= received + 300 * rounds
+    assert l.wire.bytes_sent + l.wire.bytes_received < s.wire.bytes_sent + s.wire.bytes_received
+    assert l.wire.server_s > 0 and l.wire.wait_s >= l.wire.server_s
