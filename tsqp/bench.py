@@ -111,7 +111,9 @@ def _tee_only_runner(model_dir: str) -> Callable[[torch.Tensor], Run]:
     import time
 
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
 
     def run(ids: torch.Tensor) -> Run:
@@ -166,6 +168,7 @@ def markdown_table(results: list[ModeResult], batch: int) -> str:
 
 def plot(results: list[ModeResult], path: Path, title: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,6 +182,7 @@ def plot(results: list[ModeResult], path: Path, title: str) -> None:
     left.set(xlabel="prompt tokens", ylabel="prefill time, median (s)", title="Prefill time", xscale="log",
              yscale="log")
     left.set_xticks(tokens, [str(t) for t in tokens])
+    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     left.legend()
     width = 0.8 / len(modes)
     colors = dict(zip(BREAKDOWN_KEYS, ("tab:green", "tab:orange", "tab:red", "tab:blue")))
@@ -194,7 +198,7 @@ def plot(results: list[ModeResult], path: Path, title: str) -> None:
             right.text(j + i * width, 1.01, mode, rotation=90, ha="center", va="bottom", fontsize=7)
     right.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(tokens))], [f"{n} tok" for n in tokens])
     right.set(ylabel="share of median time", title="Where the time goes", ylim=(0, 1.45))
-    right.legend(loc="upper right", fontsize=8)
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4, fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -31,6 +31,14 @@ MAX_SESSIONS = 64  # sessions whose V tensors the lean protocol keeps between ca
 class BadRequest(Exception):
     """The request is well-formed on the wire but asks for something invalid."""
 
+    code = "bad_request"
+
+
+class MissingState(BadRequest):
+    """A lean call needs state an earlier call left here (V), and it is gone (e.g. a restart)."""
+
+    code = "missing_state"
+
 
 def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -46,7 +54,9 @@ def load_model(model_dir: str | Path, device: str, dtype: torch.dtype) -> tuple[
     """Load a local LLaMA checkpoint with transformers; never touches the network."""
     config = load_config(model_dir)  # architecture checks with a clear message first
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
     except Exception as err:
@@ -113,7 +123,9 @@ class GpuServer:
             self._synchronize()
             header = {"ok": True, "server_s": time.perf_counter() - start, **extra}
             return protocol.encode(header, outputs)
-        except (ProtocolError, BadRequest, ModelError) as err:
+        except BadRequest as err:
+            return protocol.encode(protocol.error_header(err.code, str(err)))
+        except (ProtocolError, ModelError) as err:
             return protocol.encode(protocol.error_header("bad_request", str(err)))
         except Exception as err:  # a bug or a device error: report it, keep serving
             return protocol.encode(protocol.error_header("internal", f"{type(err).__name__}: {err}"))
@@ -250,7 +262,7 @@ class GpuServer:
         (p,) = self._inputs(tensors, 1, "probs [b, heads, n, m]")
         v = self._values.get(session, {}).get(layer)
         if v is None:
-            raise BadRequest(f"no V for session {session!r} layer {layer}: call QKV first")
+            raise MissingState(f"no V for session {session!r} layer {layer}: call QKV first")
         c = self.config
         b, kv, m, d = v.shape
         if p.dim() != 4 or p.shape[0] != b or p.shape[1] != c.num_heads or p.shape[-1] != m:
