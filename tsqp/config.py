@@ -154,15 +154,36 @@ class DirectoryWeights(NormWeights):
                 raise ModelError(f"cannot read weights {path.name}: {err}") from None
 
     def get(self, name: str) -> torch.Tensor:
+        """A small tensor, kept after the first read."""
         if name not in self._cache:
-            from safetensors import safe_open
-
-            path = self._where.get(name)
-            if path is None:
-                raise ModelError(f"weight '{name}' not found in {self.model_dir}")
-            with safe_open(str(path), framework="pt") as f:
-                self._cache[name] = f.get_tensor(name).to(torch.float32)
+            self._cache[name] = self.read(name)
         return self._cache[name]
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def _path(self, name: str) -> Path:
+        path = self._where.get(name)
+        if path is None:
+            raise ModelError(f"weight '{name}' not found in {self.model_dir}")
+        return path
+
+    def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor read now and not kept: for streaming large matrices through the offline phase."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._path(name)), framework="pt") as f:
+            return f.get_tensor(name).to(dtype)
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a matrix, reading only those rows (the TEE's private embedding lookup)."""
+        from safetensors import safe_open
+
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        with safe_open(str(self._path(name)), framework="pt") as f:
+            table = f.get_slice(name)
+            picked = torch.stack([table[int(i) : int(i) + 1][0] for i in unique]).to(torch.float32)
+        return picked[inverse].reshape(*ids.shape, -1)
 
 
 class ProvidedWeights(NormWeights):

@@ -25,12 +25,15 @@ from .errors import ProtocolError
 SEED_METHODS = ("Init", "Embedding", "Linear", "Matmul", "LMHead")
 # Fused methods of the lean protocol, plus service methods.
 LEAN_METHODS = ("QKV", "Scores", "AttnOut", "GateUp", "Down")
+# Several projections of one input (private and verified modes: masked inputs, attention in the TEE).
+GUARDED_METHODS = ("Linears",)
 SERVICE_METHODS = ("Ping", "Whole")
-METHODS = SEED_METHODS + LEAN_METHODS + SERVICE_METHODS
+METHODS = SEED_METHODS + LEAN_METHODS + GUARDED_METHODS + SERVICE_METHODS
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,  # one-time-masked activations (private mode)
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,

@@ -95,6 +95,7 @@ class GpuServer:
             "AttnOut": self.attn_out,
             "GateUp": self.gate_up,
             "Down": self.down,
+            "Linears": self.linears,
             "Whole": self.whole,
         }
 
@@ -138,7 +139,7 @@ class GpuServer:
     def _to_wire(t: torch.Tensor, wire: Any) -> torch.Tensor:
         if not t.is_floating_point():
             return t.cpu()
-        if wire not in WIRE_DTYPES:
+        if wire not in WIRE_DTYPES and wire != "float64":
             raise BadRequest(f"unsupported wire_dtype {wire!r} (choose from: {', '.join(WIRE_DTYPES)})")
         return t.to(dtype=DTYPES[wire]).cpu()
 
@@ -283,6 +284,28 @@ class GpuServer:
         layer = self._layer(args)
         (h,) = self._inputs(tensors, 1, "hidden_states")
         return [self._apply(self.layers[layer].mlp.down_proj, h, f"layer {layer} Down")], {}
+
+    def linears(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """Several projections of one input (the guarded modes). A float64 input (one-time-masked,
+        private mode) is multiplied in float64 so the mask's headroom costs no precision."""
+        modules = args.get("modules")
+        if not isinstance(modules, list) or not modules or len(modules) > len(LINEAR_MODULES):
+            raise BadRequest("'modules' must be a non-empty list of module names")
+        if len(tensors) != 1 or tensors[0].dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            raise BadRequest("Linears expects one floating-point tensor")
+        x = tensors[0].to(self.device)
+        dtype = torch.float64 if x.dtype == torch.float64 else self.dtype
+        if modules == ["lm_head"]:
+            targets = [self.model.lm_head]
+        else:
+            layer = self._layer(args)
+            targets = [self._module(layer, name) for name in modules]
+        outputs = []
+        for module, name in zip(targets, modules):
+            self._check_last_dim(x, module.in_features, f"Linears {name}")
+            bias = module.bias.to(dtype) if module.bias is not None else None
+            outputs.append(torch.nn.functional.linear(x.to(dtype), module.weight.to(dtype), bias))
+        return outputs, {}
 
     def whole(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
         """The model run whole with transformers: the benchmark's speed of light."""

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 from ..config import DirectoryWeights, ModelConfig, NormWeights, ProvidedWeights, load_config
-from ..errors import InputError
+from ..errors import InputError, RemoteError, TsqpError
 from ..protocol import DTYPES, WIRE_DTYPES
 from ..transport import Client, WireStats
 from . import ops
 
 PROTOCOLS = ("lean", "seed")
+PROTECTIONS = ("none", "private")
 
 
 class SeedSteps:
@@ -103,6 +104,7 @@ class PrefillResult:
     batch: int
     tokens: int
     wire: WireStats = field(default_factory=WireStats)
+    offline_s: float = 0.0  # one-time material made on demand for this prefill (guarded modes), not in `seconds`
 
     @property
     def throughput(self) -> float:
@@ -125,11 +127,16 @@ class TeeRunner:
     """Runs prefills for one model against one GPU server."""
 
     def __init__(self, client: Client, model_dir: str | Path | None = None, protocol: str = "lean",
-                 wire_dtype: str = "float32"):
+                 wire_dtype: str = "float32", protection: str = "none", verify: bool = False):
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol '{protocol}' (choose from: {', '.join(PROTOCOLS)})")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"unsupported wire dtype '{wire_dtype}' (choose from: {', '.join(WIRE_DTYPES)})")
+        if protection not in PROTECTIONS:
+            raise ValueError(f"unknown protection '{protection}' (choose from: {', '.join(PROTECTIONS)})")
+        guarded = protection == "private" or verify
+        if guarded and model_dir is None:
+            raise InputError("--protection private and --verify need the TEE's own model directory (--model)")
         self.client = client
         if model_dir is not None:
             self.config: ModelConfig = load_config(model_dir)
@@ -137,9 +144,23 @@ class TeeRunner:
             self.inv_freq, self.rope_scaling = ops.rope_inv_freq(self.config.rope, self.config.head_dim)
         else:
             self.config, self.weights, self.inv_freq, self.rope_scaling = self._init_from_server()
-        steps_cls = LeanSteps if protocol == "lean" else SeedSteps
-        self.steps = steps_cls(client, self.config, DTYPES[wire_dtype])
-        self.protocol, self.wire_dtype = protocol, wire_dtype
+        if guarded:
+            from .guard import GuardedSteps
+
+            assert isinstance(self.weights, DirectoryWeights)
+            self.steps = GuardedSteps(client, self.config, self.weights, private=protection == "private",
+                                      verify=verify, wire_name=wire_dtype)
+            protocol = "guarded"
+        else:
+            self.steps = (LeanSteps if protocol == "lean" else SeedSteps)(client, self.config, DTYPES[wire_dtype])
+        self.protocol, self.wire_dtype = protocol, self.steps.wire_name
+        self.protection, self.verify = protection, verify
+
+    def prepare(self, batch: int, tokens: int, all_positions: bool = False, count: int = 1):
+        """The guarded modes' offline phase, ahead of `count` prefills of this shape."""
+        if not hasattr(self.steps, "prepare"):
+            raise InputError("the offline phase exists only with --protection private or --verify")
+        return self.steps.prepare(batch, tokens, all_positions, count)
 
     def _init_from_server(self) -> tuple[ModelConfig, NormWeights, torch.Tensor, float]:
         warnings.warn("no model directory given: trusting the GPU server's Init for config, norm weights and "
@@ -163,17 +184,39 @@ class TeeRunner:
         return input_ids
 
     def prefill(self, input_ids: torch.Tensor, all_positions: bool = False) -> PrefillResult:
-        """Logits for `input_ids` [batch, seq]: the last position, or every position."""
+        """Logits for `input_ids` [batch, seq]: the last position, or every position.
+
+        Either the whole prefill succeeds or it raises: if the server lost the state a lean call
+        left there (it restarted), the prefill is run again once from the start."""
         input_ids = self.check_input(input_ids)
+        try:
+            return self._timed_prefill(input_ids, all_positions)
+        except RemoteError as err:
+            if err.code != "missing_state":
+                raise
+        try:
+            return self._timed_prefill(input_ids, all_positions)
+        except RemoteError as err:
+            if err.code == "missing_state":
+                raise TsqpError("the GPU server lost this prefill's state twice (restarting?); no logits") from None
+            raise
+
+    def _timed_prefill(self, input_ids: torch.Tensor, all_positions: bool) -> PrefillResult:
+        batch, tokens = input_ids.shape
+        offline_s = self.steps.begin(batch, tokens, all_positions) if hasattr(self.steps, "begin") else 0.0
         before = WireStats(**self.client.stats.as_dict())
         start = time.perf_counter()
-        with torch.inference_mode():
-            logits = self._forward(input_ids, all_positions)
+        try:
+            with torch.inference_mode():
+                logits = self._forward(input_ids, all_positions)
+        finally:
+            if hasattr(self.steps, "end"):
+                self.steps.end()
         seconds = time.perf_counter() - start
         after = self.client.stats
         wire = WireStats(**{k: v - getattr(before, k) for k, v in after.as_dict().items()})
-        batch, tokens = input_ids.shape
-        return PrefillResult(logits=logits, seconds=seconds, batch=batch, tokens=tokens, wire=wire)
+        return PrefillResult(logits=logits, seconds=seconds, batch=batch, tokens=tokens, wire=wire,
+                             offline_s=offline_s)
 
     def _forward(self, input_ids: torch.Tensor, all_positions: bool) -> torch.Tensor:
         c, w, steps = self.config, self.weights, self.steps

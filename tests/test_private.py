@@ -1,0 +1,129 @@
+"""Private mode hides ids, activations and logits from the server; --verify catches a lying server."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsqp import api
+from tsqp.audit import AuditLog, audited, tampering
+from tsqp.server import GpuServer, ServerThread
+from tsqp.tee import guard
+from tsqp.tee.guard import GuardedSteps, IntegrityError, MaskReuseError
+from tsqp.tee.runner import TeeRunner
+from tsqp.transport import Client
+
+from conftest import reference_logits, relative_error
+
+
+def wrapped_server(model_dir, wrap) -> ServerThread:
+    server = GpuServer(model_dir, "cpu")
+    server.handle = wrap(server.handle)
+    return ServerThread(server, api.free_endpoint())
+
+
+def runner_for(endpoint, model_dir, **kwargs) -> TeeRunner:
+    return TeeRunner(Client(endpoint, timeout_s=30), model_dir, **kwargs)
+
+
+def random_ids(vocab: int, batch: int, seed: int, low: int = 6, high: int = 40) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, int(torch.randint(low, high, (1,), generator=g))), generator=g)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "attention-bias", "tied", "head-dim", "llama3-rope"])
+@pytest.mark.parametrize("verify", [False, True])
+def test_private_logits_match_transformers(variant, verify, servers, model_dirs, references):
+    runner = runner_for(servers[variant].endpoint, model_dirs[variant], protection="private", verify=verify)
+    ids = random_ids(runner.config.vocab_size, 2, seed=len(variant))
+    result = runner.prefill(ids, all_positions=True)
+    assert relative_error(result.logits, reference_logits(references[variant], ids)) <= 1e-3
+    assert result.wire.round_trips == 4 * runner.config.num_layers + 1  # no Embedding: ids stay in the TEE
+
+
+def test_server_sees_no_ids_and_nothing_correlated_with_plaintext(tiny_dir, monkeypatch):
+    log = AuditLog()
+    plaintexts: list[torch.Tensor] = []
+    original = GuardedSteps._project
+
+    def recording_project(self, layer, group, x):
+        plaintexts.append(x.reshape(-1, x.shape[-1]).double().clone())
+        return original(self, layer, group, x)
+
+    monkeypatch.setattr(GuardedSteps, "_project", recording_project)
+    with wrapped_server(tiny_dir, lambda h: audited(h, log)) as server:
+        runner = runner_for(server.endpoint, tiny_dir, protection="private")
+        # >= 20k values per tensor, so a chance correlation of 0.05 is a 5-sigma event
+        ids = random_ids(runner.config.vocab_size, 2, seed=21, low=160, high=161)
+        runner.prefill(ids, all_positions=True)
+    computed = [r for r in log.requests if r.method != "Ping"]
+    assert {r.method for r in computed} == {"Linears"}
+    assert len(computed) == len(plaintexts)
+    for received, plain in zip(computed, plaintexts):
+        (sent,) = received.tensors
+        assert sent.dtype == torch.float64 and sent.shape == plain.shape  # no int64 ids anywhere
+        pair = torch.stack([sent.reshape(-1), plain.reshape(-1)])
+        assert abs(torch.corrcoef(pair)[0, 1].item()) < 0.05
+        assert not torch.isin(ids.reshape(-1).double(), sent.reshape(-1)).all()
+
+
+def test_the_same_prompt_sends_different_bytes(tiny_dir):
+    log = AuditLog()
+    with wrapped_server(tiny_dir, lambda h: audited(h, log)) as server:
+        runner = runner_for(server.endpoint, tiny_dir, protection="private")
+        ids = random_ids(runner.config.vocab_size, 1, seed=5)
+        first = runner.prefill(ids).logits
+        count = len(log.requests)
+        second = runner.prefill(ids).logits
+    one, two = log.requests[:count], log.requests[count:]
+    assert len(one) == len(two) == 4 * runner.config.num_layers + 1
+    for a, b in zip(one, two):
+        assert a.method == b.method and not torch.equal(a.tensors[0], b.tensors[0])
+    assert relative_error(first, second) < 1e-5
+
+
+def test_one_time_material_is_never_reused(servers, tiny_dir):
+    runner = runner_for(servers["gqa"].endpoint, tiny_dir, protection="private")
+    report = runner.prepare(batch=1, tokens=12, count=2)
+    assert report.prefills == 2 and report.bytes > 0 and report.seconds > 0
+    secrets = runner.steps.pool.take((1, 12, False))
+    secrets.take(0, "qkv")
+    with pytest.raises(MaskReuseError):
+        secrets.take(0, "qkv")
+    with pytest.raises(MaskReuseError):  # outside a prefill there is no material to use
+        runner.steps.gate_up(0, torch.randn(1, 12, runner.config.hidden_size))
+    ids = random_ids(runner.config.vocab_size, 1, seed=1, low=12, high=13)
+    assert runner.prefill(ids).offline_s == 0.0  # the prepared set
+    assert runner.prefill(ids).offline_s > 0.0  # pool empty: made on demand, timed apart
+
+
+@pytest.mark.parametrize("mode", ["element", "row", "scale"])
+@pytest.mark.parametrize("protection", ["none", "private"])
+def test_verify_catches_a_tampering_server(mode, protection, tiny_dir):
+    with wrapped_server(tiny_dir, lambda h: tampering(h, mode)) as server:
+        runner = runner_for(server.endpoint, tiny_dir, protection=protection, verify=True)
+        with pytest.raises(IntegrityError, match=r"integrity check failed at layer 0 q_proj"):
+            runner.prefill(random_ids(runner.config.vocab_size, 1, seed=2))
+
+
+def test_verify_names_the_tampered_module(tiny_dir):
+    # corrupt only the 7th compute reply: layer 0's gate/up call is the 3rd; 7th is layer 1 gate/up
+    with wrapped_server(tiny_dir, lambda h: tampering(h, "element", every=7)) as server:
+        runner = runner_for(server.endpoint, tiny_dir, verify=True)
+        with pytest.raises(IntegrityError, match=r"at layer 1 gate_proj"):
+            runner.prefill(random_ids(runner.config.vocab_size, 1, seed=3))
+
+
+def test_verify_has_no_false_alarm_in_200_honest_runs(servers, model_dirs, references):
+    runners = [runner_for(servers[v].endpoint, model_dirs[v], verify=True, protection=p)
+               for v, p in (("gqa", "none"), ("attention-bias", "private"), ("tied", "none"), ("mha", "private"))]
+    for i in range(200):
+        runner = runners[i % len(runners)]
+        runner.prefill(random_ids(runner.config.vocab_size, 1 + i % 2, seed=1000 + i, low=2, high=24))
+
+
+def test_guarded_modes_need_the_tee_model_directory(servers):
+    from tsqp.errors import InputError
+
+    with pytest.raises(InputError, match="own model directory"):
+        runner_for(servers["gqa"].endpoint, None, protection="private")

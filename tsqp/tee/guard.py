@@ -1,0 +1,286 @@
+"""Private and verified outsourcing of the linear layers (see docs/security.md).
+
+Private (`--protection private`), Slalom-style: for `y = x W^T + b` the TEE sends `x + s*r`
+where `r` is a one-time mask drawn offline from the OS's CSPRNG, uniform in [-1, 1), and `s` a
+power of two 2^MASK_BITS above max|x|; the server returns `(x + s*r) W^T + b` and the TEE
+subtracts `s * (r W^T)`, precomputed offline from weights it reads itself. Masked values travel
+and are multiplied in float64 so that the 2^MASK_BITS headroom costs no accuracy that matters.
+Each mask is handed out once; `OneTimePool` refuses a second use.
+
+Verified (`--verify`), Freivalds: for every product the TEE draws a secret probe `p` (one per
+module per prefill, offline) and checks `y p == x (W^T p) + b.p` row by row, within a floating
+point tolerance; a mismatch raises IntegrityError naming the layer and module.
+
+Both keep the attention products (Q K^T, P V) and the embedding lookup inside the TEE: they
+have no fixed operand to precompute against, and the lookup would reveal the token ids.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import DirectoryWeights, ModelConfig
+from ..errors import TsqpError
+from ..transport import Client
+from . import ops
+
+MASK_BITS = 24  # mask magnitude / max|x|: each coordinate's leak bound is 2^-MASK_BITS (docs/security.md)
+# Freivalds tolerance, in units of the rounding noise an honest product carries:
+# eps(dtype) * sqrt(in_features) * ||y o p||_2 per row (calibration in docs/security.md).
+VERIFY_TOLERANCE = 50.0
+ROUNDING = {"float64": 2.0 ** -24, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+
+# The outsourced projections, by the group that shares one input (and so one mask).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+_MLP = {"gate_proj", "up_proj", "down_proj"}
+
+
+class IntegrityError(TsqpError):
+    """The server's answer failed its Freivalds check: no logits are returned."""
+
+
+class MaskReuseError(TsqpError):
+    """One-time material was asked for twice."""
+
+
+def weight_name(config: ModelConfig, layer: int | None, module: str, kind: str = "weight") -> str:
+    if module == "lm_head":
+        if kind == "weight" and config.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return f"lm_head.{kind}"
+    block = "mlp" if module in _MLP else "self_attn"
+    return f"model.layers.{layer}.{block}.{module}.{kind}"
+
+
+def secure_uniform(shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Uniform in [-1, 1) from os.urandom: masks must be unpredictable, not just random-looking."""
+    count = math.prod(shape)
+    bits = torch.frombuffer(bytearray(os.urandom(8 * count)), dtype=torch.int64) if count else torch.zeros(0, dtype=torch.int64)
+    mantissa = ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0 ** -52  # 53 random bits in [0, 2)
+    return (mantissa - 1.0).reshape(shape).to(dtype)
+
+
+def secure_probe(size: int) -> torch.Tensor:
+    """A Freivalds probe: random signs, magnitudes in [0.5, 1). Bounded away from zero so that
+    any single changed element moves y.p by at least half its change."""
+    u = secure_uniform((size,))
+    return torch.sign(u) * (0.5 + 0.5 * u.abs()) + (u == 0)
+
+
+@dataclass
+class CallSecrets:
+    """One-time material for one outsourced call (one input, one or more projections)."""
+
+    mask: torch.Tensor | None  # r [rows, in], float64 (private)
+    unmasks: list[torch.Tensor]  # r W_m^T [rows, out_m], float64, per module (private)
+    probes: list[torch.Tensor]  # p_m [out_m], float64 (verify)
+    probe_images: list[torch.Tensor]  # W_m^T p_m [in], float64 (verify)
+    probe_biases: list[float]  # b_m . p_m (verify)
+
+
+@dataclass
+class PrefillSecrets:
+    """Everything one prefill of a given shape consumes; taken whole, used once."""
+
+    shape: tuple[int, int, bool]  # batch, tokens, all_positions
+    calls: dict[tuple[int | None, str], CallSecrets]
+    _taken: set = field(default_factory=set)
+
+    def take(self, layer: int | None, group: str) -> CallSecrets:
+        key = (layer, group)
+        if key in self._taken:
+            raise MaskReuseError(f"one-time material for layer {layer} {group} was already used")
+        self._taken.add(key)
+        return self.calls[key]
+
+
+@dataclass
+class OfflineReport:
+    seconds: float = 0.0
+    bytes: int = 0  # memory the material occupies
+    prefills: int = 0  # prefills it serves (one each: nothing is reused)
+
+
+class OneTimePool:
+    """Precomputed material, one `PrefillSecrets` per future prefill, each handed out once."""
+
+    def __init__(self) -> None:
+        self._ready: deque[PrefillSecrets] = deque()
+
+    def add(self, secrets: PrefillSecrets) -> None:
+        self._ready.append(secrets)
+
+    def take(self, shape: tuple[int, int, bool]) -> PrefillSecrets | None:
+        for i, secrets in enumerate(self._ready):
+            if secrets.shape == shape:
+                del self._ready[i]
+                return secrets
+        return None
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+
+def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int, int, bool], private: bool,
+               verify: bool) -> tuple[PrefillSecrets, int]:
+    """The offline phase for one prefill: masks and their images, Freivalds probes and theirs.
+    Streams one weight matrix at a time; returns the material and its size in bytes."""
+    batch, tokens, all_positions = shape
+    calls: dict[tuple[int | None, str], CallSecrets] = {}
+    plan = [(layer, group, modules, batch * tokens) for layer in range(config.num_layers)
+            for group, modules in GROUPS.items()]
+    plan.append((None, "lm_head", ("lm_head",), batch * (tokens if all_positions else 1)))
+    size = 0
+    for layer, group, modules, rows in plan:
+        mats = [weights.read(weight_name(config, layer, m), torch.float64) for m in modules]
+        bias_names = [weight_name(config, layer, m, "bias") for m in modules]
+        biases = [weights.read(name, torch.float64) if weights.has(name) else None for name in bias_names]
+        mask = secure_uniform((rows, mats[0].shape[1]), torch.float64) if private else None
+        secrets = CallSecrets(mask=mask, unmasks=[mask @ w.T for w in mats] if private else [], probes=[],
+                              probe_images=[], probe_biases=[])
+        if verify:
+            for w, b in zip(mats, biases):
+                probe = secure_probe(w.shape[0])
+                secrets.probes.append(probe)
+                secrets.probe_images.append(w.T @ probe)
+                secrets.probe_biases.append(float(b @ probe) if b is not None else 0.0)
+        tensors = ([mask] if mask is not None else []) + secrets.unmasks + secrets.probes + secrets.probe_images
+        size += sum(t.numel() * t.element_size() for t in tensors)
+        calls[(layer, group)] = secrets
+    return PrefillSecrets(shape=shape, calls=calls), size
+
+
+def freivalds_residual(x: torch.Tensor, y: torch.Tensor, probe: torch.Tensor, image: torch.Tensor, bias: float,
+                       eps: float) -> float:
+    """max over rows of |y p - x (W^T p) - b.p|, in units of honest rounding noise."""
+    x2, y2 = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    residual = (y2 @ probe - (x2 @ image + bias)).abs()
+    noise = eps * math.sqrt(x2.shape[-1]) * (y2 * probe).norm(dim=-1) + 1e-300
+    return (residual / noise).max().item()
+
+
+def freivalds_check(x: torch.Tensor, y: torch.Tensor, probe: torch.Tensor, image: torch.Tensor, bias: float,
+                    eps: float, where: str) -> None:
+    """Raise IntegrityError unless y = x W^T + b passes the probe within VERIFY_TOLERANCE."""
+    worst = freivalds_residual(x, y, probe, image, bias, eps)
+    if not worst <= VERIFY_TOLERANCE:  # `not <=` also catches NaN
+        raise IntegrityError(f"integrity check failed at {where}: the server's result is wrong "
+                             f"(Freivalds residual {worst:.1f} > {VERIFY_TOLERANCE:g} x rounding noise); "
+                             "no logits returned")
+
+
+class GuardedSteps:
+    """Steps for the runner that keep attention and the embedding in the TEE and guard every
+    outsourced projection with a one-time mask (private) and/or a Freivalds check (verify)."""
+
+    def __init__(self, client: Client, config: ModelConfig, weights: DirectoryWeights, private: bool, verify: bool,
+                 wire_name: str = "float32"):
+        self.client, self.config, self.weights = client, config, weights
+        self.private, self.verify = private, verify
+        self.wire_name = "float64" if private else wire_name
+        server_dtype = str(client.ping().get("dtype", "float32")) if verify else "float32"
+        # An honest product is as noisy as the coarser of the server's compute and the wire.
+        self.eps = max(ROUNDING.get(server_dtype, 2.0 ** -8), ROUNDING[wire_name])
+        self.pool = OneTimePool()
+        self.offline = OfflineReport()
+        self.current: PrefillSecrets | None = None
+
+    # -- offline ------------------------------------------------------------------------------
+
+    def prepare(self, batch: int, tokens: int, all_positions: bool = False, count: int = 1) -> OfflineReport:
+        """Run the offline phase for `count` future prefills of this shape."""
+        start = time.perf_counter()
+        for _ in range(count):
+            secrets, size = precompute(self.weights, self.config, (batch, tokens, all_positions), self.private,
+                                       self.verify)
+            self.pool.add(secrets)
+            self.offline.bytes += size
+            self.offline.prefills += 1
+        self.offline.seconds += time.perf_counter() - start
+        return self.offline
+
+    def begin(self, batch: int, tokens: int, all_positions: bool) -> float:
+        """Take this prefill's material, precomputing it now (timed apart) if none is ready."""
+        shape = (batch, tokens, all_positions)
+        secrets = self.pool.take(shape)
+        spent = 0.0
+        if secrets is None:
+            start = time.perf_counter()
+            secrets, _ = precompute(self.weights, self.config, shape, self.private, self.verify)
+            spent = time.perf_counter() - start
+        self.current = secrets
+        return spent
+
+    def end(self) -> None:
+        self.current = None  # nothing of a finished prefill's material can be used again
+
+    # -- one guarded call -----------------------------------------------------------------------
+
+    def _project(self, layer: int | None, group: str, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.current is None:
+            raise MaskReuseError("no one-time material for this call: prefills must go through TeeRunner.prefill")
+        secrets = self.current.take(layer, group)
+        modules = GROUPS.get(group, ("lm_head",))
+        flat = x.reshape(-1, x.shape[-1])
+        if self.private:
+            top = flat.abs().max().item()
+            scale = 2.0 ** (math.ceil(math.log2(top)) + MASK_BITS) if top > 0 else 2.0 ** MASK_BITS
+            sent = flat.double() + scale * secrets.mask
+        else:
+            sent = flat.to(torch.float32 if self.wire_name == "float32" else getattr(torch, self.wire_name))
+        method_args = {"modules": list(modules), "wire_dtype": self.wire_name}
+        if layer is not None:
+            method_args["layer_idx"] = layer
+        replies = self.client.call("Linears", [sent], **method_args).tensors
+        if len(replies) != len(modules):
+            raise IntegrityError(f"server sent {len(replies)} results for {len(modules)} projections ({group})")
+        outputs = []
+        for i, (module, y) in enumerate(zip(modules, replies)):
+            if self.private:
+                y = y.double() - scale * secrets.unmasks[i]
+            if self.verify:  # on the unmasked result, so the tolerance is relative to y, not to the mask
+                where = f"layer {layer} {module}" if layer is not None else "lm_head"
+                checked = flat if self.private else sent
+                freivalds_check(checked, y, secrets.probes[i], secrets.probe_images[i], secrets.probe_biases[i],
+                                self.eps, where)
+            outputs.append(y.float().reshape(*x.shape[:-1], -1))
+        return outputs
+
+    # -- the runner's steps ---------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.weights.rows("model.embed_tokens.weight", input_ids)  # token ids never leave the TEE
+
+    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        q, k, v = self._project(layer, "qkv", x)
+        return q, k, v
+
+    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return q @ ops.repeat_kv(k, self.config.kv_groups).transpose(-1, -2)
+
+    def attn_out(self, layer: int, probs: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+        assert v is not None
+        out = probs @ ops.repeat_kv(v, self.config.kv_groups)
+        b, h, n, d = out.shape
+        return self._project(layer, "o", out.transpose(1, 2).reshape(b, n, h * d))[0]
+
+    def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = self._project(layer, "gate_up", x)
+        return gate, up
+
+    def down(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return self._project(layer, "down", h)[0]
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self._project(None, "lm_head", h)[0]
