@@ -89,3 +89,52 @@ def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
     assert received <= l.wire.bytes_received <= received + 300 * rounds
     assert l.wire.bytes_sent + l.wire.bytes_received < s.wire.bytes_sent + s.wire.bytes_received
     assert l.wire.server_s > 0 and l.wire.wait_s >= l.wire.server_s
+
+
+def test_each_fused_method_equals_its_unfused_computation(servers, model_dirs, references):
+    """QKV, Scores, AttnOut, GateUp, Down against the same math on transformers' own modules."""
+    model = references["head-dim"]  # heads * head_dim != hidden, 1 kv head: the awkward shapes
+    c = model.config
+    block = model.model.layers[1]
+    client = Client(servers["head-dim"].endpoint, timeout_s=10)
+    b, n, h, kv, d = 2, 11, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, n, c.hidden_size, generator=g)
+    with torch.inference_mode():
+        q, k = client.call("QKV", [x], layer_idx=1, session="s1").tensors
+        assert torch.allclose(q, block.self_attn.q_proj(x), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(k, block.self_attn.k_proj(x), rtol=1e-5, atol=1e-6)
+        qh = torch.randn(b, h, n, d, generator=g)
+        kh = torch.randn(b, kv, n, d, generator=g)
+        (scores,) = client.call("Scores", [qh, kh]).tensors
+        assert torch.allclose(scores, qh @ kh.repeat_interleave(h // kv, dim=1).transpose(-1, -2), rtol=1e-5, atol=1e-5)
+        probs = torch.softmax(torch.randn(b, h, n, n, generator=g), dim=-1)
+        (out,) = client.call("AttnOut", [probs], layer_idx=1, session="s1").tensors
+        v = block.self_attn.v_proj(x).view(b, n, kv, d).transpose(1, 2).repeat_interleave(h // kv, dim=1)
+        expected = block.self_attn.o_proj((probs @ v).transpose(1, 2).reshape(b, n, h * d))
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+        gate, up = client.call("GateUp", [x], layer_idx=1).tensors
+        assert torch.allclose(gate, block.mlp.gate_proj(x), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(up, block.mlp.up_proj(x), rtol=1e-5, atol=1e-6)
+        hidden = torch.randn(b, n, c.intermediate_size, generator=g)
+        (down,) = client.call("Down", [hidden], layer_idx=1).tensors
+        assert torch.allclose(down, block.mlp.down_proj(hidden), rtol=1e-5, atol=1e-6)
+        (many,) = client.call("Linears", [x], layer_idx=1, modules=["q_proj"]).tensors
+        assert torch.allclose(many, block.self_attn.q_proj(x), rtol=1e-5, atol=1e-6)
+    client.close()
+
+
+def test_v_is_kept_per_session(servers):
+    """Two runners' V tensors never mix: AttnOut uses the V of its own session."""
+    client = Client(servers["gqa"].endpoint, timeout_s=10)
+    g = torch.Generator().manual_seed(8)
+    x1, x2 = torch.randn(1, 5, 64, generator=g), torch.randn(1, 5, 64, generator=g)
+    client.call("QKV", [x1], layer_idx=0, session="a")
+    client.call("QKV", [x2], layer_idx=0, session="b")
+    probs = torch.softmax(torch.randn(1, 4, 5, 5, generator=g), dim=-1)
+    (a,) = client.call("AttnOut", [probs], layer_idx=0, session="a").tensors
+    (b,) = client.call("AttnOut", [probs], layer_idx=0, session="b").tensors
+    client.call("QKV", [x1], layer_idx=0, session="b")
+    (b_again,) = client.call("AttnOut", [probs], layer_idx=0, session="b").tensors
+    assert not torch.allclose(a, b) and torch.equal(a, b_again)
+    client.close()

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ServerUnreachable, TsqpError
-from .server import GpuServer, ServerThread
+from .keys import ClientKeys, ServerKeys
+from .server import GpuServer, Limits, ServerThread
 from .tee.runner import TeeRunner
-from .transport import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TIMEOUT_S, Client
+from .transport import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_HEARTBEAT_S, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Client
 
 
 def free_endpoint(host: str = "127.0.0.1") -> str:
@@ -33,40 +34,60 @@ def free_endpoint(host: str = "127.0.0.1") -> str:
 
 
 def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = "lean", wire_dtype: str = "float32",
-            timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> TeeRunner:
-    """A TEE runner for the server at `endpoint`; fails fast if the server does not answer."""
-    client = Client(endpoint, timeout_s=timeout_s)
+            timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, *,
+            retries: int = DEFAULT_RETRIES, keys: ClientKeys | None = None,
+            heartbeat_s: float = DEFAULT_HEARTBEAT_S, protection: str = "none", verify: bool = False) -> TeeRunner:
+    """A TEE runner for the server at `endpoint`; fails fast if the server does not answer.
+
+    `timeout_s` bounds one reply, `connect_timeout_s` each (re)connection, `retries` the resends
+    of a call after a lost connection. `keys` (CurveZMQ) default to $TSQP_SERVER_PUBLIC_KEY and
+    $TSQP_CLIENT_SECRET_KEY when those are set; `ClientKeys.from_files(...)` makes them.
+    `protection` and `verify` go to the TeeRunner (private mode, Freivalds checks)."""
+    client = Client(endpoint, timeout_s=timeout_s, retries=retries, connect_timeout_s=connect_timeout_s, keys=keys,
+                    heartbeat_s=heartbeat_s)
     try:
         client.ping(timeout_s=connect_timeout_s)
-        return TeeRunner(client, model_dir, protocol=protocol, wire_dtype=wire_dtype)
+        return TeeRunner(client, model_dir, protocol=protocol, wire_dtype=wire_dtype, protection=protection,
+                         verify=verify)
     except BaseException:
         client.close()
         raise
 
 
 def start_server(model_dir: str | Path, device: str | None = None, dtype: str = "float32",
-                 endpoint: str | None = None) -> ServerThread:
+                 endpoint: str | None = None, *, keys: ServerKeys | None = None, limits: Limits | None = None,
+                 heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> ServerThread:
     """A server in a thread of this process (shares the GIL: for tests and notebooks)."""
-    return ServerThread(GpuServer(model_dir, device, dtype), endpoint or free_endpoint())
+    server = GpuServer(model_dir, device, dtype)
+    if limits is not None:
+        server.service.limits = limits
+    return ServerThread(server, endpoint or free_endpoint(), keys=keys, heartbeat_s=heartbeat_s)
 
 
 class ServerProcess:
-    """A server in its own process, as in a real deployment: for the demo and the benchmark."""
+    """A server in its own process, as in a real deployment: for the demo, the benchmark, and tests
+    that kill and restart it. With `server_secret_key`/`allow_keys` it serves CurveZMQ only, and
+    `client_keys` (one on its allow-list) is what the start-up ping uses."""
 
     def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str = "float32",
-                 endpoint: str | None = None, ready_timeout_s: float = 600.0, extra_args: tuple[str, ...] = ()):
+                 endpoint: str | None = None, ready_timeout_s: float = 600.0, extra_args: tuple[str, ...] = (), *,
+                 server_secret_key: str | Path | None = None, allow_keys: str | Path | None = None,
+                 client_keys: ClientKeys | None = None, log_level: str = "INFO"):
         self.endpoint = endpoint or free_endpoint()
+        self.client_keys = client_keys
         cmd = [sys.executable, "-m", "tsqp", "serve", "--model", str(model_dir), "--dtype", dtype,
-               "--endpoint", self.endpoint, *extra_args]
+               "--endpoint", self.endpoint, "--log-level", log_level, *extra_args]
         if device:
             cmd += ["--device", device]
+        if server_secret_key or allow_keys:
+            cmd += ["--server-secret-key", str(server_secret_key), "--allow-keys", str(allow_keys)]
         self._log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True)
         self._wait_ready(ready_timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        with Client(self.endpoint) as client:
+        with Client(self.endpoint, keys=self.client_keys) as client:
             while True:
                 if self.process.poll() is not None:
                     lines = self.output().strip().splitlines()
@@ -79,7 +100,12 @@ class ServerProcess:
                         self.stop()
                         raise TsqpError(f"server did not answer within {timeout_s:g} s of start-up") from None
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (graceful: the request in progress is answered), then SIGKILL after `timeout_s`."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -87,6 +113,22 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes mid-whatever, as a crash or a lost host would."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def rss_bytes(self) -> int | None:
+        """The server's resident memory (Linux /proc), or None where that is not available."""
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
 
     def output(self) -> str:
         """Everything the server process has printed so far."""

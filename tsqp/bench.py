@@ -5,6 +5,9 @@ Modes:
   split-seed  the seed's protocol (9 round trips per layer), the baseline
   whole       the model run whole by transformers on the server's device: the split's speed of light
   tee-only    the model run whole by transformers on the TEE side's CPU: what splitting must beat
+  split-private, split-verify, split-private+verify
+              added by --protection private and/or --verify: the guarded steps; their offline
+              phase (masks, probes) runs before each timed prefill and is reported apart
 
 Every mode is warmed up first; each repetition runs every mode once, in turn, so drift hits all
 modes alike; the figure reported is the median. Server time is measured by the server around the
@@ -36,6 +39,7 @@ class Run:
     bytes_sent: int = 0
     bytes_received: int = 0
     breakdown_s: dict[str, float] = field(default_factory=dict)
+    offline_s: float = 0.0
 
 
 @dataclass
@@ -50,6 +54,7 @@ class ModeResult:
     bytes_sent: int
     bytes_received: int
     breakdown_s: dict[str, float]
+    offline_s: float = 0.0  # guarded modes: the offline phase for one prefill (not in median_s)
 
     @classmethod
     def from_runs(cls, mode: str, tokens: int, runs: list[Run]) -> "ModeResult":
@@ -57,7 +62,8 @@ class ModeResult:
         return cls(mode=mode, tokens=tokens, median_s=statistics.median(r.seconds for r in runs),
                    runs_s=[r.seconds for r in runs], round_trips=runs[0].round_trips,
                    bytes_sent=runs[0].bytes_sent, bytes_received=runs[0].bytes_received,
-                   breakdown_s={k: statistics.median(r.breakdown_s[k] for r in runs) for k in keys})
+                   breakdown_s={k: statistics.median(r.breakdown_s[k] for r in runs) for k in keys},
+                   offline_s=statistics.median(r.offline_s for r in runs))
 
 
 def add_bench_parser(sub) -> None:
@@ -75,6 +81,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per mode and length (default 3)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--protection", choices=("none", "private"), default="none",
+                   help="private: also measure split-private (one-time masks, offline phase reported apart)")
+    p.add_argument("--verify", action="store_true", help="also measure split-verify (Freivalds checks)")
     p.add_argument("--accuracy", action="store_true",
                    help="also measure each wire dtype's logits error against the whole model")
     p.add_argument("--json", type=Path, metavar="FILE", help="write results as JSON")
@@ -82,10 +91,12 @@ def add_bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _split_runner(runner) -> Callable[[torch.Tensor], Run]:
+def _split_runner(runner, guarded: bool = False) -> Callable[[torch.Tensor], Run]:
     def run(ids: torch.Tensor) -> Run:
+        offline = runner.prepare(*ids.shape).seconds if guarded else 0.0  # offline phase, not timed online
         r = runner.prefill(ids)
-        return Run(r.seconds, r.wire.round_trips, r.wire.bytes_sent, r.wire.bytes_received, r.breakdown_s)
+        return Run(r.seconds, r.wire.round_trips, r.wire.bytes_sent, r.wire.bytes_received, r.breakdown_s,
+                   offline_s=offline + r.offline_s)
 
     return run
 
@@ -127,6 +138,18 @@ def _tee_only_runner(model_dir: str) -> Callable[[torch.Tensor], Run]:
     return run
 
 
+def guarded_modes(protection: str, verify: bool) -> list[tuple[str, str, bool]]:
+    """(mode name, protection, verify) for each guarded configuration the flags ask for."""
+    modes = []
+    if protection == "private":
+        modes.append(("split-private", "private", False))
+    if verify:
+        modes.append(("split-verify", "none", True))
+    if protection == "private" and verify:
+        modes.append(("split-private+verify", "private", True))
+    return modes
+
+
 def measure(runners: dict[str, Callable[[torch.Tensor], Run]], token_counts: list[int], batch: int, repeat: int,
             vocab_size: int, progress: bool = True) -> list[ModeResult]:
     """Warm up each mode, then `repeat` rounds of every mode in turn, for each length."""
@@ -152,17 +175,20 @@ def measure(runners: dict[str, Callable[[torch.Tensor], Run]], token_counts: lis
 def markdown_table(results: list[ModeResult], batch: int) -> str:
     whole = {r.tokens: r.median_s for r in results if r.mode == "whole"}
     seed_bytes = {r.tokens: r.bytes_sent + r.bytes_received for r in results if r.mode == "split-seed"}
-    rows = ["| mode | tokens | median s | tokens/s | × whole | round trips | MB sent | MB received | bytes × seed "
-            "| TEE s | serialize s | transport+wait s | server s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    split = {r.tokens: r.median_s for r in results if r.mode == "split"}
+    rows = ["| mode | tokens | median s | tokens/s | × whole | × split | round trips | MB sent | MB received "
+            "| bytes × seed | TEE s | serialize s | transport+wait s | server s | offline s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         ratio = f"{r.median_s / whole[r.tokens]:.3f}" if r.tokens in whole else "–"
+        vs_split = f"{r.median_s / split[r.tokens]:.3f}" if r.tokens in split else "–"
         moved = r.bytes_sent + r.bytes_received
         vs_seed = f"{moved / seed_bytes[r.tokens]:.3f}" if r.tokens in seed_bytes and r.round_trips else "–"
         b = r.breakdown_s
         rows.append(f"| {r.mode} | {r.tokens} | {r.median_s:.4f} | {batch * r.tokens / r.median_s:.1f} | {ratio} "
-                    f"| {r.round_trips} | {r.bytes_sent / 1e6:.2f} | {r.bytes_received / 1e6:.2f} | {vs_seed} | "
-                    + " | ".join(f"{b.get(k, 0.0):.4f}" for k in BREAKDOWN_KEYS) + " |")
+                    f"| {vs_split} | {r.round_trips} | {r.bytes_sent / 1e6:.2f} | {r.bytes_received / 1e6:.2f} "
+                    f"| {vs_seed} | " + " | ".join(f"{b.get(k, 0.0):.4f}" for k in BREAKDOWN_KEYS)
+                    + (f" | {r.offline_s:.4f} |" if r.offline_s else " | – |"))
     return "\n".join(rows)
 
 
@@ -263,6 +289,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 runners[mode] = _whole_runner(client)
             else:
                 runners[mode] = _tee_only_runner(model_dir)
+        for mode, protection, verify in guarded_modes(args.protection, args.verify):
+            runner = api.connect(endpoint, model_dir, "lean", args.wire_dtype, protection=protection, verify=verify)
+            clients.append(runner.client)
+            runners[mode] = _split_runner(runner, guarded=True)
         print(f"Benchmarking {model_dir} on server device {server_info['device']} ({server_info['dtype']}), "
               f"tokens {token_counts}, {args.repeat} runs per mode after a warm-up", file=sys.stderr)
         results = measure(runners, token_counts, args.batch, args.repeat, config.vocab_size)

@@ -10,13 +10,16 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 # The TEE side and a CPU server often share cores, and take turns: OpenMP workers that spin while
 # their process waits steal cycles from the other one (measured: split 1.18x -> 1.05x of whole).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .api import env  # noqa: E402  (imports torch, after the OpenMP setting)
+
+if TYPE_CHECKING:
+    from .keys import ClientKeys
 
 RULE = "=" * 60
 
@@ -27,7 +30,15 @@ def _common_runner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of activations on the wire (float32 is exact; default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                   help="seconds to wait for any one server reply (default: %(default)s)")
+                   help="seconds to wait for any one server reply on a live connection (default: %(default)s)")
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to (re)connect to the server, handshake included (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=3, metavar="N",
+                   help="resends of a call after a lost connection or a timeout (default: %(default)s)")
+    p.add_argument("--server-public-key", metavar="FILE", default=env("TSQP_SERVER_PUBLIC_KEY"),
+                   help="CurveZMQ: the server's public key file (pinned) [$TSQP_SERVER_PUBLIC_KEY]")
+    p.add_argument("--client-secret-key", metavar="FILE", default=env("TSQP_CLIENT_SECRET_KEY"),
+                   help="CurveZMQ: this client's NAME.key_secret file [$TSQP_CLIENT_SECRET_KEY]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interface to bind [$LLAMA_GPU_HOST; default 127.0.0.1, loopback only]")
     p.add_argument("--endpoint", help="explicit ZeroMQ bind address (tcp://host:port or ipc://path); "
                    "overrides --host/--port")
+    p.add_argument("--server-secret-key", metavar="FILE", default=env("TSQP_SERVER_SECRET_KEY"),
+                   help="CurveZMQ: the server's NAME.key_secret file (`tsqp keygen`) [$TSQP_SERVER_SECRET_KEY]")
+    p.add_argument("--allow-keys", metavar="DIR", default=env("TSQP_ALLOWED_KEYS_DIR"),
+                   help="CurveZMQ: directory of client public keys (*.key) allowed in [$TSQP_ALLOWED_KEYS_DIR]")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext on a non-loopback interface (without it, such a bind needs keys)")
+    p.add_argument("--max-message-mb", type=float, default=4096, metavar="MB",
+                   help="largest frame accepted; a bigger one drops its sender (default: %(default)g)")
+    p.add_argument("--log-level", default=env("TSQP_LOG_LEVEL", "INFO"), choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="structured key=value logs on stderr; DEBUG adds a line per request [$TSQP_LOG_LEVEL; INFO]")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keygen", help="write a CurveZMQ key pair (NAME.key, NAME.key_secret)",
+                       description="Write a CurveZMQ key pair: NAME.key (public: give it to the peer that must "
+                                   "trust you; clients' go in the server's --allow-keys directory) and "
+                                   "NAME.key_secret (mode 0600: keep it).")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write into (created)")
+    p.add_argument("--name", required=True, help="file name stem, e.g. server or tee-1")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("prefill", help="run one split prefill against a server and report it",
                        description="The TEE side: reads config, norm weights and rope parameters from its own copy "
@@ -95,16 +125,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from . import server
+    from .keys import ServerKeys
+    from .logs import configure
     from .transport import bind_endpoint
 
     if not args.model:
         raise SystemExit("error: no model: pass --model DIR or set LLAMA_MODEL_PATH")
+    if args.max_message_mb <= 0:
+        raise ValueError("--max-message-mb must be positive")
+    configure(args.log_level)
     endpoint = args.endpoint or bind_endpoint(args.port, args.host)
+    keys = ServerKeys.from_options(args.server_secret_key, args.allow_keys)
+    limits = server.Limits(max_message_bytes=int(args.max_message_mb * (1 << 20)))
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server.run(args.model, args.device, args.dtype, endpoint, stop)
+    _install_stop_handlers(stop)
+    server.run(args.model, args.device, args.dtype, endpoint, stop, keys=keys, insecure=args.insecure, limits=limits)
     print("server stopped", flush=True)
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM: finish the request in progress, then stop. A second one exits at once."""
+    import logging
+
+    from .logs import log_event
+
+    def on_signal(signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log_event(logging.getLogger("tsqp.server"), logging.WARNING, "forced_exit", signal=name)
+            os._exit(128 + signum)
+        log_event(logging.getLogger("tsqp.server"), logging.INFO, "stopping", signal=name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from .keys import generate, load_public
+
+    public, secret = generate(args.out, args.name, force=args.force)
+    print(f"public key: {public}  ({load_public(public).decode()})")
+    print(f"secret key: {secret}  (mode 0600: keep it on this host)")
+
+
+def _client_options(args: argparse.Namespace) -> dict:
+    """api.connect keywords from the runner options: timeouts, retries, CurveZMQ keys."""
+    from .keys import ClientKeys
+
+    if args.retries < 0 or args.timeout <= 0 or args.connect_timeout <= 0:
+        raise ValueError("--timeout and --connect-timeout must be positive, --retries >= 0")
+    return {"timeout_s": args.timeout, "connect_timeout_s": args.connect_timeout, "retries": args.retries,
+            "keys": ClientKeys.from_options(args.server_public_key, args.client_secret_key)}
 
 
 def _read_ids_file(path: Path) -> "torch.Tensor":
@@ -198,7 +270,7 @@ def cmd_prefill(args: argparse.Namespace) -> None:
     input_ids = _input_ids(args, load_config(args.model).vocab_size) if args.model else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runner = api.connect(args.endpoint, args.model, args.protocol, args.wire_dtype, timeout_s=args.timeout)
+        runner = api.connect(args.endpoint, args.model, args.protocol, args.wire_dtype, **_client_options(args))
     print(f"✓ Connected to GPU server at {args.endpoint}")
     if args.model:
         print(f"Read model config and norm weights from {args.model} (TEE-local, not from the server)")
@@ -224,24 +296,57 @@ def cmd_make_model(args: argparse.Namespace) -> None:
     print(f"✓ model written to {path}")
 
 
+def _demo_keys(key_dir: Path) -> tuple[dict, "ClientKeys | None"]:
+    """Fresh server and client key pairs for the demo (none where libzmq lacks CurveZMQ)."""
+    import shutil
+
+    import zmq
+
+    from .keys import ClientKeys, generate
+
+    if not zmq.has("curve"):
+        return {}, None
+    server_public, server_secret = generate(key_dir, "server")
+    tee_public, tee_secret = generate(key_dir, "tee")
+    allowed = key_dir / "allowed"
+    allowed.mkdir()
+    shutil.copy(tee_public, allowed)  # the allow-list holds public keys only
+    keys = ClientKeys.from_files(server_public, tee_secret)
+    return {"server_secret_key": server_secret, "allow_keys": allowed, "client_keys": keys}, keys
+
+
+def _demo_prefill(runner, model_dir: Path, tokens: int):
+    from .models import fit_prompt, load_tokenizer
+
+    print(f"✓ TEE model initialized from {model_dir}: {runner.config.num_layers} layers\n")
+    prompt = "The enclave keeps the softmax; the server does the matrix work."
+    input_ids = fit_prompt(load_tokenizer(model_dir), prompt, tokens, 1)
+    try:
+        runner.prefill(input_ids)  # warm-up
+        result = runner.prefill(input_ids)
+    finally:
+        runner.client.close()
+    print_report(result, runner)
+    return result, input_ids
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
+    import tempfile
+
     import torch
 
     from . import api
-    from .models import cached_model, fit_prompt, load_tokenizer
+    from .models import cached_model
 
     model_dir = cached_model("tiny")
     print(f"Model: {model_dir} (random tiny LLaMA, made locally)")
-    with api.spawn_server(model_dir, device="cpu") as server:
-        print(f"✓ GPU server started at {server.endpoint} (pid {server.process.pid})")
-        runner = api.connect(server.endpoint, model_dir=model_dir)
-        print(f"✓ TEE model initialized from {model_dir}: {runner.config.num_layers} layers\n")
-        prompt = "The enclave keeps the softmax; the server does the matrix work."
-        input_ids = fit_prompt(load_tokenizer(model_dir), prompt, args.tokens, 1)
-        runner.prefill(input_ids)  # warm-up
-        result = runner.prefill(input_ids)
-        print_report(result, runner)
-        runner.client.close()
+    with tempfile.TemporaryDirectory(prefix="tsqp-demo-keys-") as key_dir:
+        server_options, keys = _demo_keys(Path(key_dir))
+        with api.spawn_server(model_dir, device="cpu", **server_options) as server:
+            channel = "CurveZMQ, ephemeral keys" if keys else "plaintext: this libzmq has no CurveZMQ"
+            print(f"✓ GPU server started at {server.endpoint} (pid {server.process.pid}; {channel})")
+            runner = api.connect(server.endpoint, model_dir=model_dir, keys=keys)
+            result, input_ids = _demo_prefill(runner, model_dir, args.tokens)
     from transformers import LlamaForCausalLM
 
     reference = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()

@@ -1,31 +1,41 @@
 """The GPU side: holds the weights on its device and answers one method per request.
 
-It is untrusted: it sees what it is sent and computes the linear algebra. Each handler checks its
-arguments before touching the model, and any failure becomes an error reply; the loop never dies
-on a bad request.
+It is untrusted: it sees what it is sent and computes the linear algebra. Every request is
+checked before it touches the model (method, fields, dtypes, shapes against bytes, sizes of
+inputs and outputs, finite values, layer and module names); any failure becomes an error reply
+with a code, and the loop never dies on a bad request.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sys
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import msgpack
 import torch
 
 from . import protocol
 from .config import ModelConfig, load_config
-from .errors import ModelError, ProtocolError
+from .errors import ModelError, ProtocolError, TsqpError
+from .logs import log_event
 from .protocol import DTYPES, LINEAR_MODULES, WIRE_DTYPES
-from .transport import serve_forever
+from .transport import DEFAULT_HEARTBEAT_S, Handler, current_peer, is_loopback, serve_forever
+
+if TYPE_CHECKING:
+    from .keys import ServerKeys
 
 MAX_ELEMENTS = 1 << 31  # per tensor; a guard against absurd shapes, not a tuning knob
 MAX_SESSIONS = 64  # sessions whose V tensors the lean protocol keeps between calls
+
+log = logging.getLogger("tsqp.server")
 
 
 class BadRequest(Exception):
@@ -38,6 +48,95 @@ class MissingState(BadRequest):
     """A lean call needs state an earlier call left here (V), and it is gone (e.g. a restart)."""
 
     code = "missing_state"
+
+
+class UnknownMethod(BadRequest):
+    code = "unknown_method"
+
+
+class TooLarge(BadRequest):
+    """An input or the output it would produce exceeds the server's limits."""
+
+    code = "too_large"
+
+
+class NonFinite(BadRequest):
+    """A floating-point input holds NaN or infinity: no honest TEE sends one."""
+
+    code = "non_finite"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask; a larger one gets `too_large` before any work."""
+
+    max_message_bytes: int = 4 << 30  # ZMQ_MAXMSGSIZE, per frame: ZeroMQ drops a peer that sends more
+    max_elements: int = MAX_ELEMENTS  # per input tensor, and per output a request would produce
+    max_header_bytes: int = 64 << 10
+    max_tensors: int = 8
+    max_rank: int = 8
+    max_session_chars: int = 128
+
+
+@dataclass
+class ServiceState:
+    """Limits and counters of the serving side, for health replies and the stop log line."""
+
+    limits: Limits = field(default_factory=Limits)
+    started: float = field(default_factory=time.monotonic)
+    requests: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method must be sent: how many tensors, of which dtypes, and which args."""
+
+    tensors: int
+    dtypes: tuple[str, ...] = WIRE_DTYPES
+    required: tuple[tuple[str, ...], ...] = ()  # each entry: accepted spellings of one field
+    ranks: tuple[int, ...] | None = None  # exact rank of each tensor, where the method relies on it
+
+
+LAYER, MODULE, SESSION = ("layer_idx", "layer"), ("module_name", "module"), ("session",)
+IDS = ("int64",)
+FLOAT_DTYPES = tuple(name for name, dtype in DTYPES.items() if dtype.is_floating_point)
+# Methods absent from this table (newer ones) still get the generic checks: dtype allow-list,
+# shapes against bytes, sizes; their handlers check the rest.
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "Ping": MethodSpec(0),
+    "Init": MethodSpec(0),
+    "Embedding": MethodSpec(1, IDS, ranks=(2,)),
+    "Linear": MethodSpec(1, required=(LAYER, MODULE)),
+    "Matmul": MethodSpec(2),
+    "LMHead": MethodSpec(1),
+    "QKV": MethodSpec(1, required=(LAYER, SESSION), ranks=(3,)),  # [b, n, hidden]: V is kept as [b, kv, n, d]
+    "Scores": MethodSpec(2, ranks=(4, 4)),
+    "AttnOut": MethodSpec(1, required=(LAYER, SESSION), ranks=(4,)),
+    "GateUp": MethodSpec(1, required=(LAYER,)),
+    "Down": MethodSpec(1, required=(LAYER,)),
+    "Linears": MethodSpec(1, FLOAT_DTYPES, required=(("modules",),)),
+    "Whole": MethodSpec(1, IDS, ranks=(2,)),
+}
+# Types of the args a client may send; others are ignored (older servers ignore newer fields).
+ARG_TYPES: dict[str, tuple[type, ...]] = {
+    "layer_idx": (int,), "layer": (int,), "module_name": (str,), "module": (str,), "session": (str,),
+    "wire_dtype": (str,), "all_positions": (bool,), "modules": (list,),
+}
+
+
+@dataclass
+class Request:
+    method: str
+    args: dict[str, Any]
+    tensors: list[torch.Tensor]
+
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class InsecureBind(TsqpError):
+    """Binding a network interface in plaintext without saying so."""
 
 
 def default_device() -> str:
@@ -83,6 +182,7 @@ class GpuServer:
         self.model, self.config = load_model(self.model_dir, str(self.device), self.dtype)
         self.layers = self.model.model.layers
         self._values: OrderedDict[str, dict[int, torch.Tensor]] = OrderedDict()
+        self._converted: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.handlers: dict[str, Callable[[dict, list[torch.Tensor]], tuple[list[torch.Tensor], dict]]] = {
             "Ping": self.ping,
             "Init": self.init,
@@ -106,30 +206,173 @@ class GpuServer:
 
     # -- dispatch ---------------------------------------------------------------------------
 
+    @property
+    def service(self) -> ServiceState:
+        """Limits and counters (made on first use, so the handlers' constructor stays as it is)."""
+        state = self.__dict__.get("_service")
+        if state is None:
+            state = self.__dict__["_service"] = ServiceState()
+        return state
+
     def handle(self, frames: list[Any]) -> list[Any]:
+        """Request frames -> reply frames. Never raises: every failure is an error reply."""
+        state, method, peer = self.service, "?", current_peer.get()
+        state.requests += 1
         try:
-            request = protocol.decode(frames, max_elements=MAX_ELEMENTS)
-            method = request.header.get("method")
-            args = request.header.get("args", {})
-            if not isinstance(method, str) or method not in self.handlers:
-                return protocol.encode(protocol.error_header("unknown_method", f"unknown method {method!r}"))
-            if not isinstance(args, dict):
-                raise BadRequest("'args' must be a map")
+            request = self.check_request(frames)
+            method = request.method
             self._synchronize()
             start = time.perf_counter()
             with torch.inference_mode():
-                outputs, extra = self.handlers[method](args, request.tensors)
-                wire = args.get("wire_dtype", "float32")
+                tensors = self._on_device(request.tensors)
+                outputs, extra = self.handlers[method](request.args, tensors)
+                wire = request.args.get("wire_dtype", "float32")
                 outputs = [self._to_wire(t, wire) for t in outputs]
             self._synchronize()
             header = {"ok": True, "server_s": time.perf_counter() - start, **extra}
+            if method == "Ping":
+                header.update(self.health())
+            log_event(log, logging.DEBUG, "request", method=method, peer=peer, server_s=header["server_s"])
             return protocol.encode(header, outputs)
         except BadRequest as err:
-            return protocol.encode(protocol.error_header(err.code, str(err)))
+            return self._refuse(err.code, str(err), method, peer)
         except (ProtocolError, ModelError) as err:
-            return protocol.encode(protocol.error_header("bad_request", str(err)))
+            return self._refuse("bad_request", str(err), method, peer)
+        except _OUT_OF_MEMORY as err:
+            return self._refuse("out_of_memory", str(err).splitlines()[0], method, peer, failed=True)
         except Exception as err:  # a bug or a device error: report it, keep serving
-            return protocol.encode(protocol.error_header("internal", f"{type(err).__name__}: {err}"))
+            return self._refuse("internal", f"{type(err).__name__}: {err}", method, peer, failed=True)
+
+    def _on_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs on the device, floating-point ones checked finite there (one reduction each)."""
+        moved = [t.to(self.device) for t in tensors]
+        for i, t in enumerate(moved):
+            if t.is_floating_point():
+                self._check_finite(t, f"input tensor {i}")
+        return moved
+
+    def _refuse(self, code: str, message: str, method: str, peer: str, failed: bool = False) -> list[Any]:
+        """An error reply, logged: a bad request as a warning, a failure of ours as an error."""
+        self.service.errors[code] += 1
+        fields = {"code": code, "method": method, "peer": peer, "message": message[:300]}
+        if failed:
+            log.error("request_failed", extra={"fields": fields}, exc_info=True)
+        else:
+            log_event(log, logging.WARNING, "bad_request", **fields)
+        return protocol.encode(protocol.error_header(code, message))
+
+    def health(self) -> dict[str, Any]:
+        """What a Ping reports besides the model: uptime, traffic, errors, live sessions."""
+        state = self.service
+        return {"uptime_s": round(time.monotonic() - state.started, 3), "requests": state.requests,
+                "errors": dict(state.errors), "sessions": len(self._values)}
+
+    # -- validation before work ------------------------------------------------------------------
+
+    def check_request(self, frames: list[Any]) -> Request:
+        """Decode and check a request against the method table and the limits, before any work."""
+        limits = self.service.limits
+        if not frames:
+            raise BadRequest("empty message")
+        if len(frames) - 1 > limits.max_tensors:
+            raise TooLarge(f"{len(frames) - 1} payload frames (limit {limits.max_tensors})")
+        head = frames[0].buffer if hasattr(frames[0], "buffer") else memoryview(frames[0])
+        if head.nbytes > limits.max_header_bytes:
+            raise TooLarge(f"header of {head.nbytes} bytes (limit {limits.max_header_bytes})")
+        try:
+            header = msgpack.unpackb(head, raw=False, strict_map_key=True)
+        except Exception as err:
+            raise BadRequest(f"header is not valid msgpack: {err}") from None
+        if not isinstance(header, dict):
+            raise BadRequest("header must be a map")
+        method = header.get("method")
+        if not isinstance(method, str) or method not in self.handlers:
+            raise UnknownMethod(f"unknown method {method!r}"[:200])
+        args = header.get("args", {})
+        if not isinstance(args, dict):
+            raise BadRequest("'args' must be a map")
+        self._check_args(method, args)
+        shapes = self._check_specs(method, header.get("tensors", []), len(frames) - 1)
+        self._check_output_size(method, args, shapes)
+        message = protocol.decode(frames, max_elements=limits.max_elements)  # payload bytes against shapes
+        return Request(method, args, message.tensors)
+
+    def _check_args(self, method: str, args: dict) -> None:
+        for name, value in args.items():
+            types = ARG_TYPES.get(name)
+            if types and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+                wanted = " or ".join(t.__name__ for t in types)
+                raise BadRequest(f"'{name}' must be {wanted}, got {type(value).__name__}")
+        spec = METHOD_SPECS.get(method)
+        for spellings in spec.required if spec else ():
+            if not any(s in args for s in spellings):
+                raise BadRequest(f"{method} needs '{spellings[0]}'")
+        if "wire_dtype" in args and args["wire_dtype"] not in FLOAT_DTYPES:
+            raise BadRequest(f"unsupported wire_dtype {args['wire_dtype']!r} (choose from: {', '.join(WIRE_DTYPES)})")
+        if "session" in args:
+            self._session(args)
+
+    def _check_specs(self, method: str, specs: Any, payloads: int) -> list[list[int]]:
+        """Tensor specs: count, dtype allow-list, rank, dims and element counts within limits."""
+        limits, spec = self.service.limits, METHOD_SPECS.get(method)
+        if not isinstance(specs, list) or len(specs) != payloads:
+            raise BadRequest(f"header must list one spec per payload frame ({payloads} came)")
+        if spec is not None and len(specs) != spec.tensors:
+            raise BadRequest(f"{method} expects {spec.tensors} tensor(s), got {len(specs)}")
+        allowed = spec.dtypes if spec is not None else tuple(DTYPES)
+        shapes = []
+        for item in specs:
+            if not isinstance(item, dict) or item.get("dtype") not in allowed:
+                got = item.get("dtype") if isinstance(item, dict) else item
+                raise BadRequest(f"{method} takes {' or '.join(allowed)} tensors, got {str(got)[:40]!r}")
+            shape = item.get("shape")
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise BadRequest(f"bad tensor shape {str(shape)[:80]}")
+            if len(shape) > limits.max_rank:
+                raise TooLarge(f"tensor of rank {len(shape)} (limit {limits.max_rank})")
+            if any(d > limits.max_elements for d in shape) or math.prod(shape) > limits.max_elements:
+                raise TooLarge(f"tensor of shape {shape} exceeds the limit of {limits.max_elements} elements")
+            shapes.append(shape)
+        if spec is not None and spec.ranks is not None and [len(s) for s in shapes] != list(spec.ranks):
+            raise BadRequest(f"{method} expects tensors of rank {list(spec.ranks)}, got {[len(s) for s in shapes]}")
+        return shapes
+
+    def _check_output_size(self, method: str, args: dict, shapes: list[list[int]]) -> None:
+        """A small request must not make a huge answer (Matmul [n,1]@[1,n], LMHead rows, ...)."""
+        limit, out = self.service.limits.max_elements, self._output_elements(method, args, shapes)
+        if out > limit:
+            raise TooLarge(f"{method} would produce {out} elements (limit {limit})")
+
+    def _output_elements(self, method: str, args: dict, shapes: list[list[int]]) -> int:
+        c = self.config
+        if not shapes or any(len(s) == 0 for s in shapes):
+            return 0  # nothing to compute, or the handler rejects the shape
+        rows = math.prod(shapes[0][:-1])
+        widest = max(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim)
+        widths = {"Linears": len(args.get("modules") or ()) * widest,
+                  "LMHead": c.vocab_size, "Down": c.hidden_size, "GateUp": 2 * c.intermediate_size,
+                  "QKV": (c.num_heads + 2 * c.num_kv_heads) * c.head_dim,
+                  "Linear": max(c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim)}
+        if method in widths:
+            return rows * widths[method]
+        if method in ("Embedding", "Whole"):
+            ids = shapes[0]
+            if method == "Whole" and len(ids) == 2 and ids[1] > c.max_position_embeddings:
+                raise BadRequest(f"{ids[1]} tokens exceed max_position_embeddings ({c.max_position_embeddings})")
+            positions = math.prod(ids) if method == "Embedding" or args.get("all_positions") else ids[0]
+            return positions * (c.hidden_size if method == "Embedding" else max(c.vocab_size, c.hidden_size))
+        a, b = shapes[0], shapes[-1]
+        if method == "Matmul" and len(a) >= 2 and len(b) >= 2:
+            try:
+                batch = torch.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2]))
+            except RuntimeError:
+                return 0  # the handler names the mismatch
+            return math.prod(batch) * a[-2] * b[-1]
+        if method == "Scores" and len(a) == 4 and len(b) == 4:
+            return a[0] * c.num_heads * a[2] * b[2]
+        if method == "AttnOut" and len(a) == 4:
+            return a[0] * a[2] * max(c.hidden_size, c.num_heads * c.head_dim)
+        return 0
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -160,6 +403,12 @@ class GpuServer:
         return [t.to(self.device, self.dtype) for t in tensors]
 
     @staticmethod
+    def _check_finite(t: torch.Tensor, names: str) -> None:
+        """One reduction on the device; only a non-finite sum (NaN, inf or overflow) looks closer."""
+        if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
+            raise NonFinite(f"non-finite values (NaN or infinity) in {names}")
+
+    @staticmethod
     def _check_last_dim(x: torch.Tensor, size: int, what: str) -> None:
         if x.dim() < 2 or x.shape[-1] != size:
             raise BadRequest(f"{what} expects [..., {size}] input, got {list(x.shape)}")
@@ -178,6 +427,8 @@ class GpuServer:
         session = args.get("session")
         if not isinstance(session, str) or not session:
             raise BadRequest("'session' must be a non-empty string")
+        if len(session) > self.service.limits.max_session_chars:
+            raise TooLarge(f"'session' longer than {self.service.limits.max_session_chars} characters")
         return session
 
     # -- seed methods ---------------------------------------------------------------------------
@@ -301,11 +552,22 @@ class GpuServer:
             layer = self._layer(args)
             targets = [self._module(layer, name) for name in modules]
         outputs = []
-        for module, name in zip(targets, modules):
-            self._check_last_dim(x, module.in_features, f"Linears {name}")
-            bias = module.bias.to(dtype) if module.bias is not None else None
-            outputs.append(torch.nn.functional.linear(x.to(dtype), module.weight.to(dtype), bias))
+        for module in targets:
+            self._check_last_dim(x, module.in_features, "Linears")
+            weight, bias = self._weights_in(module, dtype)
+            outputs.append(torch.nn.functional.linear(x.to(dtype), weight, bias))
         return outputs, {}
+
+    def _weights_in(self, module: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The module's weight and bias in `dtype`; float64 copies are made once and kept
+        (private mode multiplies in float64 on every call; converting each time costs more)."""
+        if dtype == self.dtype:
+            return module.weight, module.bias
+        key = (id(module), dtype)
+        if key not in self._converted:
+            bias = module.bias.to(dtype) if module.bias is not None else None
+            self._converted[key] = (module.weight.to(dtype), bias)
+        return self._converted[key]
 
     def whole(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
         """The model run whole with transformers: the benchmark's speed of light."""
@@ -322,22 +584,27 @@ class GpuServer:
 class ServerThread:
     """A server running in a background thread of this process: for the Python API and tests."""
 
-    def __init__(self, server: GpuServer, endpoint: str):
-        self.server, self.endpoint = server, endpoint
+    def __init__(self, server: GpuServer, endpoint: str, keys: "ServerKeys | None" = None,
+                 heartbeat_s: float = DEFAULT_HEARTBEAT_S):
+        self.server, self.endpoint, self.keys = server, endpoint, keys
         self._stop, ready = threading.Event(), threading.Event()
         self._errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True, name="tsqp-server")
+        self._thread = threading.Thread(target=self._run, args=(ready, heartbeat_s), daemon=True, name="tsqp-server")
         self._thread.start()
         ready.wait(10)
         if self._errors:
             raise self._errors[0]
 
-    def _run(self, ready: threading.Event) -> None:
+    def _run(self, ready: threading.Event, heartbeat_s: float) -> None:
         try:
-            serve_forever(self.endpoint, self.server.handle, self._stop, ready.set)
+            serve_forever(self.endpoint, self.server.handle, self._stop, ready.set, keys=self.keys,
+                          max_message_bytes=self.server.service.limits.max_message_bytes, heartbeat_s=heartbeat_s)
         except BaseException as err:  # surfaced to the constructor
             self._errors.append(err)
             ready.set()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
@@ -350,16 +617,45 @@ class ServerThread:
         self.stop()
 
 
+def check_bind(endpoint: str, keys: "ServerKeys | None", insecure: bool) -> None:
+    """Plaintext stays on loopback unless the operator says --insecure: the channel carries the
+    activations, and without CurveZMQ anyone on the network could read them or use the server."""
+    if keys is None and not is_loopback(endpoint):
+        if not insecure:
+            raise InsecureBind(f"refusing to serve {endpoint} in plaintext: pass --server-secret-key and "
+                               "--allow-keys (CurveZMQ, see `tsqp keygen`), bind 127.0.0.1, or pass --insecure")
+        log_event(log, logging.WARNING, "insecure_bind", endpoint=endpoint,
+                  message="plaintext on a network interface: anyone who can reach it can read and use it")
+
+
 def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, stop: threading.Event | None = None,
-        out=sys.stdout) -> None:
-    """Load the model and serve until `stop` is set (or forever), printing the seed's start-up lines."""
+        out=sys.stdout, *, keys: "ServerKeys | None" = None, insecure: bool = False, limits: Limits | None = None,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S, wrap: Callable[[Handler], Handler] | None = None) -> None:
+    """Load the model and serve until `stop` is set (or forever), printing the seed's start-up lines.
+    `wrap` decorates the handler (e.g. audit.audited) without touching the validation inside it."""
+    check_bind(endpoint, keys, insecure)  # before the model loads: fail fast
     device = device or default_device()
     if device == "cpu" and not torch.cuda.is_available():
         print("note: CUDA is not available; serving on the CPU", file=out, flush=True)
     print(f"Loading model from: {model_dir}", file=out, flush=True)
     print(f"Device: {device}, Dtype: {parse_dtype(dtype)}", file=out, flush=True)
     server = GpuServer(model_dir, device, dtype)
+    if limits is not None:
+        server.service.limits = limits
     print(f"✓ Model loaded: {server.config.num_layers} layers, hidden_size={server.config.hidden_size}", file=out, flush=True)
     where = f"port {endpoint.rsplit(':', 1)[-1]}" if endpoint.startswith("tcp://") else endpoint
-    serve_forever(endpoint, server.handle, stop or threading.Event(),
-                  lambda: print(f"✓ ZeroMQ server started on {where}", file=out, flush=True))
+
+    def ready() -> None:
+        print(f"✓ ZeroMQ server started on {where}", file=out, flush=True)
+        log_event(log, logging.INFO, "start", endpoint=endpoint, model=str(model_dir), device=device, dtype=dtype,
+                  curve="on" if keys else "off", allowed_keys=str(keys.allowed_dir) if keys else "-",
+                  max_message_bytes=server.service.limits.max_message_bytes)
+
+    try:
+        handle = wrap(server.handle) if wrap is not None else server.handle
+        serve_forever(endpoint, handle, stop or threading.Event(), ready, keys=keys,
+                      max_message_bytes=server.service.limits.max_message_bytes, heartbeat_s=heartbeat_s)
+    finally:
+        state = server.service
+        log_event(log, logging.INFO, "stop", endpoint=endpoint, requests=state.requests,
+                  errors=sum(state.errors.values()), uptime_s=round(time.monotonic() - state.started, 3))

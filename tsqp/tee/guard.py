@@ -193,22 +193,22 @@ class GuardedSteps:
         # An honest product is as noisy as the coarser of the server's compute and the wire.
         self.eps = max(ROUNDING.get(server_dtype, 2.0 ** -8), ROUNDING[wire_name])
         self.pool = OneTimePool()
-        self.offline = OfflineReport()
         self.current: PrefillSecrets | None = None
 
     # -- offline ------------------------------------------------------------------------------
 
     def prepare(self, batch: int, tokens: int, all_positions: bool = False, count: int = 1) -> OfflineReport:
-        """Run the offline phase for `count` future prefills of this shape."""
+        """Run the offline phase for `count` future prefills of this shape; report this run of it."""
+        report = OfflineReport()
         start = time.perf_counter()
         for _ in range(count):
             secrets, size = precompute(self.weights, self.config, (batch, tokens, all_positions), self.private,
                                        self.verify)
             self.pool.add(secrets)
-            self.offline.bytes += size
-            self.offline.prefills += 1
-        self.offline.seconds += time.perf_counter() - start
-        return self.offline
+            report.bytes += size
+            report.prefills += 1
+        report.seconds = time.perf_counter() - start
+        return report
 
     def begin(self, batch: int, tokens: int, all_positions: bool) -> float:
         """Take this prefill's material, precomputing it now (timed apart) if none is ready."""

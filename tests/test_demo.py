@@ -1,0 +1,54 @@
+"""The embedded default and the same-host fast path."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tsqp import api
+
+from conftest import reference_logits, relative_error, run_cli
+
+
+def test_demo_runs_end_to_end_and_checks_itself(tmp_path):
+    result = run_cli("demo", "--tokens", "48", env={"TSQP_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for expected in ("GPU server started", "Prefill time:", "Throughput:", "Logits shape: torch.Size([1, 1, 512])",
+                     "Check against transformers' LlamaForCausalLM", "(OK)", "server stopped"):
+        assert expected in result.stdout, result.stdout
+    assert (tmp_path / "cache" / "tiny-seed0" / "config.json").is_file()  # made once, cached
+
+
+def test_ipc_endpoint_gives_the_same_logits(tiny_dir, references, tmp_path):
+    endpoint = f"ipc://{tmp_path}/tsqp.sock"
+    with api.start_server(tiny_dir, device="cpu", endpoint=endpoint):
+        runner = api.connect(endpoint, tiny_dir)
+        ids = torch.randint(0, 512, (1, 33), generator=torch.Generator().manual_seed(12))
+        logits = runner.prefill(ids, all_positions=True).logits
+        runner.client.close()
+    assert relative_error(logits, reference_logits(references["gqa"], ids)) <= 1e-4
+
+
+def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--model", str(tiny_dir), "--tokens", "8,16", "--repeat", "2", "--json", str(out),
+                     "--plot", str(tmp_path / "bench.png"), "--protection", "private", "--verify", timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert {"device", "model", "results"} <= report.keys()
+    modes = {r["mode"] for r in report["results"]}
+    assert modes == {"split", "split-seed", "whole", "tee-only", "split-private", "split-verify",
+                     "split-private+verify"}
+    for r in report["results"]:
+        assert {"mode", "tokens", "median_s", "runs_s", "round_trips", "bytes_sent", "bytes_received",
+                "breakdown_s"} <= r.keys()
+        assert len(r["runs_s"]) == 2 and r["median_s"] > 0
+        if r["mode"] == "split":
+            assert r["round_trips"] == 5 * 2 + 2
+        if r["mode"] == "split-seed":
+            assert r["round_trips"] == 9 * 2 + 2
+        if r["mode"].startswith("split-p") or r["mode"] == "split-verify":
+            assert r["offline_s"] > 0 and r["round_trips"] == 4 * 2 + 1
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert "| split |" in result.stdout
