@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow plaintext on a non-loopback interface (without it, such a bind needs keys)")
     p.add_argument("--max-message-mb", type=float, default=4096, metavar="MB",
                    help="largest frame accepted; a bigger one drops its sender (default: %(default)g)")
+    p.add_argument("--audit", type=Path, metavar="DIR",
+                   help="record every request as received (DIR/requests.jsonl + .npy tensors): what the host sees")
+    p.add_argument("--tamper", choices=("element", "row", "scale"),
+                   help="TESTING ONLY: corrupt every compute reply, to see --verify catch it")
     p.add_argument("--log-level", default=env("TSQP_LOG_LEVEL", "INFO"), choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="structured key=value logs on stderr; DEBUG adds a line per request [$TSQP_LOG_LEVEL; INFO]")
     p.set_defaults(func=cmd_serve)
@@ -99,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-logits", type=Path, metavar="FILE.npy", help="write float32 logits")
     p.add_argument("--all-positions", action="store_true", help="logits for every position, not only the last")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the run's figures as JSON")
+    p.add_argument("--protection", choices=("none", "private"), default="none",
+                   help="private: the server never sees token ids, activations or logits in clear (one-time "
+                        "masks, attention and embedding in the TEE; docs/security.md). default: none")
+    p.add_argument("--verify", action="store_true",
+                   help="check every outsourced product with Freivalds' algorithm; stop on a wrong result")
     _common_runner_options(p)
     p.set_defaults(func=cmd_prefill)
 
@@ -139,8 +148,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = server.Limits(max_message_bytes=int(args.max_message_mb * (1 << 20)))
     stop = threading.Event()
     _install_stop_handlers(stop)
-    server.run(args.model, args.device, args.dtype, endpoint, stop, keys=keys, insecure=args.insecure, limits=limits)
+    server.run(args.model, args.device, args.dtype, endpoint, stop, keys=keys, insecure=args.insecure, limits=limits,
+               wrap=_server_wrapper(args))
     print("server stopped", flush=True)
+
+
+def _server_wrapper(args: argparse.Namespace):
+    """--audit and --tamper as one handler decorator (or None)."""
+    from . import audit
+
+    wrappers = []
+    if args.tamper:
+        print(f"warning: --tamper {args.tamper}: this server returns WRONG results (testing only)", file=sys.stderr)
+        wrappers.append(lambda handle: audit.tampering(handle, args.tamper))
+    if args.audit:
+        log = audit.AuditLog(args.audit)
+        wrappers.append(lambda handle: audit.audited(handle, log))
+    if not wrappers:
+        return None
+
+    def wrap(handle):
+        for wrapper in wrappers:
+            handle = wrapper(handle)
+        return handle
+
+    return wrap
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
@@ -215,17 +247,26 @@ def _input_ids(args: argparse.Namespace, vocab_size: int) -> "torch.Tensor":
     return torch.randint(0, vocab_size, (args.batch, args.tokens), generator=generator)
 
 
-def print_report(result, runner, out=sys.stdout) -> None:
+def print_report(result, runner, offline=None, out=sys.stdout) -> None:
     w = result.wire
     print(RULE, "Running Prefill Benchmark", RULE, sep="\n", file=out)
     print(f"Token length: {result.tokens}" + (f" x batch {result.batch}" if result.batch > 1 else ""), file=out)
-    print("TEE operations: Softmax, RMSNorm, RotaryEmbedding, SiLU", file=out)
-    print("GPU operations: Linear, Embedding, Matmul", file=out)
+    if runner.protocol == "guarded":
+        guards = [g for g, on in (("private: one-time masks", runner.protection == "private"),
+                                  ("verify: Freivalds checks", runner.verify)) if on]
+        print("TEE operations: Embedding, Softmax, RMSNorm, RotaryEmbedding, SiLU, Q·K^T, P·V", file=out)
+        print(f"GPU operations: Linear ({', '.join(guards)})", file=out)
+    else:
+        print("TEE operations: Softmax, RMSNorm, RotaryEmbedding, SiLU", file=out)
+        print("GPU operations: Linear, Embedding, Matmul", file=out)
     print(f"Protocol: {runner.protocol} (wire {runner.wire_dtype}), {w.round_trips} round trips, "
           f"{w.bytes_sent / 1e6:.2f} MB sent, {w.bytes_received / 1e6:.2f} MB received", file=out)
     print(RULE, file=out)
     print(f"Prefill time: {result.seconds:.4f} seconds", file=out)
     print(f"Throughput: {result.throughput:.2f} tokens/sec", file=out)
+    if offline is not None:
+        print(f"Offline phase (not in the prefill time): {offline.seconds:.4f} seconds, "
+              f"{offline.bytes / 1e6:.1f} MB of one-time material for {offline.prefills} prefill", file=out)
     parts = ", ".join(f"{k} {v:.4f}" for k, v in result.breakdown_s.items())
     print(f"Breakdown (s): {parts}", file=out)
     print(f"Logits shape: {result.logits.shape}", file=out)
@@ -239,7 +280,7 @@ def result_json(result, runner) -> dict:
         "prefill_s": result.seconds, "throughput_tokens_per_s": result.throughput,
         "round_trips": result.wire.round_trips, "bytes_sent": result.wire.bytes_sent,
         "bytes_received": result.wire.bytes_received, "breakdown_s": result.breakdown_s,
-        "logits_shape": list(result.logits.shape),
+        "logits_shape": list(result.logits.shape), "protection": runner.protection, "verify": runner.verify,
     }
 
 
@@ -249,13 +290,16 @@ def run_prefill(args: argparse.Namespace, runner, input_ids: "torch.Tensor") -> 
     runner.check_input(input_ids)
     for _ in range(args.warmup):
         runner.prefill(input_ids, all_positions=args.all_positions)
+    guarded = runner.protocol == "guarded"
+    offline = runner.prepare(*input_ids.shape, all_positions=args.all_positions) if guarded else None
     result = runner.prefill(input_ids, all_positions=args.all_positions)
-    print_report(result, runner)
+    print_report(result, runner, offline)
     if args.save_logits:
         np.save(args.save_logits, result.logits.float().numpy())
         print(f"logits written to {args.save_logits}")
     if args.json:
-        args.json.write_text(json.dumps(result_json(result, runner), indent=2) + "\n")
+        figures = {**result_json(result, runner), "offline_s": offline.seconds if offline else 0.0}
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
         print(f"figures written to {args.json}")
 
 
@@ -270,7 +314,8 @@ def cmd_prefill(args: argparse.Namespace) -> None:
     input_ids = _input_ids(args, load_config(args.model).vocab_size) if args.model else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runner = api.connect(args.endpoint, args.model, args.protocol, args.wire_dtype, **_client_options(args))
+        runner = api.connect(args.endpoint, args.model, args.protocol, args.wire_dtype, protection=args.protection,
+                             verify=args.verify, **_client_options(args))
     print(f"✓ Connected to GPU server at {args.endpoint}")
     if args.model:
         print(f"Read model config and norm weights from {args.model} (TEE-local, not from the server)")
