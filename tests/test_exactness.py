@@ -84,3 +84,14 @@ def test_init_fallback_warns_and_matches(servers, references):
     ids = random_ids(runner.config.vocab_size, 1, seed=9)
     expected = reference_logits(references["llama3-rope"], ids)
     assert relative_error(runner.prefill(ids, all_positions=True).logits, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("protocol", ["lean", "seed"])
+def test_long_prompts_cut_into_causal_blocks_stay_exact(protocol, servers, model_dirs, references):
+    """Past 128 tokens the lean protocol sends only the causal blocks of the scores."""
+    assert ops.query_blocks(300) == [100, 200, 300]
+    runner = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], protocol=protocol)
+    ids = torch.randint(0, runner.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(30))
+    result = runner.prefill(ids, all_positions=True)
+    assert relative_error(result.logits, reference_logits(references["gqa"], ids)) <= TOLERANCE
+    runner.client.close()

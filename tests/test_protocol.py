@@ -138,3 +138,30 @@ def test_v_is_kept_per_session(servers):
     (b_again,) = client.call("AttnOut", [probs], layer_idx=0, session="b").tensors
     assert not torch.allclose(a, b) and torch.equal(a, b_again)
     client.close()
+
+
+def test_scores_and_attn_out_by_causal_blocks(servers, references):
+    """Blocks hold exactly the causal part of the full products, and nothing above the diagonal."""
+    c = references["gqa"].config
+    client = Client(servers["gqa"].endpoint, timeout_s=10)
+    b, n, h, kv, d = 1, 10, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(b, h, n, d, generator=g), torch.randn(b, kv, n, d, generator=g)
+    (full,) = client.call("Scores", [q, k]).tensors
+    blocks = client.call("Scores", [q, k], blocks=[3, 7, 10]).tensors
+    assert [list(t.shape) for t in blocks] == [[b, h, 3, 3], [b, h, 4, 7], [b, h, 3, 10]]
+    for (start, end), block in zip([(0, 3), (3, 7), (7, 10)], blocks):
+        assert torch.allclose(block, full[:, :, start:end, :end], rtol=1e-6, atol=1e-6)
+    x = torch.randn(b, n, c.hidden_size, generator=g)
+    client.call("QKV", [x], layer_idx=0, session="blocks")
+    causal = torch.softmax(full.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")), dim=-1)
+    (whole,) = client.call("AttnOut", [causal], layer_idx=0, session="blocks").tensors
+    parts = [causal[:, :, s:e, :e].contiguous() for s, e in [(0, 3), (3, 7), (7, 10)]]
+    (blocked,) = client.call("AttnOut", parts, layer_idx=0, session="blocks").tensors
+    assert torch.allclose(blocked, whole, rtol=1e-5, atol=1e-6)
+    for bad in ([3, 3, 10], [4, 9], [0, 10], "all"):
+        with pytest.raises(RemoteError, match="blocks"):
+            client.call("Scores", [q, k], blocks=bad)
+    with pytest.raises(RemoteError, match="causal blocks"):
+        client.call("AttnOut", [parts[0], parts[2]], layer_idx=0, session="blocks")
+    client.close()

@@ -2,7 +2,7 @@
 
 Modes:
   split       the lean protocol (fused calls, V kept on the server)
-  split-seed  the seed's protocol (9 round trips per layer), the baseline
+  split-seed  the seed's protocol (9 round trips per layer, float32 wire), the baseline
   whole       the model run whole by transformers on the server's device: the split's speed of light
   tee-only    the model run whole by transformers on the TEE side's CPU: what splitting must beat
   split-private, split-verify, split-private+verify
@@ -22,6 +22,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -74,6 +75,7 @@ def add_bench_parser(sub) -> None:
     src.add_argument("--preset", help="make (once, cached) and use a preset: tiny, tinyllama-1.1b, llama-3.2-1b")
     p.add_argument("--endpoint", help="an already running server (default: start one locally)")
     p.add_argument("--device", help="device for the local server (default: cuda:0, or cpu)")
+    p.add_argument("--ipc", action="store_true", help="talk to the local server over ipc:// instead of tcp loopback")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="server weights dtype (default float32)")
     p.add_argument("--tokens", default="128", help="comma-separated prompt lengths (default 128)")
@@ -254,6 +256,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .config import load_config
     from .errors import InputError
     from .models import cached_model
+    from .transport import Client
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(MODES))
@@ -270,17 +273,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if max(token_counts) > config.max_position_embeddings:
         raise InputError(f"{max(token_counts)} tokens exceed max_position_embeddings ({config.max_position_embeddings})")
 
-    server = None if args.endpoint else api.spawn_server(model_dir, device=args.device, dtype=args.dtype)
+    local = None if not args.ipc else f"ipc://{tempfile.mkdtemp(prefix='tsqp-bench-')}/server.sock"
+    server = None if args.endpoint else api.spawn_server(model_dir, device=args.device, dtype=args.dtype, endpoint=local)
     endpoint = args.endpoint or server.endpoint
     try:
-        info = api.connect(endpoint, model_dir).client
-        server_info = info.ping()
-        info.close()
+        with Client(endpoint) as client:
+            server_info = client.ping()
         runners: dict[str, Callable[[torch.Tensor], Run]] = {}
         clients = []
         for mode in modes:
             if mode in ("split", "split-seed"):
-                runner = api.connect(endpoint, model_dir, "lean" if mode == "split" else "seed", args.wire_dtype)
+                # split-seed is the seed's protocol as specified: float32 on the wire, always
+                wire = args.wire_dtype if mode == "split" else "float32"
+                runner = api.connect(endpoint, model_dir, "lean" if mode == "split" else "seed", wire)
                 clients.append(runner.client)
                 runners[mode] = _split_runner(runner)
             elif mode == "whole":

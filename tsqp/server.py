@@ -96,6 +96,7 @@ class MethodSpec:
     dtypes: tuple[str, ...] = WIRE_DTYPES
     required: tuple[tuple[str, ...], ...] = ()  # each entry: accepted spellings of one field
     ranks: tuple[int, ...] | None = None  # exact rank of each tensor, where the method relies on it
+    variadic: bool = False  # `tensors` is a minimum; then every tensor has rank ranks[0]
 
 
 LAYER, MODULE, SESSION = ("layer_idx", "layer"), ("module_name", "module"), ("session",)
@@ -112,7 +113,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "LMHead": MethodSpec(1),
     "QKV": MethodSpec(1, required=(LAYER, SESSION), ranks=(3,)),  # [b, n, hidden]: V is kept as [b, kv, n, d]
     "Scores": MethodSpec(2, ranks=(4, 4)),
-    "AttnOut": MethodSpec(1, required=(LAYER, SESSION), ranks=(4,)),
+    "AttnOut": MethodSpec(1, required=(LAYER, SESSION), ranks=(4,), variadic=True),  # one per causal block
     "GateUp": MethodSpec(1, required=(LAYER,)),
     "Down": MethodSpec(1, required=(LAYER,)),
     "Linears": MethodSpec(1, FLOAT_DTYPES, required=(("modules",),)),
@@ -121,7 +122,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
 # Types of the args a client may send; others are ignored (older servers ignore newer fields).
 ARG_TYPES: dict[str, tuple[type, ...]] = {
     "layer_idx": (int,), "layer": (int,), "module_name": (str,), "module": (str,), "session": (str,),
-    "wire_dtype": (str,), "all_positions": (bool,), "modules": (list,),
+    "wire_dtype": (str,), "all_positions": (bool,), "modules": (list,), "blocks": (list,),
 }
 
 
@@ -317,8 +318,9 @@ class GpuServer:
         limits, spec = self.service.limits, METHOD_SPECS.get(method)
         if not isinstance(specs, list) or len(specs) != payloads:
             raise BadRequest(f"header must list one spec per payload frame ({payloads} came)")
-        if spec is not None and len(specs) != spec.tensors:
-            raise BadRequest(f"{method} expects {spec.tensors} tensor(s), got {len(specs)}")
+        if spec is not None and (len(specs) < spec.tensors if spec.variadic else len(specs) != spec.tensors):
+            raise BadRequest(f"{method} expects {spec.tensors}{' or more' if spec.variadic else ''} tensor(s), "
+                             f"got {len(specs)}")
         allowed = spec.dtypes if spec is not None else tuple(DTYPES)
         shapes = []
         for item in specs:
@@ -333,8 +335,10 @@ class GpuServer:
             if any(d > limits.max_elements for d in shape) or math.prod(shape) > limits.max_elements:
                 raise TooLarge(f"tensor of shape {shape} exceeds the limit of {limits.max_elements} elements")
             shapes.append(shape)
-        if spec is not None and spec.ranks is not None and [len(s) for s in shapes] != list(spec.ranks):
-            raise BadRequest(f"{method} expects tensors of rank {list(spec.ranks)}, got {[len(s) for s in shapes]}")
+        ranks = spec.ranks[:1] * len(shapes) if spec is not None and spec.variadic and spec.ranks else \
+            (spec.ranks if spec is not None else None)
+        if ranks is not None and [len(s) for s in shapes] != list(ranks):
+            raise BadRequest(f"{method} expects tensors of rank {list(ranks)}, got {[len(s) for s in shapes]}")
         return shapes
 
     def _check_output_size(self, method: str, args: dict, shapes: list[list[int]]) -> None:
@@ -370,8 +374,8 @@ class GpuServer:
             return math.prod(batch) * a[-2] * b[-1]
         if method == "Scores" and len(a) == 4 and len(b) == 4:
             return a[0] * c.num_heads * a[2] * b[2]
-        if method == "AttnOut" and len(a) == 4:
-            return a[0] * a[2] * max(c.hidden_size, c.num_heads * c.head_dim)
+        if method == "AttnOut" and all(len(s) == 4 for s in shapes):
+            return a[0] * sum(s[2] for s in shapes) * max(c.hidden_size, c.num_heads * c.head_dim)
         return 0
 
     def _synchronize(self) -> None:
@@ -496,32 +500,51 @@ class GpuServer:
         return [q, k], {}
 
     def scores(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """Q @ K^T with K un-expanded: each group of query heads shares its key head."""
+        """Q @ K^T with K un-expanded (each group of query heads shares its key head), cut into
+        causal query blocks: block i holds queries [end_(i-1), end_i) against keys [0, end_i)."""
         q, k = self._inputs(tensors, 2, "q [b, heads, n, d], k [b, kv_heads, n, d]")
         c = self.config
         if q.dim() != 4 or k.dim() != 4 or q.shape[1] != c.num_heads or k.shape[1] != c.num_kv_heads \
-                or q.shape[-1] != c.head_dim or k.shape[-1] != c.head_dim or q.shape[0] != k.shape[0]:
-            raise BadRequest(f"Scores expects q [b, {c.num_heads}, n, {c.head_dim}] and k [b, {c.num_kv_heads}, m, "
+                or q.shape[-1] != c.head_dim or k.shape[-1] != c.head_dim or q.shape[0] != k.shape[0] \
+                or q.shape[2] != k.shape[2]:
+            raise BadRequest(f"Scores expects q [b, {c.num_heads}, n, {c.head_dim}] and k [b, {c.num_kv_heads}, n, "
                              f"{c.head_dim}], got {list(q.shape)} and {list(k.shape)}")
         b, _, n, d = q.shape
+        ends = self._block_ends(args.get("blocks", [n]), n)
         grouped = q.view(b, c.num_kv_heads, c.kv_groups, n, d)
-        scores = grouped @ k.unsqueeze(2).transpose(-1, -2)
-        return [scores.view(b, c.num_heads, n, k.shape[2])], {}
+        keys = k.unsqueeze(2).transpose(-1, -2)  # [b, kv, 1, d, n]
+        return [(grouped[..., start:end, :] @ keys[..., :end]).reshape(b, c.num_heads, end - start, end)
+                for start, end in zip([0, *ends], ends)], {}
+
+    @staticmethod
+    def _block_ends(ends: Any, n: int) -> list[int]:
+        if not isinstance(ends, list) or not ends or len(ends) > n or ends[-1] != n \
+                or any(type(e) is not int for e in ends) or any(a >= b for a, b in zip([0, *ends], ends)):
+            raise BadRequest(f"'blocks' must be increasing block ends ending at {n}, got {str(ends)[:80]}")
+        return ends
 
     def attn_out(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """P @ V with the V kept from QKV, then o_proj: one round trip instead of two."""
+        """P @ V with the V kept from QKV, then o_proj: one round trip instead of two. The
+        probabilities come as the causal query blocks that Scores produced."""
         layer, session = self._layer(args), self._session(args)
-        (p,) = self._inputs(tensors, 1, "probs [b, heads, n, m]")
+        probs = self._inputs(tensors, len(tensors), "probs [b, heads, n_i, end_i] per causal block")
         v = self._values.get(session, {}).get(layer)
         if v is None:
             raise MissingState(f"no V for session {session!r} layer {layer}: call QKV first")
         c = self.config
         b, kv, m, d = v.shape
-        if p.dim() != 4 or p.shape[0] != b or p.shape[1] != c.num_heads or p.shape[-1] != m:
-            raise BadRequest(f"AttnOut expects probs [{b}, {c.num_heads}, n, {m}], got {list(p.shape)}")
-        n = p.shape[2]
-        out = p.view(b, kv, c.kv_groups, n, m) @ v.unsqueeze(2)  # [b, kv, g, n, d]
-        out = out.view(b, c.num_heads, n, d).transpose(1, 2).reshape(b, n, c.num_heads * d)
+        start, outs = 0, []
+        for p in probs:
+            end = start + (p.shape[2] if p.dim() == 4 else 0)
+            if p.dim() != 4 or p.shape[0] != b or p.shape[1] != c.num_heads or p.shape[3] != end or end > m:
+                raise BadRequest(f"AttnOut expects causal blocks of probs [{b}, {c.num_heads}, n_i, end_i] with "
+                                 f"end_i the running total of n_i, up to {m}; got {[list(t.shape) for t in probs]}")
+            n_i = end - start
+            outs.append(p.view(b, kv, c.kv_groups, n_i, end) @ v[:, :, None, :end])  # [b, kv, g, n_i, d]
+            start = end
+        if start != m:
+            raise BadRequest(f"AttnOut blocks cover {start} queries, V has {m} positions")
+        out = torch.cat(outs, dim=3).view(b, c.num_heads, m, d).transpose(1, 2).reshape(b, m, c.num_heads * d)
         return [self.layers[layer].self_attn.o_proj(out)], {}
 
     def gate_up(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:

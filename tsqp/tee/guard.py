@@ -266,12 +266,15 @@ class GuardedSteps:
         q, k, v = self._project(layer, "qkv", x)
         return q, k, v
 
-    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return q @ ops.repeat_kv(k, self.config.kv_groups).transpose(-1, -2)
+    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
+        k = ops.repeat_kv(k, self.config.kv_groups).transpose(-1, -2)
+        ends = ops.query_blocks(q.shape[2])
+        return [q[:, :, start:end] @ k[..., :end] for start, end in zip([0, *ends], ends)]
 
-    def attn_out(self, layer: int, probs: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    def attn_out(self, layer: int, probs: list[torch.Tensor], v: torch.Tensor | None) -> torch.Tensor:
         assert v is not None
-        out = probs @ ops.repeat_kv(v, self.config.kv_groups)
+        v = ops.repeat_kv(v, self.config.kv_groups)
+        out = torch.cat([p @ v[:, :, : p.shape[-1]] for p in probs], dim=2)
         b, h, n, d = out.shape
         return self._project(layer, "o", out.transpose(1, 2).reshape(b, n, h * d))[0]
 

@@ -67,11 +67,20 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv, groups, n, d).reshape(b, kv * groups, n, d)
 
 
+def query_blocks(n: int, block: int = 128, max_blocks: int = 8) -> list[int]:
+    """Ends of the query blocks that causal attention is cut into. Block i needs keys [0, end_i)
+    only, so scores and probabilities shrink toward half the n x n square as blocks get finer."""
+    count = min(max_blocks, max(1, math.ceil(n / block)))
+    return [round(n * (i + 1) / count) for i in range(count)]
+
+
 def causal_softmax(scores: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Scale, hide future keys, softmax in fp32. scores: [b, heads, n_query, n_key]."""
+    """Scale, hide future keys, softmax in fp32. scores: [b, heads, n_query, n_key], the queries
+    being the last n_query of the n_key positions (a causal block)."""
     n, m = scores.shape[-2:]
     future = torch.ones(n, m, dtype=torch.bool).triu(m - n + 1)
-    return F.softmax((scores * scaling).masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32)
+    logits = (scores * scaling).masked_fill_(future, float("-inf"))
+    return F.softmax(logits, dim=-1, dtype=torch.float32)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

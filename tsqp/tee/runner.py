@@ -41,6 +41,13 @@ class SeedSteps:
         reply = self.client.call(method, sent, wire_dtype=self.wire_name, **args)
         return [t.float() for t in reply.tensors]
 
+    def begin(self, batch: int, tokens: int, all_positions: bool) -> float:
+        """Per-prefill setup (guarded steps take their one-time material here); seconds spent."""
+        return 0.0
+
+    def end(self) -> None:
+        """Per-prefill teardown."""
+
     def _linear(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
         return self._call("Linear", x, layer_idx=layer, module_name=module)[0]
 
@@ -50,13 +57,14 @@ class SeedSteps:
     def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self._linear(layer, "q_proj", x), self._linear(layer, "k_proj", x), self._linear(layer, "v_proj", x)
 
-    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
+        """Attention scores as causal query blocks (the seed: one n x n block)."""
         k = ops.repeat_kv(k, self.config.kv_groups)  # [TEE] Repeat KV, as the seed does
-        return self._call("Matmul", q, k.transpose(2, 3))[0]
+        return self._call("Matmul", q, k.transpose(2, 3))
 
-    def attn_out(self, layer: int, probs: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
-        assert v is not None
-        out = self._call("Matmul", probs, ops.repeat_kv(v, self.config.kv_groups))[0]
+    def attn_out(self, layer: int, probs: list[torch.Tensor], v: torch.Tensor | None) -> torch.Tensor:
+        assert v is not None and len(probs) == 1
+        out = self._call("Matmul", probs[0], ops.repeat_kv(v, self.config.kv_groups))[0]
         b, h, n, d = out.shape
         return self._linear(layer, "o_proj", out.transpose(1, 2).reshape(b, n, h * d))
 
@@ -81,11 +89,12 @@ class LeanSteps(SeedSteps):
         q, k = self._call("QKV", x, layer_idx=layer, session=self.session)
         return q, k, None
 
-    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return self._call("Scores", q, k)[0]
+    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
+        """Only the causal blocks: about half the n x n scores cross the wire at long prompts."""
+        return self._call("Scores", q, k, blocks=ops.query_blocks(q.shape[2]))
 
-    def attn_out(self, layer: int, probs: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
-        return self._call("AttnOut", probs, layer_idx=layer, session=self.session)[0]
+    def attn_out(self, layer: int, probs: list[torch.Tensor], v: torch.Tensor | None) -> torch.Tensor:
+        return self._call("AttnOut", *probs, layer_idx=layer, session=self.session)[0]
 
     def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = self._call("GateUp", x, layer_idx=layer)
@@ -158,7 +167,7 @@ class TeeRunner:
 
     def prepare(self, batch: int, tokens: int, all_positions: bool = False, count: int = 1):
         """The guarded modes' offline phase, ahead of `count` prefills of this shape."""
-        if not hasattr(self.steps, "prepare"):
+        if self.protocol != "guarded":
             raise InputError("the offline phase exists only with --protection private or --verify")
         return self.steps.prepare(batch, tokens, all_positions, count)
 
@@ -203,15 +212,14 @@ class TeeRunner:
 
     def _timed_prefill(self, input_ids: torch.Tensor, all_positions: bool) -> PrefillResult:
         batch, tokens = input_ids.shape
-        offline_s = self.steps.begin(batch, tokens, all_positions) if hasattr(self.steps, "begin") else 0.0
+        offline_s = self.steps.begin(batch, tokens, all_positions)
         before = WireStats(**self.client.stats.as_dict())
         start = time.perf_counter()
         try:
             with torch.inference_mode():
                 logits = self._forward(input_ids, all_positions)
         finally:
-            if hasattr(self.steps, "end"):
-                self.steps.end()
+            self.steps.end()
         seconds = time.perf_counter() - start
         after = self.client.stats
         wire = WireStats(**{k: v - getattr(before, k) for k, v in after.as_dict().items()})
@@ -234,8 +242,8 @@ class TeeRunner:
             if v is not None:
                 v = v.view(batch, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
             q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)  # [TEE] RoPE
-            scores = steps.scores(i, q.contiguous(), k.contiguous())  # [GPU] Q @ K^T
-            probs = ops.causal_softmax(scores, scaling)  # [TEE] mask + softmax
+            scores = steps.scores(i, q.contiguous(), k.contiguous())  # [GPU] Q @ K^T, causal blocks
+            probs = [ops.causal_softmax(block, scaling) for block in scores]  # [TEE] mask + softmax
             h = h + steps.attn_out(i, probs, v)  # [GPU] P @ V, o_proj; [TEE] residual
             # MLP
             x = ops.rms_norm(h, w.post_attention_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
