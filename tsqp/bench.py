@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -104,25 +105,18 @@ def _split_runner(runner, guarded: bool = False) -> Callable[[torch.Tensor], Run
 
 
 def _whole_runner(client) -> Callable[[torch.Tensor], Run]:
-    import time
-
     def run(ids: torch.Tensor) -> Run:
-        before = dict(client.stats.as_dict())
+        before = client.stats.copy()
         start = time.perf_counter()
         client.call("Whole", [ids])
         seconds = time.perf_counter() - start
-        d = {k: v - before[k] for k, v in client.stats.as_dict().items()}
-        breakdown = {"tee_compute": max(seconds - d["serialize_s"] - d["wait_s"], 0.0),
-                     "serialization": d["serialize_s"], "transport_wait": max(d["wait_s"] - d["server_s"], 0.0),
-                     "server_compute": d["server_s"]}
-        return Run(seconds, int(d["round_trips"]), int(d["bytes_sent"]), int(d["bytes_received"]), breakdown)
+        wire = client.stats.since(before)
+        return Run(seconds, wire.round_trips, wire.bytes_sent, wire.bytes_received, wire.breakdown(seconds))
 
     return run
 
 
 def _tee_only_runner(model_dir: str) -> Callable[[torch.Tensor], Run]:
-    import time
-
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -102,6 +102,23 @@ class WireStats:
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    def since(self, before: "WireStats") -> "WireStats":
+        """What was counted after the snapshot `before` (taken with `copy`)."""
+        return WireStats(**{k: v - getattr(before, k) for k, v in self.as_dict().items()})
+
+    def copy(self) -> "WireStats":
+        return WireStats(**self.as_dict())
+
+    def breakdown(self, seconds: float) -> dict[str, float]:
+        """Split a wall time spent around these calls: TEE compute / (de)serialization /
+        transport and wait / server compute."""
+        return {
+            "tee_compute": max(seconds - self.serialize_s - self.wait_s, 0.0),
+            "serialization": self.serialize_s,
+            "transport_wait": max(self.wait_s - self.server_s, 0.0),
+            "server_compute": self.server_s,
+        }
+
 
 @dataclass
 class _Failure:

@@ -123,13 +123,7 @@ class PrefillResult:
     @property
     def breakdown_s(self) -> dict[str, float]:
         """TEE compute / (de)serialization / transport and wait / server compute."""
-        w = self.wire
-        return {
-            "tee_compute": max(self.seconds - w.serialize_s - w.wait_s, 0.0),
-            "serialization": w.serialize_s,
-            "transport_wait": max(w.wait_s - w.server_s, 0.0),
-            "server_compute": w.server_s,
-        }
+        return self.wire.breakdown(self.seconds)
 
 
 class TeeRunner:
@@ -213,7 +207,7 @@ class TeeRunner:
     def _timed_prefill(self, input_ids: torch.Tensor, all_positions: bool) -> PrefillResult:
         batch, tokens = input_ids.shape
         offline_s = self.steps.begin(batch, tokens, all_positions)
-        before = WireStats(**self.client.stats.as_dict())
+        before = self.client.stats.copy()
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -221,8 +215,7 @@ class TeeRunner:
         finally:
             self.steps.end()
         seconds = time.perf_counter() - start
-        after = self.client.stats
-        wire = WireStats(**{k: v - getattr(before, k) for k, v in after.as_dict().items()})
+        wire = self.client.stats.since(before)
         return PrefillResult(logits=logits, seconds=seconds, batch=batch, tokens=tokens, wire=wire,
                              offline_s=offline_s)
 
