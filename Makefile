@@ -22,8 +22,10 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The CPU table of docs/benchmarks.md (about 20 minutes on 2 cores; makes the 1B preset once).
 bench: setup
-	$(BIN)/tsqp bench --json docs/bench.json --plot docs/bench.png
+	$(BIN)/tsqp bench --preset llama-3.2-1b --tokens 128,512,1024 --repeat 3 --accuracy \
+		--json docs/bench-cpu.json --plot docs/bench-cpu.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -26,7 +26,8 @@ RULE = "=" * 60
 
 def _common_runner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=("lean", "seed"), default="lean",
-                   help="lean: fused calls, 5 round trips per layer (default); seed: the seed's 9 per layer")
+                   help="lean: fused calls, 5 round trips per layer (default); seed: the seed's 9 per layer "
+                        "(ignored with --protection private / --verify, which use their own steps)")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of activations on the wire (float32 is exact; default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the GPU server", description="Load a local LLaMA model directory and "
-                       "serve the linear algebra over ZeroMQ (REQ-REP, msgpack header + raw tensor frames).")
+                       "serve the linear algebra over ZeroMQ (REQ clients, a ROUTER server; msgpack header + raw tensor frames).")
     p.add_argument("--model", default=env("LLAMA_MODEL_PATH"), help="local HF model directory [$LLAMA_MODEL_PATH]")
     p.add_argument("--device", default=env("LLAMA_GPU_DEVICE"),
                    help="torch device [$LLAMA_GPU_DEVICE; default cuda:0, or cpu without CUDA]")
@@ -258,7 +259,8 @@ def print_report(result, runner, offline=None, out=sys.stdout) -> None:
         print(f"GPU operations: Linear ({', '.join(guards)})", file=out)
     else:
         print("TEE operations: Softmax, RMSNorm, RotaryEmbedding, SiLU", file=out)
-        print("GPU operations: Linear, Embedding, Matmul", file=out)
+        print("GPU operations: Linear, Embedding, Matmul" if runner.protocol == "seed" else
+              "GPU operations: Embedding, QKV, Scores (Q·K^T), AttnOut (P·V + o_proj), GateUp, Down, LMHead", file=out)
     print(f"Protocol: {runner.protocol} (wire {runner.wire_dtype}), {w.round_trips} round trips, "
           f"{w.bytes_sent / 1e6:.2f} MB sent, {w.bytes_received / 1e6:.2f} MB received", file=out)
     print(RULE, file=out)
