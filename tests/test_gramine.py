@@ -230,7 +230,7 @@ def test_tee_env_passthrough(defines, model_dir):
 def test_server_env_passthrough(defines):
     m = render.render_manifest(template("server"), defines, **_env_kwargs())
     env = m["loader"]["env"]
-    for name in ("LLAMA_GPU_DEVICE", "LLAMA_GPU_PORT", "LLAMA_DTYPE", "PREFILL_TOKEN_LENGTH"):
+    for name in ("LLAMA_GPU_DEVICE", "LLAMA_GPU_PORT", "LLAMA_DTYPE", "LLAMA_GPU_HOST"):
         assert env[name] == {"passthrough": True}, name
     assert "LLAMA_GPU_ENDPOINT" not in env
     assert m["sgx"]["remote_attestation"] == "none"
