@@ -395,7 +395,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
             runner = api.connect(server.endpoint, model_dir=model_dir, keys=keys)
             result, input_ids = _demo_prefill(runner, model_dir, args.tokens)
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     reference = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
     with torch.inference_mode():
         expected = reference(input_ids, logits_to_keep=1).logits
