@@ -313,7 +313,11 @@ def cmd_prefill(args: argparse.Namespace) -> None:
     if args.warmup < 0:
         raise InputError("--warmup must be >= 0")
     # Everything local is checked before the server is contacted.
-    input_ids = _input_ids(args, load_config(args.model).vocab_size) if args.model else None
+    config = load_config(args.model) if args.model else None
+    input_ids = _input_ids(args, config.vocab_size) if config else None
+    if config and input_ids.shape[1] > config.max_position_embeddings:
+        raise InputError(f"{input_ids.shape[1]} tokens exceed the model's max_position_embeddings "
+                         f"({config.max_position_embeddings})")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runner = api.connect(args.endpoint, args.model, args.protocol, args.wire_dtype, protection=args.protection,
