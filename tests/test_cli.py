@@ -10,7 +10,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from tsqp import api

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tsqp import api, protocol
-from tsqp.server import Limits
+from tsqp.server import METHOD_SPECS, Limits
 
 from conftest import reference_logits, relative_error
 
@@ -41,7 +41,9 @@ arg_values = st.one_of(scalars, st.integers(-2, 3), st.sampled_from(protocol.LIN
                        st.text(min_size=120, max_size=140))
 arg_names = st.sampled_from(["layer_idx", "layer", "module_name", "module", "session", "wire_dtype",
                              "all_positions", "modules", "other"])
-methods = st.one_of(*[st.sampled_from(protocol.METHODS)] * 6, st.text(max_size=10), scalars)
+METHODS = tuple(METHOD_SPECS)  # every method the server knows
+
+methods = st.one_of(*[st.sampled_from(METHODS)] * 6, st.text(max_size=10), scalars)
 
 
 def numel(shape: list) -> int | None:
@@ -79,7 +81,7 @@ H, I, HEADS, KV, D, LAYERS = 64, 176, 4, 2, 16, 2  # the tiny preset
 @st.composite
 def plausible(draw) -> tuple[str, dict, list[dict]]:
     """A request a TEE could send, for a real method with near-right args and shapes."""
-    method = draw(st.sampled_from(protocol.METHODS))
+    method = draw(st.sampled_from(METHODS))
     b, n, m = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
     x = draw(st.sampled_from([[b, n, H], [b, n, H], [n, H], [b, n, H + 1], [b, n, I]]))
     args = {"layer_idx": draw(st.integers(-1, LAYERS)), "wire_dtype": draw(st.sampled_from(protocol.WIRE_DTYPES))}

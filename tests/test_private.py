@@ -8,7 +8,6 @@ import torch
 from tsqp import api
 from tsqp.audit import AuditLog, audited, tampering
 from tsqp.server import GpuServer, ServerThread
-from tsqp.tee import guard
 from tsqp.tee.guard import GuardedSteps, IntegrityError, MaskReuseError
 from tsqp.tee.runner import TeeRunner
 from tsqp.transport import Client

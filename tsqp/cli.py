@@ -19,6 +19,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .api import env  # noqa: E402  (imports torch, after the OpenMP setting)
 
 if TYPE_CHECKING:
+    import torch
+
+if TYPE_CHECKING:
     from .keys import ClientKeys
 
 RULE = "=" * 60

@@ -21,15 +21,6 @@ import torch
 
 from .errors import ProtocolError
 
-# Methods of the seed's protocol (one projection or product per round trip).
-SEED_METHODS = ("Init", "Embedding", "Linear", "Matmul", "LMHead")
-# Fused methods of the lean protocol, plus service methods.
-LEAN_METHODS = ("QKV", "Scores", "AttnOut", "GateUp", "Down")
-# Several projections of one input (private and verified modes: masked inputs, attention in the TEE).
-GUARDED_METHODS = ("Linears",)
-SERVICE_METHODS = ("Ping", "Whole")
-METHODS = SEED_METHODS + LEAN_METHODS + GUARDED_METHODS + SERVICE_METHODS
-
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 DTYPES: dict[str, torch.dtype] = {
@@ -84,12 +75,21 @@ def decode(frames: Sequence[Any], max_elements: int | None = None) -> Message:
     """Parse and validate a message; raises ProtocolError naming what is wrong."""
     if not frames:
         raise ProtocolError("empty message")
+    return decode_payloads(decode_header(frames[0]), frames, max_elements)
+
+
+def decode_header(frame: Any) -> dict[str, Any]:
     try:
-        header = msgpack.unpackb(_frame_buffer(frames[0]), raw=False, strict_map_key=True)
+        header = msgpack.unpackb(_frame_buffer(frame), raw=False, strict_map_key=True)
     except Exception as err:
         raise ProtocolError(f"header is not valid msgpack: {err}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a map")
+    return header
+
+
+def decode_payloads(header: dict[str, Any], frames: Sequence[Any], max_elements: int | None = None) -> Message:
+    """The tensors of a message whose header is already parsed, checked against their specs."""
     specs = header.get("tensors", [])
     if not isinstance(specs, list):
         raise ProtocolError("'tensors' must be a list")

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import msgpack
 import torch
 
 from . import protocol
@@ -280,12 +279,7 @@ class GpuServer:
         head = frames[0].buffer if hasattr(frames[0], "buffer") else memoryview(frames[0])
         if head.nbytes > limits.max_header_bytes:
             raise TooLarge(f"header of {head.nbytes} bytes (limit {limits.max_header_bytes})")
-        try:
-            header = msgpack.unpackb(head, raw=False, strict_map_key=True)
-        except Exception as err:
-            raise BadRequest(f"header is not valid msgpack: {err}") from None
-        if not isinstance(header, dict):
-            raise BadRequest("header must be a map")
+        header = protocol.decode_header(frames[0])
         method = header.get("method")
         if not isinstance(method, str) or method not in self.handlers:
             raise UnknownMethod(f"unknown method {method!r}"[:200])
@@ -295,7 +289,7 @@ class GpuServer:
         self._check_args(method, args)
         shapes = self._check_specs(method, header.get("tensors", []), len(frames) - 1)
         self._check_output_size(method, args, shapes)
-        message = protocol.decode(frames, max_elements=limits.max_elements)  # payload bytes against shapes
+        message = protocol.decode_payloads(header, frames, limits.max_elements)  # payload bytes against shapes
         return Request(method, args, message.tensors)
 
     def _check_args(self, method: str, args: dict) -> None:
@@ -565,9 +559,7 @@ class GpuServer:
         modules = args.get("modules")
         if not isinstance(modules, list) or not modules or len(modules) > len(LINEAR_MODULES):
             raise BadRequest("'modules' must be a non-empty list of module names")
-        if len(tensors) != 1 or tensors[0].dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-            raise BadRequest("Linears expects one floating-point tensor")
-        x = tensors[0].to(self.device)
+        x = tensors[0]  # one floating-point tensor, already on the device (METHOD_SPECS)
         dtype = torch.float64 if x.dtype == torch.float64 else self.dtype
         if modules == ["lm_head"]:
             targets = [self.model.lm_head]

@@ -29,7 +29,6 @@ from .protocol import Message, decode, encode, frames_nbytes
 if TYPE_CHECKING:
     from .keys import ServerKeys
 
-DEFAULT_PORT = 50051
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # to (re)connect and finish the handshake
 DEFAULT_TIMEOUT_S = 600.0  # for one reply on a live connection: a long prompt on a CPU is slow
 DEFAULT_RETRIES = 3  # resends of a call after a lost connection or a timeout

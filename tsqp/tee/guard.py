@@ -27,6 +27,7 @@ import torch
 
 from ..config import DirectoryWeights, ModelConfig
 from ..errors import TsqpError
+from ..protocol import DTYPES
 from ..transport import Client
 from . import ops
 
@@ -238,7 +239,7 @@ class GuardedSteps:
             scale = 2.0 ** (math.ceil(math.log2(top)) + MASK_BITS) if top > 0 else 2.0 ** MASK_BITS
             sent = flat.double() + scale * secrets.mask
         else:
-            sent = flat.to(torch.float32 if self.wire_name == "float32" else getattr(torch, self.wire_name))
+            sent = flat.to(DTYPES[self.wire_name])
         method_args = {"modules": list(modules), "wire_dtype": self.wire_name}
         if layer is not None:
             method_args["layer_idx"] = layer
