@@ -45,7 +45,7 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
                 "breakdown_s"} <= r.keys()
         assert len(r["runs_s"]) == 2 and r["median_s"] > 0
         if r["mode"] == "split":
-            assert r["round_trips"] == 5 * 2 + 2
+            assert r["round_trips"] == 4 * 2 + 2
         if r["mode"] == "split-seed":
             assert r["round_trips"] == 9 * 2 + 2
         if r["mode"].startswith("split-p") or r["mode"] == "split-verify":

@@ -63,7 +63,10 @@ BAD_REQUESTS = [  # (frames, expected code, what the message names)
      "bad_request", "layer_idx"),
     ([header("Linear", {"layer_idx": True, "module_name": "q_proj"}, [{"dtype": "float32", "shape": [1, 64]}]),
       bytes(256)], "bad_request", "int"),
-    ([header("QKV", {"layer_idx": 0}, [{"dtype": "float32", "shape": [1, 64]}]), bytes(256)], "bad_request", "session"),
+    ([header("QKVScores", {"layer_idx": 0}, [{"dtype": "float32", "shape": [1, 1, 64]},
+                                              {"dtype": "float32", "shape": [1, 16]},
+                                              {"dtype": "float32", "shape": [1, 16]}]), bytes(256), bytes(64), bytes(64)],
+     "bad_request", "session"),
     ([header("Embedding", {}, [{"dtype": "float32", "shape": [1, 2]}]), bytes(8)], "bad_request", "int64"),
     ([header("LMHead", {}, [{"dtype": "int64", "shape": [1, 64]}]), bytes(512)], "bad_request", "float"),
     ([header("LMHead", {}, [{"dtype": "complex64", "shape": [1]}]), bytes(8)], "bad_request", "complex64"),
@@ -255,8 +258,8 @@ def test_server_restarted_mid_prefill(tiny_dir, references):
         runner = api.connect(endpoint, tiny_dir, timeout_s=60, connect_timeout_s=30, retries=3)
         ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(5))
         expected = reference_logits(references["gqa"], ids)[:, -1:]
-        calls_per_prefill = 5 * runner.config.num_layers + 2
-        kill_at = calls_per_prefill + 4  # the 2nd prefill's first AttnOut: its V is on the server that dies
+        calls_per_prefill = 4 * runner.config.num_layers + 2
+        kill_at = calls_per_prefill + 3  # the 2nd prefill's first AttnOut: its V is on the server that dies
         calls, at_kill, killed = 0, threading.Event(), threading.Event()
         original = runner.client.call
 

@@ -29,7 +29,7 @@ RULE = "=" * 60
 
 def _common_runner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=("lean", "seed"), default="lean",
-                   help="lean: fused calls, 5 round trips per layer (default); seed: the seed's 9 per layer "
+                   help="lean: fused calls, 4 round trips per layer (default); seed: the seed's 9 per layer "
                         "(ignored with --protection private / --verify, which use their own steps)")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of activations on the wire (float32 is exact; default: %(default)s)")
@@ -261,9 +261,13 @@ def print_report(result, runner, offline=None, out=sys.stdout) -> None:
         print("TEE operations: Embedding, Softmax, RMSNorm, RotaryEmbedding, SiLU, Q·K^T, P·V", file=out)
         print(f"GPU operations: Linear ({', '.join(guards)})", file=out)
     else:
-        print("TEE operations: Softmax, RMSNorm, RotaryEmbedding, SiLU", file=out)
-        print("GPU operations: Linear, Embedding, Matmul" if runner.protocol == "seed" else
-              "GPU operations: Embedding, QKV, Scores (Q·K^T), AttnOut (P·V + o_proj), GateUp, Down, LMHead", file=out)
+        if runner.protocol == "seed":
+            print("TEE operations: Softmax, RMSNorm, RotaryEmbedding, SiLU", file=out)
+            print("GPU operations: Linear, Embedding, Matmul", file=out)
+        else:
+            print("TEE operations: Softmax, RMSNorm, SiLU (and the rotary tables)", file=out)
+            print("GPU operations: Embedding, QKVScores (q/k/v, RoPE, Q·K^T), AttnOut (P·V + o_proj), GateUp, Down, "
+                  "LMHead", file=out)
     print(f"Protocol: {runner.protocol} (wire {runner.wire_dtype}), {w.round_trips} round trips, "
           f"{w.bytes_sent / 1e6:.2f} MB sent, {w.bytes_received / 1e6:.2f} MB received", file=out)
     print(RULE, file=out)

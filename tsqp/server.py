@@ -26,6 +26,7 @@ from .config import ModelConfig, load_config
 from .errors import ModelError, ProtocolError, TsqpError
 from .logs import log_event
 from .protocol import DTYPES, LINEAR_MODULES, WIRE_DTYPES
+from .tee.ops import apply_rope  # the same rotation the TEE's kernels use
 from .transport import DEFAULT_HEARTBEAT_S, Handler, current_peer, is_loopback, serve_forever
 
 if TYPE_CHECKING:
@@ -110,8 +111,8 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "Linear": MethodSpec(1, required=(LAYER, MODULE)),
     "Matmul": MethodSpec(2),
     "LMHead": MethodSpec(1),
-    "QKV": MethodSpec(1, required=(LAYER, SESSION), ranks=(3,)),  # [b, n, hidden]: V is kept as [b, kv, n, d]
-    "Scores": MethodSpec(2, ranks=(4, 4)),
+    # x [b, n, hidden], cos and sin [n, head_dim]; V is kept as [b, kv, n, d] for AttnOut
+    "QKVScores": MethodSpec(3, required=(LAYER, SESSION), ranks=(3, 2, 2)),
     "AttnOut": MethodSpec(1, required=(LAYER, SESSION), ranks=(4,), variadic=True),  # one per causal block
     "GateUp": MethodSpec(1, required=(LAYER,)),
     "Down": MethodSpec(1, required=(LAYER,)),
@@ -190,8 +191,7 @@ class GpuServer:
             "Linear": self.linear,
             "Matmul": self.matmul,
             "LMHead": self.lm_head,
-            "QKV": self.qkv,
-            "Scores": self.scores,
+            "QKVScores": self.qkv_scores,
             "AttnOut": self.attn_out,
             "GateUp": self.gate_up,
             "Down": self.down,
@@ -349,7 +349,6 @@ class GpuServer:
         widest = max(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim)
         widths = {"Linears": len(args.get("modules") or ()) * widest,
                   "LMHead": c.vocab_size, "Down": c.hidden_size, "GateUp": 2 * c.intermediate_size,
-                  "QKV": (c.num_heads + 2 * c.num_kv_heads) * c.head_dim,
                   "Linear": max(c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim)}
         if method in widths:
             return rows * widths[method]
@@ -366,8 +365,8 @@ class GpuServer:
             except RuntimeError:
                 return 0  # the handler names the mismatch
             return math.prod(batch) * a[-2] * b[-1]
-        if method == "Scores" and len(a) == 4 and len(b) == 4:
-            return a[0] * c.num_heads * a[2] * b[2]
+        if method == "QKVScores" and len(a) == 3:
+            return a[0] * c.num_heads * a[1] * a[1]  # at most: the whole n x n square
         if method == "AttnOut" and all(len(s) == 4 for s in shapes):
             return a[0] * sum(s[2] for s in shapes) * max(c.hidden_size, c.num_heads * c.head_dim)
         return 0
@@ -478,34 +477,30 @@ class GpuServer:
 
     # -- lean methods: fused, V stays here --------------------------------------------------------
 
-    def qkv(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """q, k and v from one input; v is kept for AttnOut since no TEE op touches it."""
+    def qkv_scores(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """q, k, v from one input, RoPE with the TEE's cos/sin tables, then Q @ K^T with K
+        un-expanded (each group of query heads shares its key head), cut into causal query blocks:
+        block i holds queries [end_(i-1), end_i) against keys [0, end_i). q and k never cross the
+        wire; V is kept for AttnOut."""
         layer, session = self._layer(args), self._session(args)
-        (x,) = self._inputs(tensors, 1, "hidden_states")
-        attn = self.layers[layer].self_attn
-        self._check_last_dim(x, self.config.hidden_size, f"layer {layer} QKV")
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        x, cos, sin = self._inputs(tensors, 3, "hidden_states [b, n, hidden], cos [n, d], sin [n, d]")
         c = self.config
-        v = v.view(*x.shape[:-1], c.num_kv_heads, c.head_dim).transpose(-3, -2)  # [b, kv, n, d]
+        self._check_last_dim(x, c.hidden_size, f"layer {layer} QKVScores")
+        b, n, _ = x.shape
+        if cos.shape != (n, c.head_dim) or sin.shape != (n, c.head_dim):
+            raise BadRequest(f"QKVScores expects cos and sin [{n}, {c.head_dim}] for {n} positions, got "
+                             f"{list(cos.shape)} and {list(sin.shape)}")
+        ends = self._block_ends(args.get("blocks", [n]), n)
+        attn = self.layers[layer].self_attn
+        q = attn.q_proj(x).view(b, n, c.num_heads, c.head_dim).transpose(1, 2)  # [b, heads, n, d]
+        k = attn.k_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [b, kv, n, d]
+        v = attn.v_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
         self._values.setdefault(session, {})[layer] = v
         self._values.move_to_end(session)
         while len(self._values) > MAX_SESSIONS:
             self._values.popitem(last=False)
-        return [q, k], {}
-
-    def scores(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """Q @ K^T with K un-expanded (each group of query heads shares its key head), cut into
-        causal query blocks: block i holds queries [end_(i-1), end_i) against keys [0, end_i)."""
-        q, k = self._inputs(tensors, 2, "q [b, heads, n, d], k [b, kv_heads, n, d]")
-        c = self.config
-        if q.dim() != 4 or k.dim() != 4 or q.shape[1] != c.num_heads or k.shape[1] != c.num_kv_heads \
-                or q.shape[-1] != c.head_dim or k.shape[-1] != c.head_dim or q.shape[0] != k.shape[0] \
-                or q.shape[2] != k.shape[2]:
-            raise BadRequest(f"Scores expects q [b, {c.num_heads}, n, {c.head_dim}] and k [b, {c.num_kv_heads}, n, "
-                             f"{c.head_dim}], got {list(q.shape)} and {list(k.shape)}")
-        b, _, n, d = q.shape
-        ends = self._block_ends(args.get("blocks", [n]), n)
-        grouped = q.view(b, c.num_kv_heads, c.kv_groups, n, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        grouped = q.view(b, c.num_kv_heads, c.kv_groups, n, c.head_dim)
         keys = k.unsqueeze(2).transpose(-1, -2)  # [b, kv, 1, d, n]
         return [(grouped[..., start:end, :] @ keys[..., :end]).reshape(b, c.num_heads, end - start, end)
                 for start, end in zip([0, *ends], ends)], {}
@@ -518,13 +513,13 @@ class GpuServer:
         return ends
 
     def attn_out(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """P @ V with the V kept from QKV, then o_proj: one round trip instead of two. The
-        probabilities come as the causal query blocks that Scores produced."""
+        """P @ V with the V kept from QKVScores, then o_proj: one round trip instead of two. The
+        probabilities come as the causal query blocks that QKVScores produced."""
         layer, session = self._layer(args), self._session(args)
         probs = self._inputs(tensors, len(tensors), "probs [b, heads, n_i, end_i] per causal block")
         v = self._values.get(session, {}).get(layer)
         if v is None:
-            raise MissingState(f"no V for session {session!r} layer {layer}: call QKV first")
+            raise MissingState(f"no V for session {session!r} layer {layer}: call QKVScores first")
         c = self.config
         b, kv, m, d = v.shape
         start, outs = 0, []

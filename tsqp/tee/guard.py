@@ -195,6 +195,7 @@ class GuardedSteps:
         self.eps = max(ROUNDING.get(server_dtype, 2.0 ** -8), ROUNDING[wire_name])
         self.pool = OneTimePool()
         self.current: PrefillSecrets | None = None
+        self._values: torch.Tensor | None = None  # V, expanded for GQA, between scores and attn_out
 
     # -- offline ------------------------------------------------------------------------------
 
@@ -225,6 +226,7 @@ class GuardedSteps:
 
     def end(self) -> None:
         self.current = None  # nothing of a finished prefill's material can be used again
+        self._values = None
 
     # -- one guarded call -----------------------------------------------------------------------
 
@@ -263,21 +265,21 @@ class GuardedSteps:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.weights.rows("model.embed_tokens.weight", input_ids)  # token ids never leave the TEE
 
-    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        q, k, v = self._project(layer, "qkv", x)
-        return q, k, v
-
-    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
-        k = ops.repeat_kv(k, self.config.kv_groups).transpose(-1, -2)
+    def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+        """Projections outsourced (guarded); RoPE and Q·K^T here, as causal query blocks."""
+        c = self.config
+        q, k, v = (ops.split_heads(t, c.head_dim) for t in self._project(layer, "qkv", x))
+        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        self._values = ops.repeat_kv(v, c.kv_groups)
+        k = ops.repeat_kv(k, c.kv_groups).transpose(-1, -2)
         ends = ops.query_blocks(q.shape[2])
         return [q[:, :, start:end] @ k[..., :end] for start, end in zip([0, *ends], ends)]
 
-    def attn_out(self, layer: int, probs: list[torch.Tensor], v: torch.Tensor | None) -> torch.Tensor:
-        assert v is not None
-        v = ops.repeat_kv(v, self.config.kv_groups)
+    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
+        assert self._values is not None
+        v, self._values = self._values, None
         out = torch.cat([p @ v[:, :, : p.shape[-1]] for p in probs], dim=2)
-        b, h, n, d = out.shape
-        return self._project(layer, "o", out.transpose(1, 2).reshape(b, n, h * d))[0]
+        return self._project(layer, "o", ops.merge_heads(out))[0]
 
     def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = self._project(layer, "gate_up", x)

@@ -59,6 +59,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[b, n, heads * d] -> [b, heads, n, d]."""
+    b, n, width = x.shape
+    return x.view(b, n, width // head_dim, head_dim).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[b, heads, n, d] -> [b, n, heads * d]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[b, kv_heads, n, d] -> [b, kv_heads * groups, n, d]: each key/value head serves `groups` query heads."""
     if groups == 1:

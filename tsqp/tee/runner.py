@@ -1,12 +1,14 @@
 """The forward pass across the trust boundary.
 
-The TEE keeps the control flow and every non-linear step; a `Steps` object sends the linear
-algebra to the GPU server. Two protocols implement `Steps`:
+The TEE keeps the control flow and every non-linear step (RMSNorm, mask + softmax, SiLU * up,
+residual adds); a `Steps` object sends the linear algebra to the GPU server. Two protocols
+implement `Steps`:
 
-* `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2),
-  K and V expanded for GQA before they are sent;
-* `LeanSteps`: fused calls (q/k/v, gate/up, P·V with o_proj), K un-expanded, V kept on the
-  server since no TEE op touches it (5 per layer + 2).
+* `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
+  the TEE rotates q and k (RoPE) and expands K and V for GQA before sending them back;
+* `LeanSteps`: fused calls, 4 per layer + 2. q/k/v, RoPE and Q·K^T are one call: RoPE is a
+  linear, position-wise rotation, so the server applies it with cos/sin tables the TEE computes
+  from its own config, and q, k, v never cross the wire. P·V goes with o_proj, gate with up.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ class SeedSteps:
     def __init__(self, client: Client, config: ModelConfig, wire_dtype: torch.dtype):
         self.client, self.config, self.wire = client, config, wire_dtype
         self.wire_name = {v: k for k, v in DTYPES.items()}[wire_dtype]
+        self._values: torch.Tensor | None = None  # V [b, kv, n, d] between scores and attn_out
 
-    def _call(self, method: str, *tensors: torch.Tensor, **args) -> list[torch.Tensor]:
+    def _call(self, method: str, *tensors: torch.Tensor, exact: tuple[torch.Tensor, ...] = (), **args) \
+            -> list[torch.Tensor]:
+        """Float tensors travel in the wire dtype, the `exact` ones (small tables) in float32."""
         sent = [t.to(self.wire) if t.is_floating_point() else t for t in tensors]
-        reply = self.client.call(method, sent, wire_dtype=self.wire_name, **args)
+        reply = self.client.call(method, [*sent, *exact], wire_dtype=self.wire_name, **args)
         return [t.float() for t in reply.tensors]
 
     def begin(self, batch: int, tokens: int, all_positions: bool) -> float:
@@ -47,6 +52,7 @@ class SeedSteps:
 
     def end(self) -> None:
         """Per-prefill teardown."""
+        self._values = None
 
     def _linear(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
         return self._call("Linear", x, layer_idx=layer, module_name=module)[0]
@@ -54,19 +60,21 @@ class SeedSteps:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._call("Embedding", input_ids)[0]
 
-    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self._linear(layer, "q_proj", x), self._linear(layer, "k_proj", x), self._linear(layer, "v_proj", x)
+    def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+        """Attention scores Q·K^T (unscaled) as causal query blocks; the seed's: one n x n block."""
+        c = self.config
+        q, k, v = (self._linear(layer, m, x) for m in ("q_proj", "k_proj", "v_proj"))  # [GPU] Q/K/V projections
+        q, k, v = ops.split_heads(q, c.head_dim), ops.split_heads(k, c.head_dim), ops.split_heads(v, c.head_dim)
+        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)  # [TEE] RoPE
+        self._values = v
+        return self._call("Matmul", q, ops.repeat_kv(k, c.kv_groups).transpose(2, 3))  # [TEE] Repeat KV; [GPU] Q·K^T
 
-    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
-        """Attention scores as causal query blocks (the seed: one n x n block)."""
-        k = ops.repeat_kv(k, self.config.kv_groups)  # [TEE] Repeat KV, as the seed does
-        return self._call("Matmul", q, k.transpose(2, 3))
-
-    def attn_out(self, layer: int, probs: list[torch.Tensor], v: torch.Tensor | None) -> torch.Tensor:
-        assert v is not None and len(probs) == 1
-        out = self._call("Matmul", probs[0], ops.repeat_kv(v, self.config.kv_groups))[0]
-        b, h, n, d = out.shape
-        return self._linear(layer, "o_proj", out.transpose(1, 2).reshape(b, n, h * d))
+    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
+        """o_proj(P·V) for the probabilities of `scores`' blocks."""
+        assert self._values is not None and len(probs) == 1
+        v, self._values = ops.repeat_kv(self._values, self.config.kv_groups), None  # [TEE] Repeat KV
+        out = self._call("Matmul", probs[0], v)[0]  # [GPU] P·V
+        return self._linear(layer, "o_proj", ops.merge_heads(out))  # [GPU] o_proj
 
     def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._linear(layer, "gate_proj", x), self._linear(layer, "up_proj", x)
@@ -79,21 +87,19 @@ class SeedSteps:
 
 
 class LeanSteps(SeedSteps):
-    """Fused calls; V never comes back to the TEE (no TEE op touches it)."""
+    """Fused calls; only what a TEE op touches comes back (scores, not q, k or v)."""
 
     def __init__(self, client: Client, config: ModelConfig, wire_dtype: torch.dtype):
         super().__init__(client, config, wire_dtype)
         self.session = uuid.uuid4().hex
 
-    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        q, k = self._call("QKV", x, layer_idx=layer, session=self.session)
-        return q, k, None
+    def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+        """One call: projections, RoPE and Q·K^T on the server, V kept there. Past 128 tokens only
+        the causal blocks come back, toward half the n x n square."""
+        return self._call("QKVScores", x, exact=(cos, sin), layer_idx=layer, session=self.session,
+                          blocks=ops.query_blocks(x.shape[1]))
 
-    def scores(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
-        """Only the causal blocks: about half the n x n scores cross the wire at long prompts."""
-        return self._call("Scores", q, k, blocks=ops.query_blocks(q.shape[2]))
-
-    def attn_out(self, layer: int, probs: list[torch.Tensor], v: torch.Tensor | None) -> torch.Tensor:
+    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
         return self._call("AttnOut", *probs, layer_idx=layer, session=self.session)[0]
 
     def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,19 +231,13 @@ class TeeRunner:
         cos, sin = ops.rope_cos_sin(self.inv_freq, self.rope_scaling, torch.arange(n))
         scaling = c.head_dim ** -0.5
 
-        h = steps.embed(input_ids)  # [GPU] Embedding
+        h = steps.embed(input_ids)  # [GPU] Embedding (in the TEE when guarded)
         for i in range(c.num_layers):
             # Attention
             x = ops.rms_norm(h, w.input_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
-            q, k, v = steps.qkv(i, x)  # [GPU] Q/K/V projections
-            q = q.view(batch, n, c.num_heads, c.head_dim).transpose(1, 2)  # [TEE] Reshape
-            k = k.view(batch, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            if v is not None:
-                v = v.view(batch, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)  # [TEE] RoPE
-            scores = steps.scores(i, q.contiguous(), k.contiguous())  # [GPU] Q @ K^T, causal blocks
+            scores = steps.scores(i, x, cos, sin)  # [GPU] Q/K/V projections; RoPE; Q @ K^T as causal blocks
             probs = [ops.causal_softmax(block, scaling) for block in scores]  # [TEE] mask + softmax
-            h = h + steps.attn_out(i, probs, v)  # [GPU] P @ V, o_proj; [TEE] residual
+            h = h + steps.attn_out(i, probs)  # P @ V, [GPU] o_proj; [TEE] residual
             # MLP
             x = ops.rms_norm(h, w.post_attention_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
             gate, up = steps.gate_up(i, x)  # [GPU] gate & up projections
