@@ -8,6 +8,7 @@ import torch
 import zmq
 
 from tsqp import api, protocol
+from tsqp.tee import ops
 from tsqp.errors import ProtocolError, RemoteError
 from tsqp.transport import Client
 
@@ -73,7 +74,7 @@ def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
     seed = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], protocol="seed")
     lean = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], protocol="lean")
     c = seed.config
-    batch, n = 2, 24
+    batch, n = 2, 70  # 3 causal blocks
     ids = torch.randint(0, c.vocab_size, (batch, n))
     s, l = seed.prefill(ids), lean.prefill(ids)
     assert s.wire.round_trips == 9 * c.num_layers + 2
@@ -81,7 +82,8 @@ def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
     # payload bytes the lean protocol must move, float32 on the wire: no q, k or v
     tok, f = batch * n, 4
     h, i = c.hidden_size, c.intermediate_size
-    scores = batch * c.num_heads * n * n  # one causal block below 128 tokens: the n x n square
+    ends = ops.query_blocks(n)
+    scores = batch * c.num_heads * sum((b - a) * b for a, b in zip([0, *ends], ends))  # causal blocks only
     rope = 2 * n * c.head_dim  # the cos and sin tables, sent with every QKVScores
     sent = ids.numel() * 8 + c.num_layers * (tok * f * (h + h + i) + scores * f + rope * f) + batch * h * f
     received = tok * h * f + c.num_layers * (tok * f * (h + 2 * i + h) + scores * f) + batch * c.vocab_size * f

@@ -94,8 +94,8 @@ class LeanSteps(SeedSteps):
         self.session = uuid.uuid4().hex
 
     def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
-        """One call: projections, RoPE and Q·K^T on the server, V kept there. Past 128 tokens only
-        the causal blocks come back, toward half the n x n square."""
+        """One call: projections, RoPE and Q·K^T on the server, V kept there. Only the causal
+        blocks come back, toward half the n x n square."""
         return self._call("QKVScores", x, exact=(cos, sin), layer_idx=layer, session=self.session,
                           blocks=ops.query_blocks(x.shape[1]))
 
