@@ -171,3 +171,26 @@ def test_scores_and_attn_out_by_causal_blocks(servers, references):
     with pytest.raises(RemoteError, match="causal blocks"):
         client.call("AttnOut", [parts[0], parts[2]], layer_idx=0, session="blocks")
     client.close()
+
+
+@pytest.mark.parametrize("method, protection", [("QKVScores", "none"), ("GateUp", "none"), ("LMHead", "none"),
+                                                ("Linears", "private")])
+def test_a_reply_of_the_wrong_shape_is_refused(method, protection, servers, model_dirs):
+    """The TEE checks what comes back: one column short is an error naming the method, not a crash."""
+    from tsqp.tee.guard import IntegrityError
+
+    runner = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], protection=protection)
+    original = runner.client.call
+
+    def short_reply(name, tensors=(), **args):
+        reply = original(name, tensors, **args)
+        if name == method:
+            reply.tensors[-1] = reply.tensors[-1][..., :-1]
+        return reply
+
+    runner.client.call = short_reply
+    ids = torch.randint(0, runner.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(9))
+    error = IntegrityError if protection == "private" else ProtocolError
+    with pytest.raises(error, match=method if method != "Linears" else "shapes"):
+        runner.prefill(ids)
+    runner.client.close()

@@ -65,6 +65,13 @@ class ModelConfig:
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def out_features(self, module: str) -> int:
+        """Width of a projection's output (module: q/k/v/o/gate/up/down_proj or lm_head)."""
+        widths = {"q_proj": self.num_heads * self.head_dim, "k_proj": self.num_kv_heads * self.head_dim,
+                  "v_proj": self.num_kv_heads * self.head_dim, "gate_proj": self.intermediate_size,
+                  "up_proj": self.intermediate_size, "lm_head": self.vocab_size}
+        return widths.get(module, self.hidden_size)
+
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
         model_type = cfg.get("model_type")

@@ -246,8 +246,10 @@ class GuardedSteps:
         if layer is not None:
             method_args["layer_idx"] = layer
         replies = self.client.call("Linears", [sent], **method_args).tensors
-        if len(replies) != len(modules):
-            raise IntegrityError(f"server sent {len(replies)} results for {len(modules)} projections ({group})")
+        shapes = [list(y.shape) for y in replies]
+        expected = [[flat.shape[0], self.config.out_features(m)] for m in modules]
+        if shapes != expected or not all(y.is_floating_point() for y in replies):
+            raise IntegrityError(f"server sent results of shapes {shapes} for {group}, expected float {expected}")
         outputs = []
         for i, (module, y) in enumerate(zip(modules, replies)):
             if self.private:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import DirectoryWeights, ModelConfig, NormWeights, ProvidedWeights, load_config
-from ..errors import InputError, RemoteError, TsqpError
+from ..errors import InputError, ProtocolError, RemoteError, TsqpError
 from ..protocol import DTYPES, WIRE_DTYPES
 from ..transport import Client, WireStats
 from . import ops
@@ -39,11 +39,17 @@ class SeedSteps:
         self.wire_name = {v: k for k, v in DTYPES.items()}[wire_dtype]
         self._values: torch.Tensor | None = None  # V [b, kv, n, d] between scores and attn_out
 
-    def _call(self, method: str, *tensors: torch.Tensor, exact: tuple[torch.Tensor, ...] = (), **args) \
-            -> list[torch.Tensor]:
-        """Float tensors travel in the wire dtype, the `exact` ones (small tables) in float32."""
+    def _call(self, method: str, *tensors: torch.Tensor, expect: list[tuple[int, ...]],
+              exact: tuple[torch.Tensor, ...] = (), **args) -> list[torch.Tensor]:
+        """Float tensors travel in the wire dtype, the `exact` ones (small tables) in float32.
+        The reply must hold floating-point tensors of the `expect`ed shapes: the server is not
+        trusted to get even that right."""
         sent = [t.to(self.wire) if t.is_floating_point() else t for t in tensors]
         reply = self.client.call(method, [*sent, *exact], wire_dtype=self.wire_name, **args)
+        shapes = [tuple(t.shape) for t in reply.tensors]
+        if shapes != expect or not all(t.is_floating_point() for t in reply.tensors):
+            raise ProtocolError(f"the server's {method} reply holds {len(shapes)} tensor(s) of shapes "
+                                f"{[list(x) for x in shapes]}, expected float tensors of {[list(x) for x in expect]}")
         return [t.float() for t in reply.tensors]
 
     def begin(self, batch: int, tokens: int, all_positions: bool) -> float:
@@ -54,11 +60,16 @@ class SeedSteps:
         """Per-prefill teardown."""
         self._values = None
 
+    def _rows(self, x: torch.Tensor, width: int) -> list[tuple[int, ...]]:
+        """The one expected output: x's leading dims, `width` wide."""
+        return [(*x.shape[:-1], width)]
+
     def _linear(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
-        return self._call("Linear", x, layer_idx=layer, module_name=module)[0]
+        expect = self._rows(x, self.config.out_features(module))
+        return self._call("Linear", x, expect=expect, layer_idx=layer, module_name=module)[0]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._call("Embedding", input_ids)[0]
+        return self._call("Embedding", input_ids, expect=[(*input_ids.shape, self.config.hidden_size)])[0]
 
     def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """Attention scores Q·K^T (unscaled) as causal query blocks; the seed's: one n x n block."""
@@ -67,13 +78,15 @@ class SeedSteps:
         q, k, v = ops.split_heads(q, c.head_dim), ops.split_heads(k, c.head_dim), ops.split_heads(v, c.head_dim)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)  # [TEE] RoPE
         self._values = v
-        return self._call("Matmul", q, ops.repeat_kv(k, c.kv_groups).transpose(2, 3))  # [TEE] Repeat KV; [GPU] Q·K^T
+        b, h, n, _ = q.shape
+        return self._call("Matmul", q, ops.repeat_kv(k, c.kv_groups).transpose(2, 3),  # [TEE] Repeat KV
+                          expect=[(b, h, n, n)])  # [GPU] Q·K^T
 
     def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
         """o_proj(P·V) for the probabilities of `scores`' blocks."""
         assert self._values is not None and len(probs) == 1
         v, self._values = ops.repeat_kv(self._values, self.config.kv_groups), None  # [TEE] Repeat KV
-        out = self._call("Matmul", probs[0], v)[0]  # [GPU] P·V
+        out = self._call("Matmul", probs[0], v, expect=[tuple(v.shape)])[0]  # [GPU] P·V
         return self._linear(layer, "o_proj", ops.merge_heads(out))  # [GPU] o_proj
 
     def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +96,7 @@ class SeedSteps:
         return self._linear(layer, "down_proj", h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self._call("LMHead", h)[0]
+        return self._call("LMHead", h, expect=self._rows(h, self.config.vocab_size))[0]
 
 
 class LeanSteps(SeedSteps):
@@ -96,18 +109,23 @@ class LeanSteps(SeedSteps):
     def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """One call: projections, RoPE and Q·K^T on the server, V kept there. Only the causal
         blocks come back, toward half the n x n square."""
-        return self._call("QKVScores", x, exact=(cos, sin), layer_idx=layer, session=self.session,
-                          blocks=ops.query_blocks(x.shape[1]))
+        b, n, _ = x.shape
+        ends = ops.query_blocks(n)
+        blocks = [(b, self.config.num_heads, end - start, end) for start, end in zip([0, *ends], ends)]
+        return self._call("QKVScores", x, exact=(cos, sin), expect=blocks, layer_idx=layer, session=self.session,
+                          blocks=ends)
 
     def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
-        return self._call("AttnOut", *probs, layer_idx=layer, session=self.session)[0]
+        b, _, _, n = probs[-1].shape
+        return self._call("AttnOut", *probs, expect=[(b, n, self.config.hidden_size)], layer_idx=layer,
+                          session=self.session)[0]
 
     def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, up = self._call("GateUp", x, layer_idx=layer)
+        gate, up = self._call("GateUp", x, expect=2 * self._rows(x, self.config.intermediate_size), layer_idx=layer)
         return gate, up
 
     def down(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return self._call("Down", h, layer_idx=layer)[0]
+        return self._call("Down", h, expect=self._rows(h, self.config.hidden_size), layer_idx=layer)[0]
 
 
 @dataclass
