@@ -36,15 +36,17 @@ def free_endpoint(host: str = "127.0.0.1") -> str:
 def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = "lean", wire_dtype: str = "float32",
             timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, *,
             retries: int = DEFAULT_RETRIES, keys: ClientKeys | None = None,
-            heartbeat_s: float = DEFAULT_HEARTBEAT_S, protection: str = "none", verify: bool = False) -> TeeRunner:
+            heartbeat_s: float = DEFAULT_HEARTBEAT_S, protection: str = "none", verify: bool = False,
+            shm: bool = False) -> TeeRunner:
     """A TEE runner for the server at `endpoint`; fails fast if the server does not answer.
 
     `timeout_s` bounds one reply, `connect_timeout_s` each (re)connection, `retries` the resends
     of a call after a lost connection. `keys` (CurveZMQ) default to $TSQP_SERVER_PUBLIC_KEY and
     $TSQP_CLIENT_SECRET_KEY when those are set; `ClientKeys.from_files(...)` makes them.
-    `protection` and `verify` go to the TeeRunner (private mode, Freivalds checks)."""
+    `protection` and `verify` go to the TeeRunner (private mode, Freivalds checks). `shm` moves
+    tensors through shared memory (same host, a server started with shm; tsqp.shm)."""
     client = Client(endpoint, timeout_s=timeout_s, retries=retries, connect_timeout_s=connect_timeout_s, keys=keys,
-                    heartbeat_s=heartbeat_s)
+                    heartbeat_s=heartbeat_s, shm=shm)
     try:
         client.ping(timeout_s=connect_timeout_s)
         return TeeRunner(client, model_dir, protocol=protocol, wire_dtype=wire_dtype, protection=protection,
@@ -56,9 +58,9 @@ def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = 
 
 def start_server(model_dir: str | Path, device: str | None = None, dtype: str = "float32",
                  endpoint: str | None = None, *, keys: ServerKeys | None = None, limits: Limits | None = None,
-                 heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> ServerThread:
+                 heartbeat_s: float = DEFAULT_HEARTBEAT_S, shm: bool = False) -> ServerThread:
     """A server in a thread of this process (shares the GIL: for tests and notebooks)."""
-    server = GpuServer(model_dir, device, dtype)
+    server = GpuServer(model_dir, device, dtype, shm=shm)
     if limits is not None:
         server.service.limits = limits
     return ServerThread(server, endpoint or free_endpoint(), keys=keys, heartbeat_s=heartbeat_s)

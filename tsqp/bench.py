@@ -77,6 +77,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--endpoint", help="an already running server (default: start one locally)")
     p.add_argument("--device", help="device for the local server (default: cuda:0, or cpu)")
     p.add_argument("--ipc", action="store_true", help="talk to the local server over ipc:// instead of tcp loopback")
+    p.add_argument("--shm", action="store_true",
+                   help="move the split modes' tensors through shared memory (same host; tsqp/shm.py)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="server weights dtype (default float32)")
     p.add_argument("--tokens", default="128", help="comma-separated prompt lengths (default 128)")
@@ -268,7 +270,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise InputError(f"{max(token_counts)} tokens exceed max_position_embeddings ({config.max_position_embeddings})")
 
     local = None if not args.ipc else f"ipc://{tempfile.mkdtemp(prefix='tsqp-bench-')}/server.sock"
-    server = None if args.endpoint else api.spawn_server(model_dir, device=args.device, dtype=args.dtype, endpoint=local)
+    server = None if args.endpoint else api.spawn_server(model_dir, device=args.device, dtype=args.dtype, endpoint=local,
+                                                         extra_args=("--shm",) if args.shm else ())
     endpoint = args.endpoint or server.endpoint
     try:
         with Client(endpoint) as client:
@@ -279,7 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             if mode in ("split", "split-seed"):
                 # split-seed is the seed's protocol as specified: float32 on the wire, always
                 wire = args.wire_dtype if mode == "split" else "float32"
-                runner = api.connect(endpoint, model_dir, "lean" if mode == "split" else "seed", wire)
+                runner = api.connect(endpoint, model_dir, "lean" if mode == "split" else "seed", wire, shm=args.shm)
                 clients.append(runner.client)
                 runners[mode] = _split_runner(runner)
             elif mode == "whole":
@@ -289,7 +292,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             else:
                 runners[mode] = _tee_only_runner(model_dir)
         for mode, protection, verify in guarded_modes(args.protection, args.verify):
-            runner = api.connect(endpoint, model_dir, "lean", args.wire_dtype, protection=protection, verify=verify)
+            runner = api.connect(endpoint, model_dir, "lean", args.wire_dtype, protection=protection, verify=verify,
+                                 shm=args.shm)
             clients.append(runner.client)
             runners[mode] = _split_runner(runner, guarded=True)
         print(f"Benchmarking {model_dir} on server device {server_info['device']} ({server_info['dtype']}), "
@@ -305,6 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     report = {
         "device": server_info["device"], "model": model_dir, "dtype": server_info["dtype"],
         "wire_dtype": args.wire_dtype, "batch": args.batch, "repeat": args.repeat,
+        "transport": "shm" if args.shm else ("ipc" if args.ipc else "tcp"),
         "host": {"machine": platform.machine(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
         "results": [asdict(r) for r in results], "wire_accuracy": accuracy,
     }

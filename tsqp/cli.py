@@ -39,6 +39,8 @@ def _common_runner_options(p: argparse.ArgumentParser) -> None:
                    help="seconds to (re)connect to the server, handshake included (default: %(default)s)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="resends of a call after a lost connection or a timeout (default: %(default)s)")
+    p.add_argument("--shm", action="store_true",
+                   help="move tensors through shared memory instead of the socket (same host; the server needs --shm)")
     p.add_argument("--server-public-key", metavar="FILE", default=env("TSQP_SERVER_PUBLIC_KEY"),
                    help="CurveZMQ: the server's public key file (pinned) [$TSQP_SERVER_PUBLIC_KEY]")
     p.add_argument("--client-secret-key", metavar="FILE", default=env("TSQP_CLIENT_SECRET_KEY"),
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow plaintext on a non-loopback interface (without it, such a bind needs keys)")
     p.add_argument("--max-message-mb", type=float, default=4096, metavar="MB",
                    help="largest frame accepted; a bigger one drops its sender (default: %(default)g)")
+    p.add_argument("--shm", action="store_true",
+                   help="also take tensors through shared memory from clients on this host that ask (--shm); "
+                        "only for trusted local clients (see tsqp/shm.py)")
     p.add_argument("--audit", type=Path, metavar="DIR",
                    help="record every request as received (DIR/requests.jsonl + .npy tensors): what the host sees")
     p.add_argument("--tamper", choices=("element", "row", "scale"),
@@ -153,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     stop = threading.Event()
     _install_stop_handlers(stop)
     server.run(args.model, args.device, args.dtype, endpoint, stop, keys=keys, insecure=args.insecure, limits=limits,
-               wrap=_server_wrapper(args))
+               wrap=_server_wrapper(args), shm=args.shm)
     print("server stopped", flush=True)
 
 
@@ -206,13 +211,13 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 
 def _client_options(args: argparse.Namespace) -> dict:
-    """api.connect keywords from the runner options: timeouts, retries, CurveZMQ keys."""
+    """api.connect keywords from the runner options: timeouts, retries, CurveZMQ keys, shm."""
     from .keys import ClientKeys
 
     if args.retries < 0 or args.timeout <= 0 or args.connect_timeout <= 0:
         raise ValueError("--timeout and --connect-timeout must be positive, --retries >= 0")
     return {"timeout_s": args.timeout, "connect_timeout_s": args.connect_timeout, "retries": args.retries,
-            "keys": ClientKeys.from_options(args.server_public_key, args.client_secret_key)}
+            "keys": ClientKeys.from_options(args.server_public_key, args.client_secret_key), "shm": args.shm}
 
 
 def _read_ids_file(path: Path) -> "torch.Tensor":

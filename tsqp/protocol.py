@@ -62,9 +62,13 @@ def tensor_frame(t: torch.Tensor) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
+def encode_header(header: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> bytes:
+    """The header frame, listing `tensors`' specs (their payloads travel separately)."""
+    return msgpack.packb(dict(header, tensors=[tensor_spec(t) for t in tensors]), use_bin_type=True)
+
+
 def encode(header: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> list[Any]:
-    header = dict(header, tensors=[tensor_spec(t) for t in tensors])
-    return [msgpack.packb(header, use_bin_type=True), *(tensor_frame(t) for t in tensors)]
+    return [encode_header(header, tensors), *(tensor_frame(t) for t in tensors)]
 
 
 def _frame_buffer(frame: Any) -> memoryview:

@@ -26,6 +26,7 @@ from .config import ModelConfig, load_config
 from .errors import ModelError, ProtocolError, TsqpError
 from .logs import log_event
 from .protocol import DTYPES, LINEAR_MODULES, WIRE_DTYPES
+from .shm import Attached, Segment, aligned, footprint
 from .tee.ops import apply_rope  # the same rotation the TEE's kernels use
 from .transport import DEFAULT_HEARTBEAT_S, Handler, current_peer, is_loopback, serve_forever
 
@@ -131,6 +132,7 @@ class Request:
     method: str
     args: dict[str, Any]
     tensors: list[torch.Tensor]
+    reply_to: "tuple[Segment, int] | None" = None  # the client's shared memory and where the reply may go
 
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -176,8 +178,9 @@ class ServerInfo:
 class GpuServer:
     """Method handlers over a loaded model. `handle` maps request frames to reply frames."""
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str = "float32"):
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str = "float32", shm: bool = False):
         self.model_dir = Path(model_dir)
+        self.shared = Attached() if shm else None  # clients' shared-memory segments, when allowed
         self.device = torch.device(device or default_device())
         self.dtype = parse_dtype(dtype)
         self.model, self.config = load_model(self.model_dir, str(self.device), self.dtype)
@@ -233,7 +236,7 @@ class GpuServer:
             if method == "Ping":
                 header.update(self.health())
             log_event(log, logging.DEBUG, "request", method=method, peer=peer, server_s=header["server_s"])
-            return protocol.encode(header, outputs)
+            return self._reply(header, outputs, request.reply_to)
         except BadRequest as err:
             return self._refuse(err.code, str(err), method, peer)
         except (ProtocolError, ModelError) as err:
@@ -287,10 +290,40 @@ class GpuServer:
         if not isinstance(args, dict):
             raise BadRequest("'args' must be a map")
         self._check_args(method, args)
-        shapes = self._check_specs(method, header.get("tensors", []), len(frames) - 1)
+        payloads, reply_to = self._payloads(header, frames)
+        shapes = self._check_specs(method, header.get("tensors", []), len(payloads) - 1)
         self._check_output_size(method, args, shapes)
-        message = protocol.decode_payloads(header, frames, limits.max_elements)  # payload bytes against shapes
-        return Request(method, args, message.tensors)
+        message = protocol.decode_payloads(header, payloads, limits.max_elements)  # payload bytes against shapes
+        return Request(method, args, message.tensors, reply_to)
+
+    def _payloads(self, header: dict, frames: list[Any]) -> tuple[list[Any], "tuple[Segment, int] | None"]:
+        """The header frame and the payload buffers: the frames that came, or locations in the
+        client's shared memory (tsqp.shm) when the request says so and this server allows it."""
+        shared = header.get("shm")
+        if shared is None:
+            return frames, None
+        if self.shared is None:
+            raise BadRequest("this server does not take payloads in shared memory (start it with --shm)")
+        if not isinstance(shared, dict) or len(frames) != 1 or type(shared.get("reply_at")) is not int:
+            raise BadRequest("'shm' must be {name, frames, reply_at}, with no payload frames")
+        segment = self.shared.get(shared.get("name"))
+        views = segment.views(shared.get("frames"))
+        if len(views) > self.service.limits.max_tensors:
+            raise TooLarge(f"{len(views)} payloads (limit {self.service.limits.max_tensors})")
+        return [frames[0], *views], (segment, shared["reply_at"])
+
+    @staticmethod
+    def _reply(header: dict, outputs: list[torch.Tensor], reply_to: "tuple[Segment, int] | None") -> list[Any]:
+        """Reply frames; with shared memory, the tensors go behind the request's when they fit,
+        else as frames with the room they needed (`shm_room`), so the client can grow."""
+        if reply_to is not None:
+            segment, at = reply_to
+            need = footprint(outputs)
+            if 0 <= at and aligned(at) + need <= segment.size:
+                header["shm"] = {"frames": segment.write(outputs, at)}
+                return [protocol.encode_header(header, outputs)]
+            header["shm_room"] = need
+        return protocol.encode(header, outputs)
 
     def _check_args(self, method: str, args: dict) -> None:
         for name, value in args.items():
@@ -640,7 +673,8 @@ def check_bind(endpoint: str, keys: "ServerKeys | None", insecure: bool) -> None
 
 def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, stop: threading.Event | None = None,
         out=sys.stdout, *, keys: "ServerKeys | None" = None, insecure: bool = False, limits: Limits | None = None,
-        heartbeat_s: float = DEFAULT_HEARTBEAT_S, wrap: Callable[[Handler], Handler] | None = None) -> None:
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S, wrap: Callable[[Handler], Handler] | None = None,
+        shm: bool = False) -> None:
     """Load the model and serve until `stop` is set (or forever), printing the seed's start-up lines.
     `wrap` decorates the handler (e.g. audit.audited) without touching the validation inside it."""
     check_bind(endpoint, keys, insecure)  # before the model loads: fail fast
@@ -649,7 +683,7 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
         print("note: CUDA is not available; serving on the CPU", file=out, flush=True)
     print(f"Loading model from: {model_dir}", file=out, flush=True)
     print(f"Device: {device}, Dtype: {parse_dtype(dtype)}", file=out, flush=True)
-    server = GpuServer(model_dir, device, dtype)
+    server = GpuServer(model_dir, device, dtype, shm=shm)
     if limits is not None:
         server.service.limits = limits
     print(f"✓ Model loaded: {server.config.num_layers} layers, hidden_size={server.config.hidden_size}", file=out, flush=True)
@@ -658,7 +692,7 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
     def ready() -> None:
         print(f"✓ ZeroMQ server started on {where}", file=out, flush=True)
         log_event(log, logging.INFO, "start", endpoint=endpoint, model=str(model_dir), device=device, dtype=dtype,
-                  curve="on" if keys else "off", allowed_keys=str(keys.allowed_dir) if keys else "-",
+                  curve="on" if keys else "off", shm="on" if shm else "off", allowed_keys=str(keys.allowed_dir) if keys else "-",
                   max_message_bytes=server.service.limits.max_message_bytes)
 
     try:

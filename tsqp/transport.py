@@ -25,6 +25,7 @@ from .errors import ProtocolError, RemoteError, ServerUnreachable
 from .keys import AuthenticationFailed, ClientKeys
 from .logs import log_event
 from .protocol import Message, decode, encode, frames_nbytes
+from .shm import Segment, decode_reply, encode_request, footprint
 
 if TYPE_CHECKING:
     from .keys import ServerKeys
@@ -216,11 +217,12 @@ class Client:
 
     `timeout_s` bounds the wait for one reply on a live connection; `connect_timeout_s` bounds
     each (re)connection; a call is sent at most `1 + retries` times, then ServerUnreachable.
-    `keys` (CurveZMQ) default to $TSQP_SERVER_PUBLIC_KEY / $TSQP_CLIENT_SECRET_KEY when set."""
+    `keys` (CurveZMQ) default to $TSQP_SERVER_PUBLIC_KEY / $TSQP_CLIENT_SECRET_KEY when set.
+    `shm` moves tensor payloads through a shared-memory segment (same host; see tsqp.shm)."""
 
     def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None, *,
                  retries: int = DEFAULT_RETRIES, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                 keys: ClientKeys | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S):
+                 keys: ClientKeys | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S, shm: bool = False):
         if timeout_s <= 0 or connect_timeout_s <= 0 or retries < 0:
             raise ValueError("timeouts must be positive and retries >= 0")
         self.endpoint = client_endpoint(endpoint)
@@ -230,21 +232,39 @@ class Client:
         self.stats = WireStats()
         self._context = context or zmq.Context.instance()
         self._link: _Link | None = None
+        self.shm = shm
+        self._segment: Segment | None = None
+        self._reply_room = 0  # bytes the largest reply so far needed behind a request (shm)
 
     def _ready_link(self) -> _Link:
         """The current link, rebuilt if its connection dropped since the last call."""
         if self._link is not None:
             self._link.read_events()
             if self._link.lost:
-                self.close()
+                self._close_link()
         if self._link is None:
             self._link = _Link(self._context, self.endpoint, self.keys, self.heartbeat_s)
         return self._link
 
-    def close(self) -> None:
+    def _close_link(self) -> None:
         if self._link is not None:
             self._link.close()
             self._link = None
+
+    def close(self) -> None:
+        self._close_link()
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+    def _shared_segment(self, tensors: Sequence[torch.Tensor]) -> Segment:
+        """This client's segment, made (again) large enough for the request and the reply room."""
+        room = footprint(tensors) + self._reply_room
+        if self._segment is None or self._segment.size < room:
+            if self._segment is not None:
+                self._segment.close()
+            self._segment = Segment.create(room + room // 4 + (1 << 20))
+        return self._segment
 
     def __enter__(self) -> "Client":
         return self
@@ -267,15 +287,25 @@ class Client:
     def _request(self, method: str, tensors: Sequence[torch.Tensor], args: dict[str, Any], timeout: float,
                  retries: int, connect_timeout: float) -> Message:
         t0 = time.perf_counter()
-        frames = encode({"method": method, "args": args}, tensors)
-        nbytes = frames_nbytes(frames)
+        header = {"method": method, "args": args}
+        if self.shm:
+            segment = self._shared_segment(tensors)
+            frames = encode_request(segment, header, tensors)
+            nbytes = frames_nbytes(frames) + sum(t.numel() * t.element_size() for t in tensors)
+        else:
+            frames = encode(header, tensors)
+            nbytes = frames_nbytes(frames)
         self.stats.serialize_s += time.perf_counter() - t0
         reply_frames = self._exchange(method, frames, nbytes, timeout, retries, connect_timeout)
         t2 = time.perf_counter()
-        reply = decode(reply_frames)
+        if self.shm:
+            reply, shared_bytes = decode_reply(reply_frames, segment)
+            self._reply_room = max(self._reply_room, int(reply.header.get("shm_room", 0) or 0))
+        else:
+            reply, shared_bytes = decode(reply_frames), 0
         self.stats.serialize_s += time.perf_counter() - t2
         self.stats.round_trips += 1
-        self.stats.bytes_received += frames_nbytes(reply_frames)
+        self.stats.bytes_received += frames_nbytes(reply_frames) + shared_bytes
         self.stats.server_s += float(reply.header.get("server_s", 0.0))
         if not reply.header.get("ok", False):
             error = reply.header.get("error") or {}
@@ -294,7 +324,7 @@ class Client:
             self.stats.wait_s += time.perf_counter() - t1
             if not isinstance(outcome, _Failure):
                 return outcome
-            self.close()  # a REQ socket that missed its reply cannot be reused
+            self._close_link()  # a REQ socket that missed its reply cannot be reused
             if outcome.fatal:
                 raise AuthenticationFailed(outcome.reason)
             if attempt < retries:

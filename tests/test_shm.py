@@ -1,0 +1,102 @@
+"""The shared-memory fast path: exact, counted, bounded, and refused where not allowed."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from tsqp import api, protocol
+from tsqp.errors import RemoteError
+from tsqp.shm import SHM_DIR, Segment
+from tsqp.transport import Client
+
+from conftest import reference_logits, relative_error
+
+
+@pytest.fixture(scope="module")
+def shm_server(tiny_dir):
+    with api.start_server(tiny_dir, device="cpu", shm=True) as server:
+        yield server
+
+
+@pytest.mark.parametrize("protocol_name", ["lean", "seed"])
+def test_prefill_through_shared_memory_is_exact_and_counted(protocol_name, shm_server, tiny_dir, references):
+    shared = api.connect(shm_server.endpoint, tiny_dir, protocol_name, shm=True)
+    framed = api.connect(shm_server.endpoint, tiny_dir, protocol_name)
+    ids = torch.randint(0, shared.config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(21))
+    first = shared.prefill(ids, all_positions=True)  # starts small: early replies come as frames, then it grows
+    again = shared.prefill(ids, all_positions=True)
+    plain = framed.prefill(ids, all_positions=True)
+    expected = reference_logits(references["gqa"], ids)
+    for result in (first, again):
+        assert relative_error(result.logits, expected) <= 1e-4
+        assert torch.allclose(result.logits, plain.logits, rtol=0, atol=1e-6)
+    # payload bytes count wherever they travelled; only the headers differ a little
+    rounds = again.wire.round_trips
+    assert rounds == plain.wire.round_trips
+    assert abs(again.wire.bytes_sent - plain.wire.bytes_sent) <= 200 * rounds
+    assert abs(again.wire.bytes_received - plain.wire.bytes_received) <= 200 * rounds
+    segment = shared.client._segment
+    assert segment is not None and (SHM_DIR / segment.name).exists()
+    shared.client.close()
+    assert not (SHM_DIR / segment.name).exists()  # closing the client removes its segment
+    framed.client.close()
+
+
+def test_reply_tensors_are_copies_not_views_of_shared_memory(shm_server):
+    """The server could still write into the segment after replying: the TEE must not read there."""
+    client = Client(shm_server.endpoint, timeout_s=10, shm=True)
+    x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(2))
+    client.call("Linear", [x], layer_idx=0, module_name="q_proj")  # sizes the segment for its reply
+    (y,) = client.call("Linear", [x], layer_idx=0, module_name="q_proj").tensors
+    before = y.clone()
+    client._segment.map[:] = b"\xff" * client._segment.size  # what a hostile server could do afterwards
+    assert torch.equal(y, before)
+    client.close()
+
+
+def test_a_server_without_shm_says_how_to_enable_it(servers, tiny_dir):
+    with pytest.raises(RemoteError, match="--shm") as caught:
+        api.connect(servers["gqa"].endpoint, tiny_dir, shm=True).prefill(torch.randint(0, 512, (1, 8)))
+    assert caught.value.code == "bad_request"
+
+
+def _raw_request(endpoint: str, shared: dict, spec_shape=(1, 2, 64)) -> dict:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.connect(endpoint)
+    try:
+        header = {"method": "Linear", "args": {"layer_idx": 0, "module_name": "q_proj"},
+                  "tensors": [{"dtype": "float32", "shape": list(spec_shape)}], "shm": shared}
+        sock.send_multipart([msgpack.packb(header)])
+        assert sock.poll(10_000)
+        return protocol.decode(sock.recv_multipart()).header
+    finally:
+        sock.close(linger=0)
+
+
+def test_bad_shared_memory_requests_get_error_replies(shm_server):
+    segment = Segment.create(4096)
+    try:
+        bad = [
+            ({"name": "../../etc/passwd", "frames": [[0, 512]], "reply_at": 512}, "segment name"),
+            ({"name": "tsqp-" + "0" * 32, "frames": [[0, 512]], "reply_at": 512}, "cannot open"),
+            ({"name": segment.name, "frames": [[4000, 512]], "reply_at": 0}, "outside"),
+            ({"name": segment.name, "frames": [[0, -1]], "reply_at": 0}, "outside"),
+            ({"name": segment.name, "frames": "all", "reply_at": 0}, "list"),
+            ({"name": segment.name, "frames": [[0, 512]]}, "reply_at"),
+            ({"name": segment.name, "frames": [[0, 256]], "reply_at": 256}, "does not match"),
+        ]
+        for shared, problem in bad:
+            header = _raw_request(shm_server.endpoint, shared)
+            assert header["ok"] is False and problem in header["error"]["message"], (shared, header)
+        # a reply that does not fit goes back as frames, and says how much room it needed
+        segment.map[:512] = torch.randn(128).numpy().tobytes()
+        header = _raw_request(shm_server.endpoint, {"name": segment.name, "frames": [[0, 512]], "reply_at": 4096})
+        assert header["ok"] is True and header["shm_room"] >= 2 * 64 * 4 and "shm" not in header
+    finally:
+        segment.close()
+    with Client(shm_server.endpoint, timeout_s=10, shm=True) as client:  # and the server still serves
+        assert client.call("Linear", [torch.randn(1, 2, 64)], layer_idx=0, module_name="q_proj").tensors[0].shape \
+            == (1, 2, 64)

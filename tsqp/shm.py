@@ -1,0 +1,163 @@
+"""Same-host fast path: tensor payloads through a shared-memory segment instead of the socket.
+
+A client that asks for it (`--shm`) creates one segment in /dev/shm, readable by its own user
+only, and copies each request's tensors into it; the header frame still goes over ZeroMQ and
+says where they are. A server that allows it (`serve --shm`) maps the segment by name, reads the
+tensors in place, and writes its reply tensors behind the request's, when they fit (otherwise
+they travel as frames, and the client grows its segment for the next call). One user-space copy
+each way replaces the socket's path through the kernel.
+
+Nothing in shared memory is trusted more than a frame would be: the client copies reply
+tensors out before it looks at them (the server could still write there), and the server
+bounds-checks every location. A client that shrinks its segment while the server reads it can
+crash the server (SIGBUS), so servers allow this only for local clients they trust.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import uuid
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ProtocolError
+from .protocol import Message, decode_header, decode_payloads, encode_header, tensor_frame
+
+SHM_DIR = Path("/dev/shm")
+NAME = re.compile(r"tsqp-[0-9a-f]{32}")  # the only names a server will open: no paths, no other files
+ALIGN = 64
+MAX_ATTACHED = 64  # segments a server keeps mapped (least recently used are dropped)
+
+Location = list[int]  # [offset, nbytes]
+
+
+def aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def footprint(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes `tensors` take in a segment, alignment included."""
+    return sum(aligned(t.numel() * t.element_size()) for t in tensors)
+
+
+class Segment:
+    """One mapped shared-memory segment."""
+
+    def __init__(self, name: str, mapping: mmap.mmap, owner: bool):
+        self.name, self.map, self.owner = name, mapping, owner
+        self.size = len(mapping)
+
+    @classmethod
+    def create(cls, size: int) -> "Segment":
+        """A new segment of `size` bytes (the client's), private to this user."""
+        name = f"tsqp-{uuid.uuid4().hex}"
+        fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, max(size, ALIGN))
+            segment = cls(name, mmap.mmap(fd, max(size, ALIGN)), owner=True)
+        finally:
+            os.close(fd)
+        weakref.finalize(segment, (SHM_DIR / name).unlink, missing_ok=True)  # even if never closed
+        return segment
+
+    @classmethod
+    def attach(cls, name: Any) -> "Segment":
+        """Map a client's segment by name (the server's side)."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ProtocolError(f"bad shared-memory segment name {str(name)[:60]!r}")
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDWR)
+        except OSError as err:
+            raise ProtocolError(f"cannot open shared memory {name} ({err.strerror}): the client must run on the "
+                                "server's host, as the same user") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < ALIGN:
+                raise ProtocolError(f"shared memory {name} is empty")
+            return cls(name, mmap.mmap(fd, size), owner=False)
+        finally:
+            os.close(fd)
+
+    def write(self, tensors: Sequence[torch.Tensor], start: int) -> list[Location]:
+        """Copy `tensors` in from `start` (aligned); their locations. The caller checked the room."""
+        locations, at = [], aligned(start)
+        for t in tensors:
+            data = tensor_frame(t)
+            self.map[at: at + data.nbytes] = data
+            locations.append([at, data.nbytes])
+            at = aligned(at + data.nbytes)
+        return locations
+
+    def views(self, locations: Any) -> list[memoryview]:
+        """Buffers at `locations`, each checked to lie inside the segment."""
+        if not isinstance(locations, list):
+            raise ProtocolError("shared-memory 'frames' must be a list of [offset, nbytes]")
+        whole, views = memoryview(self.map), []
+        for loc in locations:
+            if not (isinstance(loc, list) and len(loc) == 2 and all(type(v) is int and v >= 0 for v in loc)
+                    and loc[0] + loc[1] <= self.size):
+                raise ProtocolError(f"shared-memory location {str(loc)[:40]} lies outside the {self.size}-byte segment")
+            views.append(whole[loc[0]: loc[0] + loc[1]])
+        return views
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # a view is still alive somewhere; the mapping goes with it
+            pass
+        if self.owner:
+            (SHM_DIR / self.name).unlink(missing_ok=True)
+
+
+def encode_request(segment: Segment, header: dict[str, Any], tensors: Sequence[torch.Tensor]) -> list[bytes]:
+    """A request whose tensors are copied into `segment`: one header frame, no payload frames.
+    The reply may use the room behind them."""
+    locations = segment.write(tensors, 0)
+    end = locations[-1][0] + locations[-1][1] if locations else 0
+    shared = {"name": segment.name, "frames": locations, "reply_at": aligned(end)}
+    return [encode_header(dict(header, shm=shared), tensors)]
+
+
+def decode_reply(frames: Sequence[Any], segment: Segment) -> tuple[Message, int]:
+    """A reply whose tensors may lie in `segment`: copied out (the server could still write
+    there) before anyone looks at them. Also the bytes that came through shared memory."""
+    header = decode_header(frames[0])
+    shared = header.get("shm")
+    if not isinstance(shared, dict) or len(frames) != 1:
+        return decode_payloads(header, frames), 0
+    views = segment.views(shared.get("frames"))
+    message = decode_payloads(header, [frames[0], *views])
+    message.tensors = [t.clone() for t in message.tensors]
+    return message, sum(v.nbytes for v in views)
+
+
+class Attached:
+    """The server's mapped client segments, by name, least recently used dropped first."""
+
+    def __init__(self, limit: int = MAX_ATTACHED):
+        self.limit = limit
+        self._segments: OrderedDict[str, Segment] = OrderedDict()
+
+    def get(self, name: Any) -> Segment:
+        segment = self._segments.get(name) if isinstance(name, str) else None
+        if segment is not None:  # names are never reused: a client that outgrows its segment makes a new one
+            self._segments.move_to_end(name)
+            return segment
+        segment = Segment.attach(name)
+        for gone in [n for n in self._segments if not (SHM_DIR / n).exists()]:
+            self._segments.pop(gone).close()  # its client closed or outgrew it: free the memory now
+        self._segments[name] = segment
+        while len(self._segments) > self.limit:
+            self._segments.popitem(last=False)[1].close()
+        return segment
+
+    def close(self) -> None:
+        for segment in self._segments.values():
+            segment.close()
+        self._segments.clear()
