@@ -7,7 +7,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.1.0
 # Then, on the GPU host, from the repository root (with .whl carried along):
-#   bash scripts/device-bench.sh            # results in $OUT, or ./gpu-bench
+#   bash scripts/device-bench.sh            # results in $OUT, or ./gpu-bench: 8 files at most
 # TOKENS, REPEAT, PRESETS, GUARDED (the preset for private/verify) and DEVICE override the defaults
 # below; `DEVICE=cpu PRESETS=tiny GUARDED=tiny TOKENS=16 REPEAT=1` smoke-tests the script on a CPU.
 set -euo pipefail
@@ -32,13 +32,19 @@ export TSQP_CACHE=${TSQP_CACHE:-/tmp/tsqp-models}  # random-weight presets, made
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
 
-for preset in $PRESETS; do
-    echo "== $preset: split, split-seed, whole, tee-only at $TOKENS tokens ($(date +%T))"
-    python3 -m tsqp bench --preset "$preset" --device "$DEVICE" --tokens "$TOKENS" --repeat "$REPEAT" --accuracy \
-        --json "$OUT/gpu-$preset.json" --plot "$OUT/gpu-$preset.png" | tee "$OUT/gpu-$preset.md"
-done
+TABLES="$OUT/tables.md"  # every run's Markdown table, in order
+: > "$TABLES"
+bench() {  # NAME, then tsqp bench arguments; JSON (and PNG when asked) land in $OUT
+    local name=$1; shift
+    echo "== $name ($(date +%T))" | tee -a "$TABLES"
+    python3 -m tsqp bench --device "$DEVICE" --json "$OUT/$name.json" "$@" | tee -a "$TABLES"
+}
 
-echo "== $GUARDED: private and verified modes at 128 tokens ($(date +%T))"
-python3 -m tsqp bench --preset "$GUARDED" --device "$DEVICE" --tokens 128 --repeat 3 --modes split,whole \
-    --protection private --verify --json "$OUT/gpu-guarded.json" | tee "$OUT/gpu-guarded.md"
-echo "== done ($(date +%T))"
+for preset in $PRESETS; do
+    bench "gpu-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --accuracy --plot "$OUT/gpu-$preset.png"
+done
+# the same-host fast path: on a GPU host the split is mostly transport
+bench "gpu-shm-$GUARDED" --preset "$GUARDED" --tokens "$TOKENS" --repeat "$REPEAT" --modes split,whole --shm
+bench "gpu-guarded-$GUARDED" --preset "$GUARDED" --tokens 128 --repeat 3 --modes split,whole --protection private \
+    --verify --shm
+echo "== done ($(date +%T))" | tee -a "$TABLES"

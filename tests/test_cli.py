@@ -123,3 +123,10 @@ def test_bad_endpoint_and_bad_ids_file(tiny_dir, tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((2, 3), dtype=np.float32))
     one_error_line(run_cli("prefill", "--endpoint", api.free_endpoint(), "--model", str(tiny_dir),
                            "--input-ids", str(tmp_path / "f.npy")), "int64")
+
+
+def test_shm_without_a_willing_server_and_with_audit(servers, tiny_dir, tmp_path):
+    one_error_line(run_cli("prefill", "--endpoint", servers["gqa"].endpoint, "--model", str(tiny_dir), "--shm",
+                           "--tokens", "8"), "--shm")
+    one_error_line(run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", "--shm", "--audit",
+                           str(tmp_path / "audit")), "--audit")

@@ -151,6 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise SystemExit("error: no model: pass --model DIR or set LLAMA_MODEL_PATH")
     if args.max_message_mb <= 0:
         raise ValueError("--max-message-mb must be positive")
+    if args.shm and (args.audit or args.tamper):
+        raise ValueError("--audit and --tamper work on the socket's frames: use them without --shm")
     configure(args.log_level)
     endpoint = args.endpoint or bind_endpoint(args.port, args.host)
     keys = ServerKeys.from_options(args.server_secret_key, args.allow_keys)
