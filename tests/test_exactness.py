@@ -91,6 +91,9 @@ def test_long_prompts_cut_into_causal_blocks_stay_exact(protocol, servers, model
     """The lean protocol sends only the causal blocks of the scores: 8 of them at 300 tokens."""
     ends = ops.query_blocks(300)
     assert len(ends) == 8 and ends[-1] == 300 and min(b - a for a, b in zip([0, *ends], ends)) >= 32
+    for n in range(1, 700):  # never more than 8 blocks, none under 32 queries unless n is
+        sizes = [b - a for a, b in zip([0, *ops.query_blocks(n)], ops.query_blocks(n))]
+        assert sum(sizes) == n and len(sizes) <= 8 and min(sizes) >= min(n, 32)
     runner = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], protocol=protocol)
     ids = torch.randint(0, runner.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(30))
     result = runner.prefill(ids, all_positions=True)

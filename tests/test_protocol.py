@@ -74,7 +74,7 @@ def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
     seed = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], protocol="seed")
     lean = api.connect(servers["gqa"].endpoint, model_dirs["gqa"], protocol="lean")
     c = seed.config
-    batch, n = 2, 70  # 3 causal blocks
+    batch, n = 2, 70  # 2 causal blocks
     ids = torch.randint(0, c.vocab_size, (batch, n))
     s, l = seed.prefill(ids), lean.prefill(ids)
     assert s.wire.round_trips == 9 * c.num_layers + 2

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
+import uuid
+
 import msgpack
 import pytest
 import torch
 import zmq
 
 from tsqp import api, protocol
-from tsqp.errors import RemoteError
-from tsqp.shm import SHM_DIR, Segment
+from tsqp.errors import ProtocolError, RemoteError
+from tsqp.server import GpuServer, ServerThread
+from tsqp.shm import SHM_DIR, Segment, reply_room
 from tsqp.transport import Client
 
 from conftest import reference_logits, relative_error
@@ -59,7 +63,7 @@ def test_reply_tensors_are_copies_not_views_of_shared_memory(shm_server):
 
 def test_a_server_without_shm_says_how_to_enable_it(servers, tiny_dir):
     with pytest.raises(RemoteError, match="--shm") as caught:
-        api.connect(servers["gqa"].endpoint, tiny_dir, shm=True).prefill(torch.randint(0, 512, (1, 8)))
+        api.connect(servers["gqa"].endpoint, tiny_dir, shm=True)  # its first ping already asks for shm
     assert caught.value.code == "bad_request"
 
 
@@ -76,10 +80,14 @@ def _raw_request(endpoint: str, shared: dict, spec_shape=(1, 2, 64)) -> dict:
         sock.close(linger=0)
 
 
-def test_bad_shared_memory_requests_get_error_replies(shm_server):
+def test_bad_shared_memory_requests_get_error_replies(shm_server, tmp_path):
     segment = Segment.create(4096)
+    link = SHM_DIR / f"tsqp-{uuid.uuid4().hex}"
+    (tmp_path / "target").write_bytes(bytes(4096))
+    link.symlink_to(tmp_path / "target")  # a name the server would open, pointing elsewhere
     try:
         bad = [
+            ({"name": link.name, "frames": [[0, 512]], "reply_at": 512}, "cannot open"),
             ({"name": "../../etc/passwd", "frames": [[0, 512]], "reply_at": 512}, "segment name"),
             ({"name": "tsqp-" + "0" * 32, "frames": [[0, 512]], "reply_at": 512}, "cannot open"),
             ({"name": segment.name, "frames": [[4000, 512]], "reply_at": 0}, "outside"),
@@ -97,6 +105,39 @@ def test_bad_shared_memory_requests_get_error_replies(shm_server):
         assert header["ok"] is True and header["shm_room"] >= 2 * 64 * 4 and "shm" not in header
     finally:
         segment.close()
+        link.unlink()
     with Client(shm_server.endpoint, timeout_s=10, shm=True) as client:  # and the server still serves
         assert client.call("Linear", [torch.randn(1, 2, 64)], layer_idx=0, module_name="q_proj").tensors[0].shape \
             == (1, 2, 64)
+
+
+def test_a_resent_call_never_shares_a_segment_with_the_late_original(tiny_dir):
+    """The server may still answer a call the client gave up on: that reply must not land on the
+    resent call's inputs, so a resend copies them into a fresh segment."""
+    server = GpuServer(tiny_dir, "cpu", shm=True)
+    real, seen = server.handle, []
+
+    def slow_once(frames):
+        seen.append(1)
+        if len(seen) == 2:  # the first call after the ping
+            time.sleep(1.5)
+        return real(frames)
+
+    server.handle = slow_once
+    with ServerThread(server, api.free_endpoint()) as thread:
+        client = Client(thread.endpoint, timeout_s=0.5, retries=3, shm=True)
+        client.ping()
+        first = client._segment.name
+        x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(4))
+        (y,) = client.call("Linear", [x], layer_idx=0, module_name="q_proj").tensors
+        assert client.stats.retries >= 1 and client._segment.name != first and not (SHM_DIR / first).exists()
+        with torch.inference_mode():
+            assert torch.allclose(y, server.layers[0].self_attn.q_proj(x), rtol=1e-5, atol=1e-6)
+        client.close()
+
+
+@pytest.mark.parametrize("room", ["lots", -1, 1 << 40, 1.5, True])
+def test_a_server_cannot_make_the_client_reserve_absurd_room(room):
+    with pytest.raises(ProtocolError, match="shm_room"):
+        reply_room({"ok": True, "shm_room": room})
+    assert reply_room({"ok": True}) == 0 and reply_room({"shm_room": 4096}) == 4096

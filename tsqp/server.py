@@ -264,6 +264,11 @@ class GpuServer:
             log_event(log, logging.WARNING, "bad_request", **fields)
         return protocol.encode(protocol.error_header(code, message))
 
+    def release(self) -> None:
+        """Unmap the clients' shared-memory segments (on stop)."""
+        if self.shared is not None:
+            self.shared.close()
+
     def health(self) -> dict[str, Any]:
         """What a Ping reports besides the model: uptime, traffic, errors, live sessions."""
         state = self.service
@@ -538,11 +543,13 @@ class GpuServer:
         return [(grouped[..., start:end, :] @ keys[..., :end]).reshape(b, c.num_heads, end - start, end)
                 for start, end in zip([0, *ends], ends)], {}
 
-    @staticmethod
-    def _block_ends(ends: Any, n: int) -> list[int]:
-        if not isinstance(ends, list) or not ends or len(ends) > n or ends[-1] != n \
+    def _block_ends(self, ends: Any, n: int) -> list[int]:
+        """Causal block ends: increasing, ending at n, no more than AttnOut will take back."""
+        limit = min(n, self.service.limits.max_tensors)
+        if not isinstance(ends, list) or not ends or len(ends) > limit or ends[-1] != n \
                 or any(type(e) is not int for e in ends) or any(a >= b for a, b in zip([0, *ends], ends)):
-            raise BadRequest(f"'blocks' must be increasing block ends ending at {n}, got {str(ends)[:80]}")
+            raise BadRequest(f"'blocks' must be at most {limit} increasing block ends ending at {n}, "
+                             f"got {str(ends)[:80]}")
         return ends
 
     def attn_out(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
@@ -645,6 +652,8 @@ class ServerThread:
         except BaseException as err:  # surfaced to the constructor
             self._errors.append(err)
             ready.set()
+        finally:
+            self.server.release()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -700,6 +709,7 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
         serve_forever(endpoint, handle, stop or threading.Event(), ready, keys=keys,
                       max_message_bytes=server.service.limits.max_message_bytes, heartbeat_s=heartbeat_s)
     finally:
+        server.release()
         state = server.service
         log_event(log, logging.INFO, "stop", endpoint=endpoint, requests=state.requests,
                   errors=sum(state.errors.values()), uptime_s=round(time.monotonic() - state.started, 3))

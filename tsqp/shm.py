@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 import uuid
 import weakref
 from collections import OrderedDict
@@ -33,6 +34,7 @@ SHM_DIR = Path("/dev/shm")
 NAME = re.compile(r"tsqp-[0-9a-f]{32}")  # the only names a server will open: no paths, no other files
 ALIGN = 64
 MAX_ATTACHED = 64  # segments a server keeps mapped (least recently used are dropped)
+MAX_REPLY_ROOM = 1 << 34  # the most reply room a server may make a client set aside (16 GiB)
 
 Location = list[int]  # [offset, nbytes]
 
@@ -72,12 +74,15 @@ class Segment:
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ProtocolError(f"bad shared-memory segment name {str(name)[:60]!r}")
         try:
-            fd = os.open(SHM_DIR / name, os.O_RDWR)
+            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW)
         except OSError as err:
             raise ProtocolError(f"cannot open shared memory {name} ({err.strerror}): the client must run on the "
                                 "server's host, as the same user") from None
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise ProtocolError(f"shared memory {name} is not a file of this server's user")
+            size = info.st_size
             if size < ALIGN:
                 raise ProtocolError(f"shared memory {name} is empty")
             return cls(name, mmap.mmap(fd, size), owner=False)
@@ -122,6 +127,14 @@ def encode_request(segment: Segment, header: dict[str, Any], tensors: Sequence[t
     end = locations[-1][0] + locations[-1][1] if locations else 0
     shared = {"name": segment.name, "frames": locations, "reply_at": aligned(end)}
     return [encode_header(dict(header, shm=shared), tensors)]
+
+
+def reply_room(header: dict[str, Any]) -> int:
+    """The room a framed reply says it needed (`shm_room`), checked: the server is not trusted."""
+    room = header.get("shm_room", 0)
+    if type(room) is not int or not 0 <= room <= MAX_REPLY_ROOM:
+        raise ProtocolError(f"bad 'shm_room' in the server's reply: {str(room)[:40]}")
+    return room
 
 
 def decode_reply(frames: Sequence[Any], segment: Segment) -> tuple[Message, int]:

@@ -25,7 +25,7 @@ from .errors import ProtocolError, RemoteError, ServerUnreachable
 from .keys import AuthenticationFailed, ClientKeys
 from .logs import log_event
 from .protocol import Message, decode, encode, frames_nbytes
-from .shm import Segment, decode_reply, encode_request, footprint
+from .shm import Segment, decode_reply, encode_request, footprint, reply_room
 
 if TYPE_CHECKING:
     from .keys import ServerKeys
@@ -89,7 +89,7 @@ def _set_heartbeat(sock: zmq.Socket, heartbeat_s: float) -> None:
 
 @dataclass
 class WireStats:
-    """What crossed the socket and where the client's time went."""
+    """What crossed the socket (or shared memory, with `shm`) and where the client's time went."""
 
     round_trips: int = 0  # completed request/reply exchanges (a retried call counts once)
     bytes_sent: int = 0  # every send, resends included
@@ -251,18 +251,20 @@ class Client:
             self._link.close()
             self._link = None
 
-    def close(self) -> None:
-        self._close_link()
+    def _drop_segment(self) -> None:
         if self._segment is not None:
             self._segment.close()
             self._segment = None
+
+    def close(self) -> None:
+        self._close_link()
+        self._drop_segment()
 
     def _shared_segment(self, tensors: Sequence[torch.Tensor]) -> Segment:
         """This client's segment, made (again) large enough for the request and the reply room."""
         room = footprint(tensors) + self._reply_room
         if self._segment is None or self._segment.size < room:
-            if self._segment is not None:
-                self._segment.close()
+            self._drop_segment()
             self._segment = Segment.create(room + room // 4 + (1 << 20))
         return self._segment
 
@@ -286,21 +288,29 @@ class Client:
 
     def _request(self, method: str, tensors: Sequence[torch.Tensor], args: dict[str, Any], timeout: float,
                  retries: int, connect_timeout: float) -> Message:
-        t0 = time.perf_counter()
         header = {"method": method, "args": args}
-        if self.shm:
-            segment = self._shared_segment(tensors)
-            frames = encode_request(segment, header, tensors)
-            nbytes = frames_nbytes(frames) + sum(t.numel() * t.element_size() for t in tensors)
-        else:
-            frames = encode(header, tensors)
-            nbytes = frames_nbytes(frames)
-        self.stats.serialize_s += time.perf_counter() - t0
-        reply_frames = self._exchange(method, frames, nbytes, timeout, retries, connect_timeout)
+        framed: list[Any] = []
+
+        def prepare() -> tuple[list[Any], int]:
+            """This attempt's frames and payload bytes. With shm, each attempt copies the tensors
+            into a segment no earlier attempt used: a server may still be working through a
+            request whose reply timed out, and would write that reply over these inputs."""
+            t0 = time.perf_counter()
+            if self.shm:
+                frames = encode_request(self._shared_segment(tensors), header, tensors)
+                nbytes = frames_nbytes(frames) + sum(t.numel() * t.element_size() for t in tensors)
+            else:
+                framed[:] = framed or encode(header, tensors)
+                frames, nbytes = framed, frames_nbytes(framed)
+            self.stats.serialize_s += time.perf_counter() - t0
+            return frames, nbytes
+
+        reply_frames = self._exchange(method, prepare, timeout, retries, connect_timeout)
         t2 = time.perf_counter()
         if self.shm:
-            reply, shared_bytes = decode_reply(reply_frames, segment)
-            self._reply_room = max(self._reply_room, int(reply.header.get("shm_room", 0) or 0))
+            assert self._segment is not None
+            reply, shared_bytes = decode_reply(reply_frames, self._segment)
+            self._reply_room = max(self._reply_room, reply_room(reply.header))
         else:
             reply, shared_bytes = decode(reply_frames), 0
         self.stats.serialize_s += time.perf_counter() - t2
@@ -312,10 +322,11 @@ class Client:
             raise RemoteError(str(error.get("code", "error")), str(error.get("message", "unknown error")))
         return reply
 
-    def _exchange(self, method: str, frames: list[Any], nbytes: int, timeout: float, retries: int,
+    def _exchange(self, method: str, prepare: Callable[[], tuple[list[Any], int]], timeout: float, retries: int,
                   connect_timeout: float) -> list[zmq.Frame]:
         """Send until a reply comes back or the attempts run out (Lazy Pirate)."""
         for attempt in range(retries + 1):
+            frames, nbytes = prepare()
             link = self._ready_link()
             t1 = time.perf_counter()
             link.sock.send_multipart(frames, copy=False)
@@ -325,6 +336,7 @@ class Client:
             if not isinstance(outcome, _Failure):
                 return outcome
             self._close_link()  # a REQ socket that missed its reply cannot be reused
+            self._drop_segment()  # nor a segment a late reply may still land in
             if outcome.fatal:
                 raise AuthenticationFailed(outcome.reason)
             if attempt < retries:

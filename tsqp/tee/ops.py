@@ -84,7 +84,7 @@ def query_blocks(n: int, block: int = 32, max_blocks: int = 8) -> list[int]:
     only, so scores and probabilities shrink toward half the n x n square as blocks get finer
     (8 blocks: 9/16 of it). At most 8 blocks of at least 32 queries: finer ones saved no time on
     the 1B preset at 128 tokens (docs/benchmarks.md)."""
-    count = min(max_blocks, max(1, math.ceil(n / block)))
+    count = min(max_blocks, max(1, n // block))
     return [round(n * (i + 1) / count) for i in range(count)]
 
 

@@ -37,7 +37,8 @@ class SeedSteps:
     def __init__(self, client: Client, config: ModelConfig, wire_dtype: torch.dtype):
         self.client, self.config, self.wire = client, config, wire_dtype
         self.wire_name = {v: k for k, v in DTYPES.items()}[wire_dtype]
-        self._values: torch.Tensor | None = None  # V [b, kv, n, d] between scores and attn_out
+        self._values: torch.Tensor | None = None  # V [b, kv, n, d] between scores and attn_out (the lean
+        # protocol leaves V on the server instead)
 
     def _call(self, method: str, *tensors: torch.Tensor, expect: list[tuple[int, ...]],
               exact: tuple[torch.Tensor, ...] = (), **args) -> list[torch.Tensor]:
@@ -249,11 +250,13 @@ class TeeRunner:
         cos, sin = ops.rope_cos_sin(self.inv_freq, self.rope_scaling, torch.arange(n))
         scaling = c.head_dim ** -0.5
 
+        # RoPE, Q @ K^T and P @ V run where the protocol puts them: all on the GPU (lean); RoPE in the
+        # TEE, the products on the GPU (seed); all in the TEE (guarded). See the module docstring.
         h = steps.embed(input_ids)  # [GPU] Embedding (in the TEE when guarded)
         for i in range(c.num_layers):
             # Attention
             x = ops.rms_norm(h, w.input_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
-            scores = steps.scores(i, x, cos, sin)  # [GPU] Q/K/V projections; RoPE; Q @ K^T as causal blocks
+            scores = steps.scores(i, x, cos, sin)  # [GPU] q/k/v projections, then RoPE, Q @ K^T: causal blocks
             probs = [ops.causal_softmax(block, scaling) for block in scores]  # [TEE] mask + softmax
             h = h + steps.attn_out(i, probs)  # P @ V, [GPU] o_proj; [TEE] residual
             # MLP
