@@ -69,18 +69,21 @@ def start_server(model_dir: str | Path, device: str | None = None, dtype: str = 
 class ServerProcess:
     """A server in its own process, as in a real deployment: for the demo, the benchmark, and tests
     that kill and restart it. With `server_secret_key`/`allow_keys` it serves CurveZMQ only, and
-    `client_keys` (one on its allow-list) is what the start-up ping uses."""
+    `client_keys` (one on its allow-list) is what the start-up ping uses. `shm` lets local clients
+    send tensors through shared memory (`serve --shm`)."""
 
     def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str = "float32",
                  endpoint: str | None = None, ready_timeout_s: float = 600.0, extra_args: tuple[str, ...] = (), *,
                  server_secret_key: str | Path | None = None, allow_keys: str | Path | None = None,
-                 client_keys: ClientKeys | None = None, log_level: str = "INFO"):
+                 client_keys: ClientKeys | None = None, log_level: str = "INFO", shm: bool = False):
         self.endpoint = endpoint or free_endpoint()
         self.client_keys = client_keys
         cmd = [sys.executable, "-m", "tsqp", "serve", "--model", str(model_dir), "--dtype", dtype,
                "--endpoint", self.endpoint, "--log-level", log_level, *extra_args]
         if device:
             cmd += ["--device", device]
+        if shm:
+            cmd.append("--shm")
         if server_secret_key or allow_keys:
             cmd += ["--server-secret-key", str(server_secret_key), "--allow-keys", str(allow_keys)]
         self._log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks

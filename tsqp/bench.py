@@ -271,7 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     local = None if not args.ipc else f"ipc://{tempfile.mkdtemp(prefix='tsqp-bench-')}/server.sock"
     server = None if args.endpoint else api.spawn_server(model_dir, device=args.device, dtype=args.dtype, endpoint=local,
-                                                         extra_args=("--shm",) if args.shm else ())
+                                                         shm=args.shm)
     endpoint = args.endpoint or server.endpoint
     try:
         with Client(endpoint) as client:
