@@ -92,8 +92,9 @@ def causal_softmax(scores: torch.Tensor, scaling: float) -> torch.Tensor:
     """Scale, hide future keys, softmax in fp32. scores: [b, heads, n_query, n_key], the queries
     being the last n_query of the n_key positions (a causal block)."""
     n, m = scores.shape[-2:]
-    future = torch.ones(n, m, dtype=torch.bool).triu(m - n + 1)
-    logits = (scores * scaling).masked_fill_(future, float("-inf"))
+    logits = scores * scaling
+    # only the block's last n keys can lie in a query's future: mask that square, not the block
+    logits[..., m - n:].masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     return F.softmax(logits, dim=-1, dtype=torch.float32)
 
 
