@@ -86,13 +86,13 @@ def plausible(draw) -> tuple[str, dict, list[dict]]:
     x = draw(st.sampled_from([[b, n, H], [b, n, H], [n, H], [b, n, H + 1], [b, n, I]]))
     args = {"layer_idx": draw(st.integers(-1, LAYERS)), "wire_dtype": draw(st.sampled_from(protocol.WIRE_DTYPES))}
     shapes = {"Embedding": [[b, n]], "Whole": [[b, n]], "QKVScores": [x, [n, D], [draw(st.sampled_from([n, m])), D]],
-              "AttnOut": [[b, HEADS, n, draw(st.sampled_from([n, m]))]], "Down": [[b, n, I]],
+              "AttnOut": [[b, HEADS, n, draw(st.sampled_from([n, m]))]], "GatedDown": [[b, n, I]],
               "Matmul": [[n, m], [m, draw(st.integers(1, 6))]], "Ping": [], "Init": []}.get(method, [x])
     if method in ("Linear",):
         args["module_name"] = draw(st.sampled_from(protocol.LINEAR_MODULES))
     if method == "QKVScores" and draw(st.booleans()):
         args["blocks"] = draw(st.sampled_from([[n], [1, n], [n, n], [m], "all"]))
-    if method in ("QKVScores", "AttnOut"):
+    if method in ("QKVScores", "AttnOut", "Gate", "GatedDown"):
         args["session"] = draw(st.sampled_from(["fuzz-a", "fuzz-b", "x" * 130]))
     if method == "Linears":
         args["modules"] = draw(st.lists(st.sampled_from(protocol.LINEAR_MODULES), min_size=1, max_size=3))

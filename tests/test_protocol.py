@@ -79,14 +79,14 @@ def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
     s, l = seed.prefill(ids), lean.prefill(ids)
     assert s.wire.round_trips == 9 * c.num_layers + 2
     assert l.wire.round_trips == 4 * c.num_layers + 2
-    # payload bytes the lean protocol must move, float32 on the wire: no q, k or v
+    # payload bytes the lean protocol must move, float32 on the wire: no q, k, v or up
     tok, f = batch * n, 4
     h, i = c.hidden_size, c.intermediate_size
     ends = ops.query_blocks(n)
     scores = batch * c.num_heads * sum((b - a) * b for a, b in zip([0, *ends], ends))  # causal blocks only
     rope = 2 * n * c.head_dim  # the cos and sin tables, sent with every QKVScores
     sent = ids.numel() * 8 + c.num_layers * (tok * f * (h + h + i) + scores * f + rope * f) + batch * h * f
-    received = tok * h * f + c.num_layers * (tok * f * (h + 2 * i + h) + scores * f) + batch * c.vocab_size * f
+    received = tok * h * f + c.num_layers * (tok * f * (h + i + h) + scores * f) + batch * c.vocab_size * f
     rounds = l.wire.round_trips
     assert sent <= l.wire.bytes_sent <= sent + 300 * rounds  # headers are small
     assert received <= l.wire.bytes_received <= received + 300 * rounds
@@ -95,7 +95,7 @@ def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
 
 
 def test_each_fused_method_equals_its_unfused_computation(servers, model_dirs, references):
-    """QKVScores, AttnOut, GateUp, Down against the same math on transformers' own modules."""
+    """QKVScores, AttnOut, Gate, GatedDown against the same math on transformers' own modules."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     model = references["head-dim"]  # heads * head_dim != hidden, 1 kv head: the awkward shapes
@@ -118,12 +118,13 @@ def test_each_fused_method_equals_its_unfused_computation(servers, model_dirs, r
         v = block.self_attn.v_proj(x).view(b, n, kv, d).transpose(1, 2).repeat_interleave(h // kv, dim=1)
         expected = block.self_attn.o_proj((probs @ v).transpose(1, 2).reshape(b, n, h * d))
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
-        gate, up = client.call("GateUp", [x], layer_idx=1).tensors
+        (gate,) = client.call("Gate", [x], layer_idx=1, session="s1").tensors
         assert torch.allclose(gate, block.mlp.gate_proj(x), rtol=1e-5, atol=1e-6)
-        assert torch.allclose(up, block.mlp.up_proj(x), rtol=1e-5, atol=1e-6)
-        hidden = torch.randn(b, n, c.intermediate_size, generator=g)
-        (down,) = client.call("Down", [hidden], layer_idx=1).tensors
-        assert torch.allclose(down, block.mlp.down_proj(hidden), rtol=1e-5, atol=1e-6)
+        activated = torch.randn(b, n, c.intermediate_size, generator=g)  # any SiLU(gate) the TEE sends
+        (down,) = client.call("GatedDown", [activated], layer_idx=1, session="s1").tensors
+        assert torch.allclose(down, block.mlp.down_proj(activated * block.mlp.up_proj(x)), rtol=1e-5, atol=1e-6)
+        with pytest.raises(RemoteError, match="call Gate first"):  # up is used once, then freed
+            client.call("GatedDown", [activated], layer_idx=1, session="s1")
         (many,) = client.call("Linears", [x], layer_idx=1, modules=["q_proj"]).tensors
         assert torch.allclose(many, block.self_attn.q_proj(x), rtol=1e-5, atol=1e-6)
     client.close()
@@ -173,7 +174,7 @@ def test_scores_and_attn_out_by_causal_blocks(servers, references):
     client.close()
 
 
-@pytest.mark.parametrize("method, protection", [("QKVScores", "none"), ("GateUp", "none"), ("LMHead", "none"),
+@pytest.mark.parametrize("method, protection", [("QKVScores", "none"), ("Gate", "none"), ("LMHead", "none"),
                                                 ("Linears", "private")])
 def test_a_reply_of_the_wrong_shape_is_refused(method, protection, servers, model_dirs):
     """The TEE checks what comes back: one column short is an error naming the method, not a crash."""

@@ -103,7 +103,7 @@ def test_non_finite_inputs_are_refused_before_the_model(servers, value):
     x = torch.randn(1, 3, 64)
     x[0, 1, 5] = value
     with Client(servers["gqa"].endpoint, timeout_s=10) as client:
-        for method, args in (("Linear", {"layer_idx": 0, "module_name": "q_proj"}), ("GateUp", {"layer_idx": 1}),
+        for method, args in (("Linear", {"layer_idx": 0, "module_name": "q_proj"}), ("Gate", {"layer_idx": 1, "session": "s"}),
                              ("LMHead", {})):
             with pytest.raises(RemoteError) as caught:
                 client.call(method, [x], **args)

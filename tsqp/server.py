@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .keys import ServerKeys
 
 MAX_ELEMENTS = 1 << 31  # per tensor; a guard against absurd shapes, not a tuning knob
-MAX_SESSIONS = 64  # sessions whose V tensors the lean protocol keeps between calls
+MAX_SESSIONS = 64  # sessions whose tensors (V, up) the lean protocol keeps between calls
 
 log = logging.getLogger("tsqp.server")
 
@@ -46,7 +46,7 @@ class BadRequest(Exception):
 
 
 class MissingState(BadRequest):
-    """A lean call needs state an earlier call left here (V), and it is gone (e.g. a restart)."""
+    """A lean call needs state an earlier call left here (V, up), and it is gone (e.g. a restart)."""
 
     code = "missing_state"
 
@@ -115,8 +115,8 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     # x [b, n, hidden], cos and sin [n, head_dim]; V is kept as [b, kv, n, d] for AttnOut
     "QKVScores": MethodSpec(3, required=(LAYER, SESSION), ranks=(3, 2, 2)),
     "AttnOut": MethodSpec(1, required=(LAYER, SESSION), ranks=(4,), variadic=True),  # one per causal block
-    "GateUp": MethodSpec(1, required=(LAYER,)),
-    "Down": MethodSpec(1, required=(LAYER,)),
+    "Gate": MethodSpec(1, required=(LAYER, SESSION)),  # returns gate; up is kept for GatedDown
+    "GatedDown": MethodSpec(1, required=(LAYER, SESSION)),
     "Linears": MethodSpec(1, FLOAT_DTYPES, required=(("modules",),)),
     "Whole": MethodSpec(1, IDS, ranks=(2,)),
 }
@@ -185,7 +185,8 @@ class GpuServer:
         self.dtype = parse_dtype(dtype)
         self.model, self.config = load_model(self.model_dir, str(self.device), self.dtype)
         self.layers = self.model.model.layers
-        self._values: OrderedDict[str, dict[int, torch.Tensor]] = OrderedDict()
+        # what lean calls leave for later ones, by session: {("v" | "up", layer): tensor}
+        self._kept: OrderedDict[str, dict[tuple[str, int], torch.Tensor]] = OrderedDict()
         self._converted: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.handlers: dict[str, Callable[[dict, list[torch.Tensor]], tuple[list[torch.Tensor], dict]]] = {
             "Ping": self.ping,
@@ -196,8 +197,8 @@ class GpuServer:
             "LMHead": self.lm_head,
             "QKVScores": self.qkv_scores,
             "AttnOut": self.attn_out,
-            "GateUp": self.gate_up,
-            "Down": self.down,
+            "Gate": self.gate,
+            "GatedDown": self.gated_down,
             "Linears": self.linears,
             "Whole": self.whole,
         }
@@ -273,7 +274,7 @@ class GpuServer:
         """What a Ping reports besides the model: uptime, traffic, errors, live sessions."""
         state = self.service
         return {"uptime_s": round(time.monotonic() - state.started, 3), "requests": state.requests,
-                "errors": dict(state.errors), "sessions": len(self._values)}
+                "errors": dict(state.errors), "sessions": len(self._kept)}
 
     # -- validation before work ------------------------------------------------------------------
 
@@ -386,7 +387,7 @@ class GpuServer:
         rows = math.prod(shapes[0][:-1])
         widest = max(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim)
         widths = {"Linears": len(args.get("modules") or ()) * widest,
-                  "LMHead": c.vocab_size, "Down": c.hidden_size, "GateUp": 2 * c.intermediate_size,
+                  "LMHead": c.vocab_size, "GatedDown": c.hidden_size, "Gate": c.intermediate_size,
                   "Linear": max(c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim)}
         if method in widths:
             return rows * widths[method]
@@ -532,11 +533,7 @@ class GpuServer:
         attn = self.layers[layer].self_attn
         q = attn.q_proj(x).view(b, n, c.num_heads, c.head_dim).transpose(1, 2)  # [b, heads, n, d]
         k = attn.k_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [b, kv, n, d]
-        v = attn.v_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        self._values.setdefault(session, {})[layer] = v
-        self._values.move_to_end(session)
-        while len(self._values) > MAX_SESSIONS:
-            self._values.popitem(last=False)
+        self._keep(session, "v", layer, attn.v_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         grouped = q.view(b, c.num_kv_heads, c.kv_groups, n, c.head_dim)
         keys = k.unsqueeze(2).transpose(-1, -2)  # [b, kv, 1, d, n]
@@ -557,9 +554,7 @@ class GpuServer:
         probabilities come as the causal query blocks that QKVScores produced."""
         layer, session = self._layer(args), self._session(args)
         probs = self._inputs(tensors, len(tensors), "probs [b, heads, n_i, end_i] per causal block")
-        v = self._values.get(session, {}).get(layer)
-        if v is None:
-            raise MissingState(f"no V for session {session!r} layer {layer}: call QKVScores first")
+        v = self._kept_tensor(session, "v", layer, "QKVScores")
         c = self.config
         b, kv, m, d = v.shape
         start, outs = 0, []
@@ -576,17 +571,39 @@ class GpuServer:
         out = torch.cat(outs, dim=3).view(b, c.num_heads, m, d).transpose(1, 2).reshape(b, m, c.num_heads * d)
         return [self.layers[layer].self_attn.o_proj(out)], {}
 
-    def gate_up(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        layer = self._layer(args)
+    def gate(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """gate and up projections of one input: gate goes back for the TEE's SiLU; up stays for
+        GatedDown, since the only op that touches it is the element-wise product (linear in it)."""
+        layer, session = self._layer(args), self._session(args)
         (x,) = self._inputs(tensors, 1, "hidden_states")
         mlp = self.layers[layer].mlp
-        self._check_last_dim(x, self.config.hidden_size, f"layer {layer} GateUp")
-        return [mlp.gate_proj(x), mlp.up_proj(x)], {}
+        self._check_last_dim(x, self.config.hidden_size, f"layer {layer} Gate")
+        self._keep(session, "up", layer, mlp.up_proj(x))
+        return [mlp.gate_proj(x)], {}
 
-    def down(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        layer = self._layer(args)
-        (h,) = self._inputs(tensors, 1, "hidden_states")
-        return [self._apply(self.layers[layer].mlp.down_proj, h, f"layer {layer} Down")], {}
+    def gated_down(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """down_proj(SiLU(gate) * up), with SiLU(gate) from the TEE and the up kept from Gate."""
+        layer, session = self._layer(args), self._session(args)
+        (activated,) = self._inputs(tensors, 1, "SiLU(gate)")
+        up = self._kept_tensor(session, "up", layer, "Gate")
+        if activated.shape != up.shape:
+            raise BadRequest(f"GatedDown expects SiLU(gate) of shape {list(up.shape)} (as Gate made it), "
+                             f"got {list(activated.shape)}")
+        del self._kept[session][("up", layer)]  # used once: free it now
+        return [self.layers[layer].mlp.down_proj(activated * up)], {}
+
+    def _keep(self, session: str, name: str, layer: int, t: torch.Tensor) -> None:
+        """Keep `t` for a later call of the same session; the oldest sessions are dropped first."""
+        self._kept.setdefault(session, {})[(name, layer)] = t
+        self._kept.move_to_end(session)
+        while len(self._kept) > MAX_SESSIONS:
+            self._kept.popitem(last=False)
+
+    def _kept_tensor(self, session: str, name: str, layer: int, maker: str) -> torch.Tensor:
+        t = self._kept.get(session, {}).get((name, layer))
+        if t is None:
+            raise MissingState(f"no {name} for session {session!r} layer {layer}: call {maker} first")
+        return t
 
     def linears(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
         """Several projections of one input (the guarded modes). A float64 input (one-time-masked,

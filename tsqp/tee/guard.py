@@ -196,6 +196,7 @@ class GuardedSteps:
         self.pool = OneTimePool()
         self.current: PrefillSecrets | None = None
         self._values: torch.Tensor | None = None  # V, expanded for GQA, between scores and attn_out
+        self._up: torch.Tensor | None = None  # between gate and down
 
     # -- offline ------------------------------------------------------------------------------
 
@@ -226,7 +227,7 @@ class GuardedSteps:
 
     def end(self) -> None:
         self.current = None  # nothing of a finished prefill's material can be used again
-        self._values = None
+        self._values = self._up = None
 
     # -- one guarded call -----------------------------------------------------------------------
 
@@ -283,12 +284,14 @@ class GuardedSteps:
         out = torch.cat([p @ v[:, :, : p.shape[-1]] for p in probs], dim=2)
         return self._project(layer, "o", ops.merge_heads(out))[0]
 
-    def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, up = self._project(layer, "gate_up", x)
-        return gate, up
+    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        gate, self._up = self._project(layer, "gate_up", x)
+        return gate
 
-    def down(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return self._project(layer, "down", h)[0]
+    def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
+        assert self._up is not None
+        product, self._up = activated * self._up, None  # in the TEE: private mode's server has only a masked up
+        return self._project(layer, "down", product)[0]
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         return self._project(None, "lm_head", h)[0]

@@ -1,7 +1,7 @@
 """The TEE's kernels: the non-linear steps of a LLaMA layer, as plain functions over tensors.
 
 They reproduce `transformers`' Llama semantics in float32 (RMSNorm in fp32, rotate-half RoPE with
-`attention_scaling`, causal mask, softmax in fp32, SiLU-gated MLP).
+`attention_scaling`, causal mask, softmax in fp32, the SiLU of the gated MLP).
 """
 
 from __future__ import annotations
@@ -98,5 +98,6 @@ def causal_softmax(scores: torch.Tensor, scaling: float) -> torch.Tensor:
     return F.softmax(logits, dim=-1, dtype=torch.float32)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+def silu(gate: torch.Tensor) -> torch.Tensor:
+    """The MLP's non-linearity; the product with up that follows is linear in up."""
+    return F.silu(gate)

@@ -6,9 +6,11 @@ implement `Steps`:
 
 * `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
   the TEE rotates q and k (RoPE) and expands K and V for GQA before sending them back;
-* `LeanSteps`: fused calls, 4 per layer + 2. q/k/v, RoPE and Q·K^T are one call: RoPE is a
-  linear, position-wise rotation, so the server applies it with cos/sin tables the TEE computes
-  from its own config, and q, k, v never cross the wire. P·V goes with o_proj, gate with up.
+* `LeanSteps`: fused calls, 4 per layer + 2, and only what a non-linear step needs comes back.
+  q/k/v, RoPE and Q·K^T are one call: RoPE is a linear, position-wise rotation, so the server
+  applies it with cos/sin tables the TEE computes from its own config, and q, k, v never cross
+  the wire. P·V goes with o_proj. Of gate and up only gate comes back, for SiLU: the product
+  with up is linear in up, so the server applies it in front of down_proj.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class SeedSteps:
     def __init__(self, client: Client, config: ModelConfig, wire_dtype: torch.dtype):
         self.client, self.config, self.wire = client, config, wire_dtype
         self.wire_name = {v: k for k, v in DTYPES.items()}[wire_dtype]
-        self._values: torch.Tensor | None = None  # V [b, kv, n, d] between scores and attn_out (the lean
-        # protocol leaves V on the server instead)
+        # V [b, kv, n, d] between scores and attn_out, up between gate and down (the lean protocol
+        # leaves both on the server instead)
+        self._values: torch.Tensor | None = None
+        self._up: torch.Tensor | None = None
 
     def _call(self, method: str, *tensors: torch.Tensor, expect: list[tuple[int, ...]],
               exact: tuple[torch.Tensor, ...] = (), **args) -> list[torch.Tensor]:
@@ -59,7 +63,7 @@ class SeedSteps:
 
     def end(self) -> None:
         """Per-prefill teardown."""
-        self._values = None
+        self._values = self._up = None
 
     def _rows(self, x: torch.Tensor, width: int) -> list[tuple[int, ...]]:
         """The one expected output: x's leading dims, `width` wide."""
@@ -90,11 +94,16 @@ class SeedSteps:
         out = self._call("Matmul", probs[0], v, expect=[tuple(v.shape)])[0]  # [GPU] P·V
         return self._linear(layer, "o_proj", ops.merge_heads(out))  # [GPU] o_proj
 
-    def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._linear(layer, "gate_proj", x), self._linear(layer, "up_proj", x)
+    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The gate projection of x; up is made alongside, for `down`."""
+        self._up = self._linear(layer, "up_proj", x)  # [GPU] up projection
+        return self._linear(layer, "gate_proj", x)  # [GPU] gate projection
 
-    def down(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return self._linear(layer, "down_proj", h)
+    def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
+        """down_proj(SiLU(gate) * up) for the TEE's SiLU(gate)."""
+        assert self._up is not None
+        product, self._up = activated * self._up, None  # [TEE] * up
+        return self._linear(layer, "down_proj", product)  # [GPU] down projection
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         return self._call("LMHead", h, expect=self._rows(h, self.config.vocab_size))[0]
@@ -121,12 +130,15 @@ class LeanSteps(SeedSteps):
         return self._call("AttnOut", *probs, expect=[(b, n, self.config.hidden_size)], layer_idx=layer,
                           session=self.session)[0]
 
-    def gate_up(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, up = self._call("GateUp", x, expect=2 * self._rows(x, self.config.intermediate_size), layer_idx=layer)
-        return gate, up
+    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """gate and up on the server; up stays there for GatedDown."""
+        return self._call("Gate", x, expect=self._rows(x, self.config.intermediate_size), layer_idx=layer,
+                          session=self.session)[0]
 
-    def down(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return self._call("Down", h, expect=self._rows(h, self.config.hidden_size), layer_idx=layer)[0]
+    def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
+        """* up and down_proj on the server."""
+        return self._call("GatedDown", activated, expect=self._rows(activated, self.config.hidden_size),
+                          layer_idx=layer, session=self.session)[0]
 
 
 @dataclass
@@ -250,8 +262,8 @@ class TeeRunner:
         cos, sin = ops.rope_cos_sin(self.inv_freq, self.rope_scaling, torch.arange(n))
         scaling = c.head_dim ** -0.5
 
-        # RoPE, Q @ K^T and P @ V run where the protocol puts them: all on the GPU (lean); RoPE in the
-        # TEE, the products on the GPU (seed); all in the TEE (guarded). See the module docstring.
+        # RoPE, Q @ K^T, P @ V and * up run where the protocol puts them: all on the GPU (lean); RoPE
+        # and * up in the TEE, the products on the GPU (seed); all in the TEE (guarded).
         h = steps.embed(input_ids)  # [GPU] Embedding (in the TEE when guarded)
         for i in range(c.num_layers):
             # Attention
@@ -261,8 +273,8 @@ class TeeRunner:
             h = h + steps.attn_out(i, probs)  # P @ V, [GPU] o_proj; [TEE] residual
             # MLP
             x = ops.rms_norm(h, w.post_attention_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
-            gate, up = steps.gate_up(i, x)  # [GPU] gate & up projections
-            h = h + steps.down(i, ops.swiglu(gate, up))  # [TEE] SiLU * up; [GPU] down; [TEE] residual
+            gate = steps.gate(i, x)  # [GPU] gate & up projections
+            h = h + steps.down(i, ops.silu(gate))  # [TEE] SiLU; * up, [GPU] down; [TEE] residual
         if not all_positions:
             h = h[:, -1:]
         h = ops.rms_norm(h, w.final_norm(), c.rms_norm_eps)  # [TEE] final RMSNorm
