@@ -123,8 +123,14 @@ def test_each_fused_method_equals_its_unfused_computation(servers, model_dirs, r
         activated = torch.randn(b, n, c.intermediate_size, generator=g)  # any SiLU(gate) the TEE sends
         (down,) = client.call("GatedDown", [activated], layer_idx=1, session="s1").tensors
         assert torch.allclose(down, block.mlp.down_proj(activated * block.mlp.up_proj(x)), rtol=1e-5, atol=1e-6)
-        with pytest.raises(RemoteError, match="call Gate first"):  # up is used once, then freed
+        (again,) = client.call("GatedDown", [activated], layer_idx=1, session="s1").tensors  # a resend
+        assert torch.allclose(again, down, rtol=1e-6, atol=1e-7)
+        with pytest.raises(RemoteError, match="SiLU"):  # not the shape Gate made
+            client.call("GatedDown", [activated[:, :-1]], layer_idx=1, session="s1")
+        client.call("Gate", [x], layer_idx=0, session="s1")  # the next layer's Gate replaces up
+        with pytest.raises(RemoteError, match="call Gate first") as caught:
             client.call("GatedDown", [activated], layer_idx=1, session="s1")
+        assert caught.value.code == "missing_state"
         (many,) = client.call("Linears", [x], layer_idx=1, modules=["q_proj"]).tensors
         assert torch.allclose(many, block.self_attn.q_proj(x), rtol=1e-5, atol=1e-6)
     client.close()
@@ -174,7 +180,8 @@ def test_scores_and_attn_out_by_causal_blocks(servers, references):
     client.close()
 
 
-@pytest.mark.parametrize("method, protection", [("QKVScores", "none"), ("Gate", "none"), ("LMHead", "none"),
+@pytest.mark.parametrize("method, protection", [("QKVScores", "none"), ("Gate", "none"), ("GatedDown", "none"),
+                                                ("LMHead", "none"),
                                                 ("Linears", "private")])
 def test_a_reply_of_the_wrong_shape_is_refused(method, protection, servers, model_dirs):
     """The TEE checks what comes back: one column short is an error naming the method, not a crash."""

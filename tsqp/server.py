@@ -46,7 +46,8 @@ class BadRequest(Exception):
 
 
 class MissingState(BadRequest):
-    """A lean call needs state an earlier call left here (V, up), and it is gone (e.g. a restart)."""
+    """A lean call needs state an earlier call left here (V, up), and it is gone: the server
+    restarted, or dropped the session for 64 newer ones, or the call skipped its predecessor."""
 
     code = "missing_state"
 
@@ -578,18 +579,22 @@ class GpuServer:
         (x,) = self._inputs(tensors, 1, "hidden_states")
         mlp = self.layers[layer].mlp
         self._check_last_dim(x, self.config.hidden_size, f"layer {layer} Gate")
+        gate = mlp.gate_proj(x)
+        kept = self._kept.get(session, {})
+        for key in [key for key in kept if key[0] == "up"]:
+            del kept[key]  # one layer's up per session: the prefill has moved on
         self._keep(session, "up", layer, mlp.up_proj(x))
-        return [mlp.gate_proj(x)], {}
+        return [gate], {}
 
     def gated_down(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
-        """down_proj(SiLU(gate) * up), with SiLU(gate) from the TEE and the up kept from Gate."""
+        """down_proj(SiLU(gate) * up), with SiLU(gate) from the TEE and the up kept from Gate.
+        up stays until the session's next Gate, so a resent call gets the same answer."""
         layer, session = self._layer(args), self._session(args)
         (activated,) = self._inputs(tensors, 1, "SiLU(gate)")
         up = self._kept_tensor(session, "up", layer, "Gate")
         if activated.shape != up.shape:
             raise BadRequest(f"GatedDown expects SiLU(gate) of shape {list(up.shape)} (as Gate made it), "
                              f"got {list(activated.shape)}")
-        del self._kept[session][("up", layer)]  # used once: free it now
         return [self.layers[layer].mlp.down_proj(activated * up)], {}
 
     def _keep(self, session: str, name: str, layer: int, t: torch.Tensor) -> None:

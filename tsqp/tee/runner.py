@@ -1,7 +1,7 @@
 """The forward pass across the trust boundary.
 
-The TEE keeps the control flow and every non-linear step (RMSNorm, mask + softmax, SiLU * up,
-residual adds); a `Steps` object sends the linear algebra to the GPU server. Two protocols
+The TEE keeps the control flow and every non-linear step (RMSNorm, mask + softmax, SiLU,
+residual adds; in the seed and guarded modes also RoPE and the product with up); a `Steps` object sends the linear algebra to the GPU server. Two protocols
 implement `Steps`:
 
 * `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
@@ -96,8 +96,9 @@ class SeedSteps:
 
     def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The gate projection of x; up is made alongside, for `down`."""
+        gate = self._linear(layer, "gate_proj", x)  # [GPU] gate projection
         self._up = self._linear(layer, "up_proj", x)  # [GPU] up projection
-        return self._linear(layer, "gate_proj", x)  # [GPU] gate projection
+        return gate
 
     def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
         """down_proj(SiLU(gate) * up) for the TEE's SiLU(gate)."""
