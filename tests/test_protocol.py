@@ -131,6 +131,9 @@ def test_each_fused_method_equals_its_unfused_computation(servers, model_dirs, r
         with pytest.raises(RemoteError, match="call Gate first") as caught:
             client.call("GatedDown", [activated], layer_idx=1, session="s1")
         assert caught.value.code == "missing_state"
+        sessions = client.ping()["sessions"]
+        client.call("LMHead", [torch.randn(1, 1, c.hidden_size)], session="s1")  # a lean prefill's last call
+        assert client.ping()["sessions"] == sessions - 1
         (many,) = client.call("Linears", [x], layer_idx=1, modules=["q_proj"]).tensors
         assert torch.allclose(many, block.self_attn.q_proj(x), rtol=1e-5, atol=1e-6)
     client.close()

@@ -512,8 +512,13 @@ class GpuServer:
             raise BadRequest(f"Matmul shapes do not agree: {list(a.shape)} @ {list(b.shape)} ({err})") from None
 
     def lm_head(self, args: dict, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """The seed's LMHead. A lean prefill names its `session`: its last call, so the state it
+        left here (V, up) is freed."""
         (x,) = self._inputs(tensors, 1, "hidden_states")
-        return [self._apply(self.model.lm_head, x, "LMHead")], {}
+        logits = self._apply(self.model.lm_head, x, "LMHead")
+        if "session" in args:
+            self._kept.pop(self._session(args), None)
+        return [logits], {}
 
     # -- lean methods: fused, V stays here --------------------------------------------------------
 

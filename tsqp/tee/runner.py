@@ -141,6 +141,10 @@ class LeanSteps(SeedSteps):
         return self._call("GatedDown", activated, expect=self._rows(activated, self.config.hidden_size),
                           layer_idx=layer, session=self.session)[0]
 
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """The last call: the server frees what this prefill left there."""
+        return self._call("LMHead", h, expect=self._rows(h, self.config.vocab_size), session=self.session)[0]
+
 
 @dataclass
 class PrefillResult:
