@@ -9,7 +9,8 @@
 # Then, on the GPU host, from the repository root (with .whl carried along):
 #   bash scripts/device-bench.sh            # results in $OUT, or ./gpu-bench: 8 files at most
 # TOKENS, REPEAT, PRESETS, GUARDED (the preset for private/verify, always 128 tokens x 3 runs) and
-# DEVICE override the defaults below; `DEVICE=cpu PRESETS=tiny GUARDED=tiny TOKENS=16 REPEAT=1` smoke-tests the script on a CPU.
+# DEVICE override the defaults below;
+# `DEVICE=cpu PRESETS=tiny GUARDED=tiny TOKENS=16 REPEAT=1` smoke-tests the script on a CPU.
 set -euo pipefail
 
 OUT=${OUT:-gpu-bench}

@@ -65,8 +65,8 @@ BAD_REQUESTS = [  # (frames, expected code, what the message names)
       bytes(256)], "bad_request", "int"),
     ([header("QKVScores", {"layer_idx": 0}, [{"dtype": "float32", "shape": [1, 1, 64]},
                                               {"dtype": "float32", "shape": [1, 16]},
-                                              {"dtype": "float32", "shape": [1, 16]}]), bytes(256), bytes(64), bytes(64)],
-     "bad_request", "session"),
+                                              {"dtype": "float32", "shape": [1, 16]}]),
+      bytes(256), bytes(64), bytes(64)], "bad_request", "session"),
     ([header("Embedding", {}, [{"dtype": "float32", "shape": [1, 2]}]), bytes(8)], "bad_request", "int64"),
     ([header("LMHead", {}, [{"dtype": "int64", "shape": [1, 64]}]), bytes(512)], "bad_request", "float"),
     ([header("LMHead", {}, [{"dtype": "complex64", "shape": [1]}]), bytes(8)], "bad_request", "complex64"),
@@ -103,8 +103,8 @@ def test_non_finite_inputs_are_refused_before_the_model(servers, value):
     x = torch.randn(1, 3, 64)
     x[0, 1, 5] = value
     with Client(servers["gqa"].endpoint, timeout_s=10) as client:
-        for method, args in (("Linear", {"layer_idx": 0, "module_name": "q_proj"}), ("Gate", {"layer_idx": 1, "session": "s"}),
-                             ("LMHead", {})):
+        for method, args in (("Linear", {"layer_idx": 0, "module_name": "q_proj"}),
+                             ("Gate", {"layer_idx": 1, "session": "s"}), ("LMHead", {})):
             with pytest.raises(RemoteError) as caught:
                 client.call(method, [x], **args)
             assert caught.value.code == "non_finite"

@@ -14,7 +14,7 @@ import zmq
 from tsqp import api, protocol
 from tsqp.errors import ProtocolError, RemoteError
 from tsqp.server import GpuServer, ServerThread
-from tsqp.shm import SHM_DIR, Segment, reply_room
+from tsqp.shm import SHM_DIR, Attached, Segment, reply_room
 from tsqp.transport import Client
 
 from conftest import reference_logits, relative_error, run_cli
@@ -153,3 +153,15 @@ def test_bench_over_shared_memory(tiny_dir, tmp_path):
     assert report["transport"] == "shm"
     split = next(r for r in report["results"] if r["mode"] == "split")
     assert split["round_trips"] == 4 * 2 + 2 and split["bytes_received"] > 40 * 64 * 4
+
+
+def test_the_server_unmaps_segments_whose_clients_are_gone():
+    attached = Attached()
+    first, second = Segment.create(4096), Segment.create(4096)
+    attached.get(first.name)
+    first.close()  # its client closed (or outgrew it): the file is gone
+    attached.get(second.name)  # the next attach drops the stale mapping
+    assert list(attached._segments) == [second.name]
+    attached.close()  # on stop
+    assert not attached._segments
+    second.close()

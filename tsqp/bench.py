@@ -270,8 +270,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise InputError(f"{max(token_counts)} tokens exceed max_position_embeddings ({config.max_position_embeddings})")
 
     local = None if not args.ipc else f"ipc://{tempfile.mkdtemp(prefix='tsqp-bench-')}/server.sock"
-    server = None if args.endpoint else api.spawn_server(model_dir, device=args.device, dtype=args.dtype, endpoint=local,
-                                                         shm=args.shm)
+    server = None if args.endpoint else api.spawn_server(model_dir, device=args.device, dtype=args.dtype,
+                                                         endpoint=local, shm=args.shm)
     endpoint = args.endpoint or server.endpoint
     try:
         with Client(endpoint) as client:

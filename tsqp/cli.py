@@ -273,8 +273,8 @@ def print_report(result, runner, offline=None, out=sys.stdout) -> None:
             print("GPU operations: Linear, Embedding, Matmul", file=out)
         else:
             print("TEE operations: Softmax, RMSNorm, SiLU (and the rotary tables)", file=out)
-            print("GPU operations: Embedding, QKVScores (q/k/v, RoPE, Q·K^T), AttnOut (P·V + o_proj), Gate (gate, up), "
-                  "GatedDown (· up, down_proj), LMHead", file=out)
+            print("GPU operations: Embedding, QKVScores (q/k/v, RoPE, Q·K^T), AttnOut (P·V + o_proj), "
+                  "Gate (gate, up), GatedDown (· up, down_proj), LMHead", file=out)
     via = ", shared memory" if runner.client.shm else ""
     print(f"Protocol: {runner.protocol} (wire {runner.wire_dtype}{via}), {w.round_trips} round trips, "
           f"{w.bytes_sent / 1e6:.2f} MB sent, {w.bytes_received / 1e6:.2f} MB received", file=out)

@@ -728,7 +728,8 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
     def ready() -> None:
         print(f"✓ ZeroMQ server started on {where}", file=out, flush=True)
         log_event(log, logging.INFO, "start", endpoint=endpoint, model=str(model_dir), device=device, dtype=dtype,
-                  curve="on" if keys else "off", shm="on" if shm else "off", allowed_keys=str(keys.allowed_dir) if keys else "-",
+                  curve="on" if keys else "off", shm="on" if shm else "off",
+                  allowed_keys=str(keys.allowed_dir) if keys else "-",
                   max_message_bytes=server.service.limits.max_message_bytes)
 
     try:

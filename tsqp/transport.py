@@ -289,19 +289,18 @@ class Client:
     def _request(self, method: str, tensors: Sequence[torch.Tensor], args: dict[str, Any], timeout: float,
                  retries: int, connect_timeout: float) -> Message:
         header = {"method": method, "args": args}
-        framed: list[Any] = []
 
         def prepare() -> tuple[list[Any], int]:
-            """This attempt's frames and payload bytes. With shm, each attempt copies the tensors
-            into a segment no earlier attempt used: a server may still be working through a
-            request whose reply timed out, and would write that reply over these inputs."""
+            """One attempt's frames and payload bytes. With shm each attempt copies the tensors into
+            a segment no earlier attempt used: a server may still be working through a request
+            whose reply timed out, and would write that reply over these inputs."""
             t0 = time.perf_counter()
             if self.shm:
                 frames = encode_request(self._shared_segment(tensors), header, tensors)
                 nbytes = frames_nbytes(frames) + sum(t.numel() * t.element_size() for t in tensors)
             else:
-                framed[:] = framed or encode(header, tensors)
-                frames, nbytes = framed, frames_nbytes(framed)
+                frames = encode(header, tensors)  # zero-copy views of the tensors: cheap to redo
+                nbytes = frames_nbytes(frames)
             self.stats.serialize_s += time.perf_counter() - t0
             return frames, nbytes
 

@@ -1,8 +1,8 @@
 """The forward pass across the trust boundary.
 
 The TEE keeps the control flow and every non-linear step (RMSNorm, mask + softmax, SiLU,
-residual adds; in the seed and guarded modes also RoPE and the product with up); a `Steps` object sends the linear algebra to the GPU server. Two protocols
-implement `Steps`:
+residual adds; in the seed and guarded modes also RoPE and the product with up); a `Steps`
+object sends the linear algebra to the GPU server. Two protocols implement `Steps`:
 
 * `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
   the TEE rotates q and k (RoPE) and expands K and V for GQA before sending them back;
@@ -80,7 +80,7 @@ class SeedSteps:
         """Attention scores Q·K^T (unscaled) as causal query blocks; the seed's: one n x n block."""
         c = self.config
         q, k, v = (self._linear(layer, m, x) for m in ("q_proj", "k_proj", "v_proj"))  # [GPU] Q/K/V projections
-        q, k, v = ops.split_heads(q, c.head_dim), ops.split_heads(k, c.head_dim), ops.split_heads(v, c.head_dim)
+        q, k, v = (ops.split_heads(t, c.head_dim) for t in (q, k, v))
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)  # [TEE] RoPE
         self._values = v
         b, h, n, _ = q.shape
