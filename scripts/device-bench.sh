@@ -8,8 +8,10 @@
 #       --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.1.0
 # Then, on the GPU host, from the repository root (with .whl carried along):
 #   bash scripts/device-bench.sh            # results in $OUT, or ./gpu-bench: 8 files at most
-# TOKENS, REPEAT, PRESETS, GUARDED (the preset for private/verify, always 128 tokens x 3 runs) and
-# DEVICE override the defaults below;
+# Per preset: every mode over tcp (JSON, plot, wire accuracy), then split vs whole on the
+# same-host fast path (ipc:// + shared memory); then the guarded modes on GUARDED.
+# TOKENS, REPEAT, PRESETS, MODES, GUARDED (the preset for private/verify, always 128 tokens x 3
+# runs; empty skips them), PLOT (0 skips the plots) and DEVICE override the defaults below;
 # `DEVICE=cpu PRESETS=tiny GUARDED=tiny TOKENS=16 REPEAT=1` smoke-tests the script on a CPU.
 set -euo pipefail
 
@@ -17,7 +19,9 @@ OUT=${OUT:-gpu-bench}
 TOKENS=${TOKENS:-128,1024}
 REPEAT=${REPEAT:-3}
 PRESETS=${PRESETS:-"tinyllama-1.1b llama-3.2-1b"}
-GUARDED=${GUARDED:-llama-3.2-1b}
+MODES=${MODES:-split,split-seed,whole,tee-only}
+GUARDED=${GUARDED-llama-3.2-1b}
+PLOT=${PLOT:-1}
 DEVICE=${DEVICE:-cuda:0}
 mkdir -p "$OUT"
 
@@ -28,13 +32,12 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TSQP_CACHE=${TSQP_CACHE:-/tmp/tsqp-models}  # random-weight presets, made once per machine
 
+TABLES="$OUT/tables.md"  # the card, then every run's Markdown table, in order
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } \
-    | tee "$OUT/gpu.txt"
+    | tee "$TABLES"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
-    | tee -a "$OUT/gpu.txt"
+    | tee -a "$TABLES"
 
-TABLES="$OUT/tables.md"  # every run's Markdown table, in order
-: > "$TABLES"
 bench() {  # NAME, then tsqp bench arguments; JSON (and PNG when asked) land in $OUT
     local name=$1; shift
     echo "== $name ($(date +%T))" | tee -a "$TABLES"
@@ -42,10 +45,13 @@ bench() {  # NAME, then tsqp bench arguments; JSON (and PNG when asked) land in 
 }
 
 for preset in $PRESETS; do
-    bench "gpu-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --accuracy --plot "$OUT/gpu-$preset.png"
+    plot=(); [ "$PLOT" = 1 ] && plot=(--plot "$OUT/gpu-$preset.png")
+    bench "gpu-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --modes "$MODES" --accuracy "${plot[@]}"
+    # the same-host fast path: on a GPU host the split is mostly transport
+    bench "gpu-fast-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --modes split,whole --ipc --shm
 done
-# the same-host fast path: on a GPU host the split is mostly transport
-bench "gpu-shm-$GUARDED" --preset "$GUARDED" --tokens "$TOKENS" --repeat "$REPEAT" --modes split,whole --shm
-bench "gpu-guarded-$GUARDED" --preset "$GUARDED" --tokens 128 --repeat 3 --modes split,whole --protection private \
-    --verify --shm
+if [ -n "$GUARDED" ]; then
+    bench "gpu-guarded-$GUARDED" --preset "$GUARDED" --tokens 128 --repeat 3 --modes split,whole \
+        --protection private --verify --ipc --shm
+fi
 echo "== done ($(date +%T))" | tee -a "$TABLES"

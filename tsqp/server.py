@@ -27,6 +27,7 @@ from .errors import ModelError, ProtocolError, TsqpError
 from .logs import log_event
 from .protocol import DTYPES, LINEAR_MODULES, WIRE_DTYPES
 from .shm import Attached, Segment, aligned, footprint
+from .staging import to_device, to_host
 from .tee.ops import apply_rope  # the same rotation the TEE's kernels use
 from .transport import DEFAULT_HEARTBEAT_S, Handler, current_peer, is_loopback, serve_forever
 
@@ -232,8 +233,7 @@ class GpuServer:
                 tensors = self._on_device(request.tensors)
                 outputs, extra = self.handlers[method](request.args, tensors)
                 wire = request.args.get("wire_dtype", "float32")
-                outputs = [self._to_wire(t, wire) for t in outputs]
-            self._synchronize()
+                outputs = to_host([self._to_wire(t, wire) for t in outputs])  # complete on return
             header = {"ok": True, "server_s": time.perf_counter() - start, **extra}
             if method == "Ping":
                 header.update(self.health())
@@ -249,11 +249,14 @@ class GpuServer:
             return self._refuse("internal", f"{type(err).__name__}: {err}", method, peer, failed=True)
 
     def _on_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Inputs on the device, floating-point ones checked finite there (one reduction each)."""
-        moved = [t.to(self.device) for t in tensors]
-        for i, t in enumerate(moved):
-            if t.is_floating_point():
-                self._check_finite(t, f"input tensor {i}")
+        """Inputs on the device (one copy), floating-point ones checked finite there: one
+        reduction each and a single wait; only a non-finite result looks at them one by one."""
+        moved = to_device(tensors, self.device)
+        floats = [t for t in moved if t.is_floating_point() and t.numel()]
+        if floats and not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in floats])).all()):
+            for i, t in enumerate(moved):
+                if t.is_floating_point():
+                    self._check_finite(t, f"input tensor {i}")
         return moved
 
     def _refuse(self, code: str, message: str, method: str, peer: str, failed: bool = False) -> list[Any]:
@@ -417,11 +420,12 @@ class GpuServer:
 
     @staticmethod
     def _to_wire(t: torch.Tensor, wire: Any) -> torch.Tensor:
+        """`t` in the request's wire dtype, still on the device (integers travel as they are)."""
         if not t.is_floating_point():
-            return t.cpu()
+            return t
         if wire not in WIRE_DTYPES and wire != "float64":
             raise BadRequest(f"unsupported wire_dtype {wire!r} (choose from: {', '.join(WIRE_DTYPES)})")
-        return t.to(dtype=DTYPES[wire]).cpu()
+        return t.to(dtype=DTYPES[wire])
 
     # -- argument checks ----------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import uuid
+import warnings
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ProtocolError
-from .protocol import Message, decode_header, decode_payloads, encode_header, tensor_frame
+from .protocol import Message, decode_header, decode_payloads, encode_header
 
 SHM_DIR = Path("/dev/shm")
 NAME = re.compile(r"tsqp-[0-9a-f]{32}")  # the only names a server will open: no paths, no other files
@@ -92,11 +93,15 @@ class Segment:
     def write(self, tensors: Sequence[torch.Tensor], start: int) -> list[Location]:
         """Copy `tensors` in from `start` (aligned); their locations. The caller checked the room."""
         locations, at = [], aligned(start)
+        with warnings.catch_warnings():  # torch warns that it does not own the mapping's memory
+            warnings.simplefilter("ignore", UserWarning)
+            whole = torch.frombuffer(self.map, dtype=torch.uint8)
         for t in tensors:
-            data = tensor_frame(t)
-            self.map[at: at + data.nbytes] = data
-            locations.append([at, data.nbytes])
-            at = aligned(at + data.nbytes)
+            data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            whole[at: at + data.numel()].copy_(data)  # torch's copy: multi-threaded for big payloads
+            locations.append([at, data.numel()])
+            at = aligned(at + data.numel())
+        del whole  # the mapping can only be closed once no view of it is left
         return locations
 
     def views(self, locations: Any) -> list[memoryview]:

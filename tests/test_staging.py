@@ -1,0 +1,43 @@
+"""The one-copy packing of a call's tensors (tsqp.staging): what the GPU server does on CUDA,
+checked here on the CPU with the same layout code."""
+
+import torch
+
+from tsqp.staging import ALIGN, layout, pack, to_device, to_host, unpack
+
+
+def _varied(generator: torch.Generator) -> list[torch.Tensor]:
+    """Mixed dtypes, odd sizes, a scalar, an empty tensor and a non-contiguous one."""
+    return [
+        torch.randn(3, 7, 5, generator=generator),
+        torch.randint(-1000, 1000, (13,), generator=generator),
+        torch.randn(2, 9, generator=generator).to(torch.bfloat16),
+        torch.tensor(float(torch.rand(1, generator=generator))),
+        torch.empty(0, 4),
+        torch.randn(6, 4, generator=generator, dtype=torch.float64).t(),
+        torch.rand(11, generator=generator) > 0.5,
+        torch.randn(1, 3, generator=generator).half(),
+    ]
+
+
+def test_pack_unpack_round_trip_keeps_every_value_dtype_and_shape():
+    generator = torch.Generator().manual_seed(3)
+    tensors = _varied(generator)
+    offsets, size = layout(tensors)
+    assert all(at % ALIGN == 0 for at in offsets) and size % ALIGN == 0
+    ends = [at + t.numel() * t.element_size() for t, at in zip(tensors, offsets)]
+    assert all(end <= nxt for end, nxt in zip(ends, offsets[1:])) and ends[-1] <= size  # no overlap
+    buffer = torch.full((size,), 0xAB, dtype=torch.uint8)
+    pack(tensors, buffer, offsets)
+    for original, view in zip(tensors, unpack(buffer, offsets, tensors)):
+        assert view.dtype == original.dtype and view.shape == original.shape
+        assert torch.equal(view, original)
+        if view.numel():
+            assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # views, not copies
+
+
+def test_cpu_device_moves_nothing():
+    tensors = _varied(torch.Generator().manual_seed(4))
+    for moved, original in zip(to_device(tensors, torch.device("cpu")), tensors):
+        assert moved is original or torch.equal(moved, original)
+    assert all(torch.equal(a, b) for a, b in zip(to_host(tensors), tensors))
