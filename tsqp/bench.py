@@ -309,7 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     report = {
         "device": server_info["device"], "model": model_dir, "dtype": server_info["dtype"],
         "wire_dtype": args.wire_dtype, "batch": args.batch, "repeat": args.repeat,
-        "transport": "shm" if args.shm else ("ipc" if args.ipc else "tcp"),
+        "transport": ("ipc" if args.ipc else "tcp") + ("+shm" if args.shm else ""),
         "host": {"machine": platform.machine(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
         "results": [asdict(r) for r in results], "wire_accuracy": accuracy,
     }
