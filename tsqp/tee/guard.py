@@ -240,7 +240,7 @@ class GuardedSteps:
         if self.private:
             top = flat.abs().max().item()
             scale = 2.0 ** (math.ceil(math.log2(top)) + MASK_BITS) if top > 0 else 2.0 ** MASK_BITS
-            sent = flat.double() + scale * secrets.mask
+            sent = torch.add(flat.double(), secrets.mask, alpha=scale)  # scale is a power of 2: exact
         else:
             sent = flat.to(DTYPES[self.wire_name])
         method_args = {"modules": list(modules), "wire_dtype": self.wire_name}
@@ -252,12 +252,12 @@ class GuardedSteps:
         if shapes != expected or not all(y.is_floating_point() for y in replies):
             raise IntegrityError(f"server sent results of shapes {shapes} for {group}, expected float {expected}")
         outputs = []
+        checked = (flat if self.private else sent).double() if self.verify else None  # once per group
         for i, (module, y) in enumerate(zip(modules, replies)):
             if self.private:
-                y = y.double() - scale * secrets.unmasks[i]
+                y = torch.sub(y.double(), secrets.unmasks[i], alpha=scale)
             if self.verify:  # on the unmasked result, so the tolerance is relative to y, not to the mask
                 where = f"layer {layer} {module}" if layer is not None else "lm_head"
-                checked = flat if self.private else sent
                 freivalds_check(checked, y, secrets.probes[i], secrets.probe_images[i], secrets.probe_biases[i],
                                 self.eps, where)
             outputs.append(y.float().reshape(*x.shape[:-1], -1))
