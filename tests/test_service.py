@@ -113,6 +113,16 @@ def test_non_finite_inputs_are_refused_before_the_model(servers, value):
         assert client.call("Linear", [big], layer_idx=0, module_name="q_proj").tensors[0].shape == (1, 3, 64)
 
 
+def test_a_non_finite_input_is_named_by_its_position(servers):
+    """The server checks all inputs with one wait; a failure then names the tensor that has it."""
+    hidden, cos, sin = torch.randn(1, 4, 64), torch.randn(4, 16), torch.randn(4, 16)
+    sin[2, 3] = float("nan")
+    with Client(servers["gqa"].endpoint, timeout_s=10) as client:
+        with pytest.raises(RemoteError) as caught:
+            client.call("QKVScores", [hidden, cos, sin], layer_idx=0, session="nan-test", blocks=[4])
+    assert caught.value.code == "non_finite" and "input tensor 2" in str(caught.value)
+
+
 def test_bad_requests_are_logged_as_such_and_never_as_success(small_limits_server, caplog):
     caplog.set_level(logging.DEBUG, logger="tsqp.server")
     with Client(small_limits_server.endpoint, timeout_s=10) as client:

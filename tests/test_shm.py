@@ -165,3 +165,20 @@ def test_the_server_unmaps_segments_whose_clients_are_gone():
     attached.close()  # on stop
     assert not attached._segments
     second.close()
+
+
+def test_segment_writes_read_back_exactly_for_every_wire_dtype_and_layout():
+    generator = torch.Generator().manual_seed(11)
+    tensors = [torch.randn(5, 7, generator=generator), torch.randint(-9, 9, (13,), generator=generator),
+               torch.randn(3, 3, generator=generator).to(torch.bfloat16), torch.randn(2, 9, generator=generator).half(),
+               torch.randn(6, 4, generator=generator, dtype=torch.float64).t(), torch.tensor(2.5), torch.empty(0, 3)]
+    segment = Segment.create(1 << 16)
+    try:
+        locations = segment.write(tensors, 100)
+        assert all(at % 64 == 0 and at >= 100 for at, _ in locations)
+        header = {"tensors": [protocol.tensor_spec(t) for t in tensors]}
+        back = protocol.decode_payloads(header, [b"", *segment.views(locations)]).tensors
+        assert all(b.dtype == t.dtype and torch.equal(b, t) for b, t in zip(back, tensors))
+        del back
+    finally:
+        segment.close()

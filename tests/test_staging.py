@@ -1,6 +1,7 @@
 """The one-copy packing of a call's tensors (tsqp.staging): what the GPU server does on CUDA,
 checked here on the CPU with the same layout code."""
 
+import pytest
 import torch
 
 from tsqp.staging import ALIGN, layout, pack, to_device, to_host, unpack
@@ -41,3 +42,35 @@ def test_cpu_device_moves_nothing():
     for moved, original in zip(to_device(tensors, torch.device("cpu")), tensors):
         assert moved is original or torch.equal(moved, original)
     assert all(torch.equal(a, b) for a, b in zip(to_host(tensors), tensors))
+
+
+def test_host_buffers_fall_back_to_ordinary_memory_where_pinning_is_refused(monkeypatch):
+    import tsqp.staging as staging
+
+    real_empty = torch.empty
+
+    def refusing(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("no page-locked memory here")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "_pinning_works", None)
+    monkeypatch.setattr(torch, "empty", refusing)
+    buffer = staging._host_buffer(1000)
+    assert buffer.numel() == 1000 and buffer.dtype == torch.uint8 and staging._pinning_works is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_round_trip_is_exact_and_an_earlier_reply_stays_intact():
+    generator = torch.Generator().manual_seed(5)
+    tensors = _varied(generator)
+    on_device = to_device(tensors, torch.device("cuda"))
+    assert all(t.device.type == "cuda" for t in on_device)
+    first = to_host([t.clone() for t in on_device])
+    second = to_host([torch.zeros_like(t) for t in on_device])  # may not reuse first's pinned block
+    for original, back, other in zip(tensors, first, second):
+        assert back.device.type == "cpu" and torch.equal(back, original)
+        assert other.shape == original.shape and not other.any()
+    assert first[0].is_pinned()
+    single = to_host([on_device[0]])[0]
+    assert torch.equal(single, tensors[0])

@@ -20,7 +20,6 @@ import os
 import re
 import stat
 import uuid
-import warnings
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -92,16 +91,17 @@ class Segment:
 
     def write(self, tensors: Sequence[torch.Tensor], start: int) -> list[Location]:
         """Copy `tensors` in from `start` (aligned); their locations. The caller checked the room."""
+        if self.map.closed:
+            raise ProtocolError(f"shared-memory segment {self.name} is closed")
+        # A tensor over the (read-write) mapping, so torch's multi-threaded copy does the work. It
+        # does not keep the mapping alive: nothing may close it meanwhile (one thread uses it).
+        whole = torch.frombuffer(self.map, dtype=torch.uint8)
         locations, at = [], aligned(start)
-        with warnings.catch_warnings():  # torch warns that it does not own the mapping's memory
-            warnings.simplefilter("ignore", UserWarning)
-            whole = torch.frombuffer(self.map, dtype=torch.uint8)
         for t in tensors:
             data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            whole[at: at + data.numel()].copy_(data)  # torch's copy: multi-threaded for big payloads
+            whole[at: at + data.numel()].copy_(data)
             locations.append([at, data.numel()])
             at = aligned(at + data.numel())
-        del whole  # the mapping can only be closed once no view of it is left
         return locations
 
     def views(self, locations: Any) -> list[memoryview]:

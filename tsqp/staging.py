@@ -1,20 +1,25 @@
 """A request's tensors onto the device, and a reply's back, in one copy each way.
 
-On a GPU a short prompt's server time is mostly waiting: a pageable copy per tensor each way,
-each one a synchronization, plus one per finiteness check. Packing all of a call's tensors into
-one pinned buffer turns that into one DMA each way and a single wait, whatever the tensor count
-(QKVScores sends 3 tensors and returns up to 8 causal blocks).
+Copying each tensor on its own from pageable memory runs well below the bus's speed and waits
+once per tensor, each way, plus once per finiteness check. Packing all of a call's tensors into
+one pinned buffer makes it one DMA each way and a single wait, whatever the tensor count
+(QKVScores sends 3 tensors and returns up to 8 causal blocks). On an H200 this cut the server's
+time for a 1024-token prefill by 60% (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
 
+log = logging.getLogger("tsqp.server")
+
 ALIGN = 64  # bytes; every packed tensor starts here, so any dtype can be viewed in place
 
-_pinning_works: bool | None = None  # decided on first use: a sandbox may refuse page-locked memory
+_pinning_works: bool | None = None  # probed once: a sandbox or a CPU-only build may refuse page-locked memory
+_PROBE_BYTES = 4096
 
 
 def _aligned(n: int) -> int:
@@ -47,16 +52,25 @@ def unpack(buffer: torch.Tensor, offsets: Sequence[int], like: Sequence[torch.Te
 
 
 def _host_buffer(nbytes: int) -> torch.Tensor:
-    """Page-locked when the platform allows (DMA at full speed, from torch's caching allocator,
-    so a buffer still referenced by a queued reply is never reused), else ordinary memory."""
+    """Page-locked host memory when the platform allows it (DMA at full speed), else ordinary.
+
+    Pinned blocks come from torch's caching host allocator. A block holding a reply stays alive
+    while ZeroMQ still sends its frames (they reference the tensor), and one given to an
+    asynchronous copy is not reused before the copy's recorded event. A platform that refuses a
+    small probe never pins; a single large request that fails to pin gets ordinary memory."""
     global _pinning_works
-    if _pinning_works is not False:
+    if _pinning_works is None:
         try:
-            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            torch.empty(_PROBE_BYTES, dtype=torch.uint8, pin_memory=True)
             _pinning_works = True
-            return buffer
         except RuntimeError:
             _pinning_works = False
+    if _pinning_works:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as err:
+            log.warning("could not pin %d bytes (%s); copying through ordinary memory",
+                        nbytes, str(err).splitlines()[0])
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
@@ -71,15 +85,19 @@ def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[tor
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Device tensors on the host, complete when this returns: packed on the device, then one
-    copy and one synchronization for a GPU."""
+    """Device tensors on the host, complete when this returns: one copy and one wait for a GPU.
+    Several outputs are first packed on the device, which briefly takes their size again in
+    device memory (bounded by the server's output limit)."""
     devices = {t.device for t in tensors}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         return [t.cpu() for t in tensors]
     offsets, size = layout(tensors)
-    packed = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
-    pack(tensors, packed, offsets)
+    if len(tensors) == 1:
+        packed = _bytes(tensors[0])  # a view when the output is contiguous: nothing to pack
+    else:
+        packed = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
+        pack(tensors, packed, offsets)
     host = _host_buffer(size)
-    host.copy_(packed, non_blocking=True)
+    host[: packed.numel()].copy_(packed, non_blocking=True)
     torch.cuda.current_stream(packed.device).synchronize()
     return unpack(host, offsets, tensors)
