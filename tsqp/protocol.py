@@ -11,6 +11,7 @@ Payloads never go through msgpack or Python lists: a frame is the tensor's own b
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -35,6 +36,9 @@ WIRE_DTYPES = ("float32", "float16", "bfloat16")
 
 # Numpy has no bfloat16: such payloads are carried as int16 and reinterpreted.
 _NUMPY_CARRIER = {torch.bfloat16: torch.int16}
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPES.values()}
+_NUMPY_DTYPE = {dtype: torch.empty((), dtype=_NUMPY_CARRIER.get(dtype, dtype)).numpy().dtype
+                for dtype in DTYPES.values()}
 
 
 @dataclass
@@ -112,21 +116,18 @@ def _tensor_from_frame(spec: Any, frame: Any, max_elements: int | None) -> torch
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(f"bad tensor shape {shape!r}")
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    numel = math.prod(shape)  # Python ints: no overflow, however absurd the shape
     if max_elements is not None and numel > max_elements:
         raise ProtocolError(f"tensor of {numel} elements exceeds the limit of {max_elements}")
     buffer = _frame_buffer(frame)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if buffer.nbytes != numel * itemsize:
+    if buffer.nbytes != numel * _ITEMSIZE[dtype]:
         raise ProtocolError(f"payload of {buffer.nbytes} bytes does not match {spec['dtype']}{shape}")
-    carrier = _NUMPY_CARRIER.get(dtype, dtype)
-    np_dtype = torch.empty((), dtype=carrier).numpy().dtype
-    array = np.frombuffer(buffer, dtype=np_dtype)
+    array = np.frombuffer(buffer, dtype=_NUMPY_DTYPE[dtype])
     with warnings.catch_warnings():
         # The frame is read-only; we never write into received tensors, so skip the copy.
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.from_numpy(array)
-    if carrier is not dtype:
+    if dtype in _NUMPY_CARRIER:
         tensor = tensor.view(dtype)
     return tensor.reshape(shape)
 

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ProtocolError
-from .protocol import Message, decode_header, decode_payloads, encode_header
+from .protocol import Message, decode_header, decode_payloads, encode_header, tensor_frame
 
 SHM_DIR = Path("/dev/shm")
 NAME = re.compile(r"tsqp-[0-9a-f]{32}")  # the only names a server will open: no paths, no other files
@@ -93,15 +93,12 @@ class Segment:
         """Copy `tensors` in from `start` (aligned); their locations. The caller checked the room."""
         if self.map.closed:
             raise ProtocolError(f"shared-memory segment {self.name} is closed")
-        # A tensor over the (read-write) mapping, so torch's multi-threaded copy does the work. It
-        # does not keep the mapping alive: nothing may close it meanwhile (one thread uses it).
-        whole = torch.frombuffer(self.map, dtype=torch.uint8)
         locations, at = [], aligned(start)
         for t in tensors:
-            data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            whole[at: at + data.numel()].copy_(data)
-            locations.append([at, data.numel()])
-            at = aligned(at + data.numel())
+            data = tensor_frame(t)
+            self.map[at: at + data.nbytes] = data  # a plain memcpy: beat torch's copy_ at every size measured
+            locations.append([at, data.nbytes])
+            at = aligned(at + data.nbytes)
         return locations
 
     def views(self, locations: Any) -> list[memoryview]:

@@ -6,6 +6,7 @@ They reproduce `transformers`' Llama semantics in float32 (RMSNorm in fp32, rota
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -88,14 +89,19 @@ def query_blocks(n: int, block: int = 32, max_blocks: int = 8) -> list[int]:
     return [round(n * (i + 1) / count) for i in range(count)]
 
 
+@functools.lru_cache(maxsize=64)
+def _causal_bias(n: int, m: int) -> torch.Tensor:
+    """0 where a query may look, -inf on a key in its future: the last n queries of m positions."""
+    future = torch.ones(n, m, dtype=torch.bool).triu(m - n + 1)
+    return torch.zeros(n, m).masked_fill_(future, float("-inf"))
+
+
 def causal_softmax(scores: torch.Tensor, scaling: float) -> torch.Tensor:
     """Scale, hide future keys, softmax in fp32. scores: [b, heads, n_query, n_key], the queries
-    being the last n_query of the n_key positions (a causal block)."""
+    being the last n_query of the n_key positions (a causal block). Scaling and masking are one
+    pass (bias + scaling * scores), bit-identical to scaling then filling with -inf."""
     n, m = scores.shape[-2:]
-    logits = scores * scaling
-    # only the block's last n keys can lie in a query's future: mask that square, not the block
-    logits[..., m - n:].masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-    return F.softmax(logits, dim=-1, dtype=torch.float32)
+    return F.softmax(torch.add(_causal_bias(n, m), scores, alpha=scaling), dim=-1, dtype=torch.float32)
 
 
 def silu(gate: torch.Tensor) -> torch.Tensor:
