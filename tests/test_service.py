@@ -391,6 +391,37 @@ def test_structured_logs_and_graceful_shutdown_on_sigterm(tiny_dir):
     assert "server stopped" in lines[-1]
 
 
+def test_a_spawned_server_stops_when_the_process_that_started_it_is_killed(tiny_dir):
+    """SIGKILL runs no cleanup, so only the server itself can notice that its parent is gone."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from tsqp import api
+        server = api.spawn_server({str(tiny_dir)!r}, device="cpu")
+        print(server.pid, server.endpoint, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid, endpoint = parent.stdout.readline().split()
+        with Client(endpoint, timeout_s=10) as client:
+            client.ping()
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(int(pid)):
+        time.sleep(0.2)
+    assert not _alive(int(pid)), "the orphaned server is still running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
+    except FileNotFoundError:
+        return False
+
+
 def test_soak_200_prefills_server_memory_growth(tiny_dir, capsys):
     """200 prefills in a row against a server process; its resident memory must not creep."""
     with api.spawn_server(tiny_dir, device="cpu") as server:

@@ -70,7 +70,8 @@ class ServerProcess:
     """A server in its own process, as in a real deployment: for the demo, the benchmark, and tests
     that kill and restart it. With `server_secret_key`/`allow_keys` it serves CurveZMQ only, and
     `client_keys` (one on its allow-list) is what the start-up ping uses. `shm` lets local clients
-    send tensors through shared memory (`serve --shm`)."""
+    send tensors through shared memory (`serve --shm`). The server stops by itself if this process
+    dies without stopping it (`serve --parent-pid`)."""
 
     def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str = "float32",
                  endpoint: str | None = None, ready_timeout_s: float = 600.0, extra_args: tuple[str, ...] = (), *,
@@ -79,7 +80,7 @@ class ServerProcess:
         self.endpoint = endpoint or free_endpoint()
         self.client_keys = client_keys
         cmd = [sys.executable, "-m", "tsqp", "serve", "--model", str(model_dir), "--dtype", dtype,
-               "--endpoint", self.endpoint, "--log-level", log_level, *extra_args]
+               "--endpoint", self.endpoint, "--log-level", log_level, "--parent-pid", str(os.getpid()), *extra_args]
         if device:
             cmd += ["--device", device]
         if shm:

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TESTING ONLY: corrupt every compute reply, to see --verify catch it")
     p.add_argument("--log-level", default=env("TSQP_LOG_LEVEL", "INFO"), choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="structured key=value logs on stderr; DEBUG adds a line per request [$TSQP_LOG_LEVEL; INFO]")
+    p.add_argument("--parent-pid", type=int, metavar="PID",
+                   help="stop when process PID is no longer this one's parent (a benchmark or script that "
+                        "started this server and was killed); set by the Python API's spawn_server")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keygen", help="write a CurveZMQ key pair (NAME.key, NAME.key_secret)",
@@ -159,6 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = server.Limits(max_message_bytes=int(args.max_message_mb * (1 << 20)))
     stop = threading.Event()
     _install_stop_handlers(stop)
+    if args.parent_pid is not None:
+        _stop_when_orphaned(stop, args.parent_pid)
     server.run(args.model, args.device, args.dtype, endpoint, stop, keys=keys, insecure=args.insecure, limits=limits,
                wrap=_server_wrapper(args), shm=args.shm)
     print("server stopped", flush=True)
@@ -184,6 +189,18 @@ def _server_wrapper(args: argparse.Namespace):
         return handle
 
     return wrap
+
+
+def _stop_when_orphaned(stop: threading.Event, parent_pid: int, every_s: float = 0.5) -> None:
+    """Set `stop` once `parent_pid` is no longer our parent: it died, however (even SIGKILL), and
+    a server nobody will stop must not hold its model and port forever."""
+    def watch() -> None:
+        while not stop.wait(every_s):
+            if os.getppid() != parent_pid:
+                print(f"parent process {parent_pid} is gone: stopping", file=sys.stderr, flush=True)
+                stop.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
