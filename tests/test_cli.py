@@ -130,3 +130,8 @@ def test_shm_without_a_willing_server_and_with_audit(servers, tiny_dir, tmp_path
                            "--tokens", "8"), "--shm")
     one_error_line(run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", "--shm", "--audit",
                            str(tmp_path / "audit")), "--audit")
+
+
+def test_serve_refuses_a_parent_pid_that_is_not_its_parent(tiny_dir):
+    one_error_line(run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", "--parent-pid", "1"),
+                   "--parent-pid 1", "not this server's parent")

@@ -161,7 +161,7 @@ def test_scores_and_attn_out_by_causal_blocks(servers, references):
     """Blocks hold exactly the causal part of the full products, and nothing above the diagonal."""
     c = references["gqa"].config
     client = Client(servers["gqa"].endpoint, timeout_s=10)
-    b, n, h, kv, d = 1, 10, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    b, n, h, d = 1, 10, c.num_attention_heads, c.head_dim
     g = torch.Generator().manual_seed(5)
     x = torch.randn(b, n, c.hidden_size, generator=g)
     cos, sin = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)

@@ -156,6 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError("--max-message-mb must be positive")
     if args.shm and (args.audit or args.tamper):
         raise ValueError("--audit and --tamper work on the socket's frames: use them without --shm")
+    if args.parent_pid is not None and args.parent_pid != os.getppid():
+        raise ValueError(f"--parent-pid {args.parent_pid} is not this server's parent (that is {os.getppid()})")
     configure(args.log_level)
     endpoint = args.endpoint or bind_endpoint(args.port, args.host)
     keys = ServerKeys.from_options(args.server_secret_key, args.allow_keys)
