@@ -8,6 +8,7 @@ import torch
 from tsqp import api
 from tsqp.audit import AuditLog, audited, tampering
 from tsqp.server import GpuServer, ServerThread
+from tsqp.tee import guard
 from tsqp.tee.guard import GuardedSteps, IntegrityError, MaskReuseError
 from tsqp.tee.runner import TeeRunner
 from tsqp.transport import Client
@@ -111,6 +112,30 @@ def test_verify_names_the_tampered_module(tiny_dir):
         runner = runner_for(server.endpoint, tiny_dir, verify=True)
         with pytest.raises(IntegrityError, match=r"at layer 1 gate_proj"):
             runner.prefill(random_ids(runner.config.vocab_size, 1, seed=3))
+
+
+def test_freivalds_residual_in_blocks_matches_the_plain_check(monkeypatch):
+    """The residual is formed a block of rows at a time; a small block makes several, the last
+    one ragged, and a change in any row must show as it does in the whole-matrix formula."""
+    monkeypatch.setattr(guard, "FREIVALDS_BLOCK", 3 * 40 + 7)  # 3 rows of 40 per block
+    g = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(10, 24, generator=g), torch.randn(40, 24, generator=g) * 0.1
+    y = x @ weight.T + 0.3
+    probe = guard.secure_probe(40)
+    image, bias = weight.double().T @ probe, 0.3 * float(probe.sum())
+
+    def plain(y):
+        x64, y64 = x.double(), y.double()
+        noise = 2.0 ** -24 * 24 ** 0.5 * (y64 * probe).norm(dim=-1)
+        return ((y64 @ probe - x64 @ image - bias).abs() / noise).max().item()
+
+    honest = guard.freivalds_residual(x, y, probe, image, bias, 2.0 ** -24)
+    assert honest == pytest.approx(plain(y), rel=1e-6, abs=1e-6) and honest < guard.VERIFY_TOLERANCE
+    for row in (0, 4, 9):  # first block, middle block, the ragged last one
+        bad = y.clone()
+        bad[row, int(torch.randint(0, 40, (1,), generator=g))] += 0.05 * y.abs().max()
+        residual = guard.freivalds_residual(x, bad, probe, image, bias, 2.0 ** -24)
+        assert residual == pytest.approx(plain(bad), rel=1e-6) and residual > guard.VERIFY_TOLERANCE
 
 
 def test_verify_has_no_false_alarm_in_200_honest_runs(servers, model_dirs, references):
