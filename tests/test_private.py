@@ -114,6 +114,22 @@ def test_verify_names_the_tampered_module(tiny_dir):
             runner.prefill(random_ids(runner.config.vocab_size, 1, seed=3))
 
 
+def test_offline_material_in_blocks_matches_whole_float64_products(monkeypatch):
+    """The offline phase converts weights a block of rows at a time; small blocks make several,
+    the last one ragged, and the mask's image, W^T p and b.p must equal the whole-matrix products."""
+    monkeypatch.setattr(guard, "WEIGHT_BLOCK", 4 * 24)
+    monkeypatch.setattr(guard, "MASKED_WEIGHT_BLOCK", 3 * 24)
+    g = torch.Generator().manual_seed(9)
+    weight, bias = torch.randn(46, 24, generator=g), torch.randn(46, generator=g)
+    mask = guard.secure_uniform((5, 24))
+    unmask, probe, image, probe_bias = guard.module_secrets(weight, bias, mask, verify=True)
+    w64 = weight.double()
+    torch.testing.assert_close(unmask, mask @ w64.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(image, w64.T @ probe, rtol=1e-12, atol=1e-12)
+    assert probe_bias == pytest.approx(float(bias.double() @ probe), rel=1e-12)
+    assert guard.module_secrets(weight, None, None, verify=False) == (None, None, None, 0.0)
+
+
 def test_freivalds_residual_in_blocks_matches_the_plain_check(monkeypatch):
     """The residual is formed a block of rows at a time; a small block makes several, the last
     one ragged, and a change in any row must show as it does in the whole-matrix formula."""

@@ -22,6 +22,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -35,6 +36,9 @@ MASK_BITS = 24  # mask magnitude / max|x|: each coordinate's leak bound is 2^-MA
 # Freivalds tolerance, in units of the rounding noise an honest product carries:
 # eps(dtype) * sqrt(in_features) * ||y o p||_2 per row (calibration in docs/security.md).
 VERIFY_TOLERANCE = 50.0
+# float64 elements of a weight converted at once in the offline phase (measured best here):
+# 2 MB blocks for the probes' matrix-vector products, 8 MB when a mask's GEMM runs per block.
+WEIGHT_BLOCK, MASKED_WEIGHT_BLOCK = 1 << 18, 1 << 20
 FREIVALDS_BLOCK = 1 << 17  # float64 elements of y o p formed at once (1 MB: cache-sized, measured best)
 ROUNDING = {"float64": 2.0 ** -24, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
@@ -134,6 +138,36 @@ class OneTimePool:
         return len(self._ready)
 
 
+def float64_blocks(weight: torch.Tensor, elements: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`weight`'s rows in float64, `elements` at a time in one reused buffer: the offline
+    phase never makes a whole float64 copy of a matrix (those copies were 3/4 of a verify precompute)."""
+    out, width = weight.shape
+    step = max(1, min(out, elements // width))
+    buffer = torch.empty(step, width, dtype=torch.float64)
+    for start in range(0, out, step):
+        stop = min(start + step, out)
+        block = buffer[: stop - start]
+        block.copy_(weight[start:stop])
+        yield slice(start, stop), block
+
+
+def module_secrets(weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
+                   verify: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, float]:
+    """For one module: the mask's image r W^T (if masked) and, if verified, a probe p, W^T p and b.p."""
+    out, width = weight.shape
+    unmask = torch.empty(mask.shape[0], out, dtype=torch.float64) if mask is not None else None
+    probe = secure_probe(out) if verify else None
+    image = torch.zeros(width, dtype=torch.float64) if verify else None
+    if mask is not None:
+        for rows, block in float64_blocks(weight, MASKED_WEIGHT_BLOCK):
+            unmask[:, rows] = mask @ block.T
+    if verify:  # its own pass: a matrix-vector product runs best on smaller blocks
+        for rows, block in float64_blocks(weight, WEIGHT_BLOCK):
+            image.addmv_(block.T, probe[rows])
+    probe_bias = float(bias.double() @ probe) if verify and bias is not None else 0.0
+    return unmask, probe, image, probe_bias
+
+
 def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int, int, bool], private: bool,
                verify: bool) -> tuple[PrefillSecrets, int]:
     """The offline phase for one prefill: masks and their images, Freivalds probes and theirs.
@@ -145,18 +179,19 @@ def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int,
     plan.append((None, "lm_head", ("lm_head",), batch * (tokens if all_positions else 1)))
     size = 0
     for layer, group, modules, rows in plan:
-        mats = [weights.read(weight_name(config, layer, m), torch.float64) for m in modules]
+        mats = [weights.read(weight_name(config, layer, m)) for m in modules]  # float32, streamed below
         bias_names = [weight_name(config, layer, m, "bias") for m in modules]
-        biases = [weights.read(name, torch.float64) if weights.has(name) else None for name in bias_names]
+        biases = [weights.read(name) if weights.has(name) else None for name in bias_names]
         mask = secure_uniform((rows, mats[0].shape[1]), torch.float64) if private else None
-        secrets = CallSecrets(mask=mask, unmasks=[mask @ w.T for w in mats] if private else [], probes=[],
-                              probe_images=[], probe_biases=[])
-        if verify:
-            for w, b in zip(mats, biases):
-                probe = secure_probe(w.shape[0])
+        secrets = CallSecrets(mask=mask, unmasks=[], probes=[], probe_images=[], probe_biases=[])
+        for weight, bias in zip(mats, biases):
+            unmask, probe, image, probe_bias = module_secrets(weight, bias, mask, verify)
+            if unmask is not None:
+                secrets.unmasks.append(unmask)
+            if verify:
                 secrets.probes.append(probe)
-                secrets.probe_images.append(w.T @ probe)
-                secrets.probe_biases.append(float(b @ probe) if b is not None else 0.0)
+                secrets.probe_images.append(image)
+                secrets.probe_biases.append(probe_bias)
         tensors = ([mask] if mask is not None else []) + secrets.unmasks + secrets.probes + secrets.probe_images
         size += sum(t.numel() * t.element_size() for t in tensors)
         calls[(layer, group)] = secrets
