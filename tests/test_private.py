@@ -116,41 +116,50 @@ def test_verify_names_the_tampered_module(tiny_dir):
 
 def test_offline_material_in_blocks_matches_whole_float64_products(monkeypatch):
     """The offline phase converts weights a block of rows at a time; small blocks make several,
-    the last one ragged, and the mask's image, W^T p and b.p must equal the whole-matrix products."""
+    the last one ragged, and the mask's image, P W and P b must equal the whole-matrix products."""
     monkeypatch.setattr(guard, "WEIGHT_BLOCK", 4 * 24)
     monkeypatch.setattr(guard, "MASKED_WEIGHT_BLOCK", 3 * 24)
     g = torch.Generator().manual_seed(9)
     weight, bias = torch.randn(46, 24, generator=g), torch.randn(46, generator=g)
     mask = guard.secure_uniform((5, 24))
-    unmask, probe, image, probe_bias = guard.module_secrets(weight, bias, mask, verify=True)
+    unmask, probes, images, probe_biases = guard.module_secrets(weight, bias, mask, probes=3)
     w64 = weight.double()
+    assert probes.shape == (3, 46) and bool((probes.abs() >= 0.5).all() and (probes.abs() < 1).all())
     torch.testing.assert_close(unmask, mask @ w64.T, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(image, w64.T @ probe, rtol=1e-12, atol=1e-12)
-    assert probe_bias == pytest.approx(float(bias.double() @ probe), rel=1e-12)
-    assert guard.module_secrets(weight, None, None, verify=False) == (None, None, None, 0.0)
+    torch.testing.assert_close(images, probes @ w64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probe_biases, probes @ bias.double(), rtol=1e-12, atol=1e-12)
+    assert guard.module_secrets(weight, None, None, probes=0) == (None, None, None, None)
 
 
-def test_freivalds_residual_in_blocks_matches_the_plain_check(monkeypatch):
+def test_products_of_few_rows_get_more_probes():
+    assert [guard.probe_count(rows) for rows in (1, 2, 3, 4, 128)] == [4, 2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_freivalds_residual_in_blocks_matches_the_plain_check(count, monkeypatch):
     """The residual is formed a block of rows at a time; a small block makes several, the last
     one ragged, and a change in any row must show as it does in the whole-matrix formula."""
     monkeypatch.setattr(guard, "FREIVALDS_BLOCK", 3 * 40 + 7)  # 3 rows of 40 per block
     g = torch.Generator().manual_seed(5)
     x, weight = torch.randn(10, 24, generator=g), torch.randn(40, 24, generator=g) * 0.1
     y = x @ weight.T + 0.3
-    probe = guard.secure_probe(40)
-    image, bias = weight.double().T @ probe, 0.3 * float(probe.sum())
+    probes = guard.secure_probes(count, 40)
+    images, biases = probes @ weight.double(), 0.3 * probes.sum(dim=1)
 
     def plain(y):
         x64, y64 = x.double(), y.double()
-        noise = 2.0 ** -24 * 24 ** 0.5 * (y64 * probe).norm(dim=-1)
-        return ((y64 @ probe - x64 @ image - bias).abs() / noise).max().item()
+        worst = 0.0
+        for probe, image, bias in zip(probes, images, biases):
+            noise = 2.0 ** -24 * 24 ** 0.5 * (y64 * probe).norm(dim=-1)
+            worst = max(worst, ((y64 @ probe - x64 @ image - bias).abs() / noise).max().item())
+        return worst
 
-    honest = guard.freivalds_residual(x, y, probe, image, bias, 2.0 ** -24)
+    honest = guard.freivalds_residual(x, y, probes, images, biases, 2.0 ** -24)
     assert honest == pytest.approx(plain(y), rel=1e-6, abs=1e-6) and honest < guard.VERIFY_TOLERANCE
     for row in (0, 4, 9):  # first block, middle block, the ragged last one
         bad = y.clone()
         bad[row, int(torch.randint(0, 40, (1,), generator=g))] += 0.05 * y.abs().max()
-        residual = guard.freivalds_residual(x, bad, probe, image, bias, 2.0 ** -24)
+        residual = guard.freivalds_residual(x, bad, probes, images, biases, 2.0 ** -24)
         assert residual == pytest.approx(plain(bad), rel=1e-6) and residual > guard.VERIFY_TOLERANCE
 
 

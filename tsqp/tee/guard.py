@@ -8,8 +8,9 @@ and are multiplied in float64 so that the 2^MASK_BITS headroom costs no accuracy
 Each mask is handed out once; `OneTimePool` refuses a second use.
 
 Verified (`--verify`), Freivalds: for every product the TEE draws a secret probe `p` (one per
-module per prefill, offline) and checks `y p == x (W^T p) + b.p` row by row, within a floating
-point tolerance; a mismatch raises IntegrityError naming the layer and module.
+module per prefill, offline; more for products of fewer than MIN_CHECKS rows) and checks
+`y p == x (W^T p) + b.p` row by row, within a floating point tolerance; a mismatch raises
+IntegrityError naming the layer and module.
 
 Both keep the attention products (Q K^T, P V) and the embedding lookup inside the TEE: they
 have no fixed operand to precompute against, and the lookup would reveal the token ids.
@@ -39,6 +40,10 @@ VERIFY_TOLERANCE = 50.0
 # float64 elements of a weight converted at once in the offline phase (measured best here):
 # 2 MB blocks for the probes' matrix-vector products, 8 MB when a mask's GEMM runs per block.
 WEIGHT_BLOCK, MASKED_WEIGHT_BLOCK = 1 << 18, 1 << 20
+# Each product is checked on at least this many (row, probe) pairs: one probe per module, more for
+# products of fewer rows (the LM head at the last position has one), where rows cannot multiply
+# the chances of catching a change spread over the output, such as a rescaling.
+MIN_CHECKS = 4
 FREIVALDS_BLOCK = 1 << 17  # float64 elements of y o p formed at once (1 MB: cache-sized, measured best)
 ROUNDING = {"float64": 2.0 ** -24, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
@@ -77,10 +82,10 @@ def secure_uniform(shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -
     return (mantissa - 1.0).reshape(shape).to(dtype)
 
 
-def secure_probe(size: int) -> torch.Tensor:
-    """A Freivalds probe: random signs, magnitudes in [0.5, 1). Bounded away from zero so that
-    any single changed element moves y.p by at least half its change."""
-    u = secure_uniform((size,))
+def secure_probes(count: int, size: int) -> torch.Tensor:
+    """`count` Freivalds probes [count, size]: random signs, magnitudes in [0.5, 1). Bounded away
+    from zero so that any single changed element moves y.p by at least half its change."""
+    u = secure_uniform((count, size))
     return torch.sign(u) * (0.5 + 0.5 * u.abs()) + (u == 0)
 
 
@@ -90,9 +95,9 @@ class CallSecrets:
 
     mask: torch.Tensor | None  # r [rows, in], float64 (private)
     unmasks: list[torch.Tensor]  # r W_m^T [rows, out_m], float64, per module (private)
-    probes: list[torch.Tensor]  # p_m [out_m], float64 (verify)
-    probe_images: list[torch.Tensor]  # W_m^T p_m [in], float64 (verify)
-    probe_biases: list[float]  # b_m . p_m (verify)
+    probes: list[torch.Tensor]  # P_m [probes, out_m], float64 (verify)
+    probe_images: list[torch.Tensor]  # P_m W_m [probes, in], float64 (verify)
+    probe_biases: list[torch.Tensor]  # P_m b_m [probes], float64 (verify)
 
 
 @dataclass
@@ -152,20 +157,28 @@ def float64_blocks(weight: torch.Tensor, elements: int) -> Iterator[tuple[slice,
 
 
 def module_secrets(weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
-                   verify: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, float]:
-    """For one module: the mask's image r W^T (if masked) and, if verified, a probe p, W^T p and b.p."""
+                   probes: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                         torch.Tensor | None]:
+    """For one module: the mask's image r W^T (if masked) and, if `probes` > 0, that many
+    Freivalds probes P [probes, out], their images P W and P b."""
     out, width = weight.shape
     unmask = torch.empty(mask.shape[0], out, dtype=torch.float64) if mask is not None else None
-    probe = secure_probe(out) if verify else None
-    image = torch.zeros(width, dtype=torch.float64) if verify else None
     if mask is not None:
         for rows, block in float64_blocks(weight, MASKED_WEIGHT_BLOCK):
             unmask[:, rows] = mask @ block.T
-    if verify:  # its own pass: a matrix-vector product runs best on smaller blocks
-        for rows, block in float64_blocks(weight, WEIGHT_BLOCK):
-            image.addmv_(block.T, probe[rows])
-    probe_bias = float(bias.double() @ probe) if verify and bias is not None else 0.0
+    if not probes:
+        return unmask, None, None, None
+    probe = secure_probes(probes, out)
+    image = torch.zeros(probes, width, dtype=torch.float64)
+    for rows, block in float64_blocks(weight, WEIGHT_BLOCK):  # its own pass: smaller blocks suit it
+        image.addmm_(probe[:, rows], block)
+    probe_bias = probe @ bias.double() if bias is not None else torch.zeros(probes, dtype=torch.float64)
     return unmask, probe, image, probe_bias
+
+
+def probe_count(rows: int) -> int:
+    """Probes per module for a product of `rows` rows: enough for MIN_CHECKS (row, probe) pairs."""
+    return max(1, math.ceil(MIN_CHECKS / max(rows, 1)))
 
 
 def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int, int, bool], private: bool,
@@ -185,7 +198,7 @@ def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int,
         mask = secure_uniform((rows, mats[0].shape[1]), torch.float64) if private else None
         secrets = CallSecrets(mask=mask, unmasks=[], probes=[], probe_images=[], probe_biases=[])
         for weight, bias in zip(mats, biases):
-            unmask, probe, image, probe_bias = module_secrets(weight, bias, mask, verify)
+            unmask, probe, image, probe_bias = module_secrets(weight, bias, mask, probe_count(rows) if verify else 0)
             if unmask is not None:
                 secrets.unmasks.append(unmask)
             if verify:
@@ -198,32 +211,34 @@ def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int,
     return PrefillSecrets(shape=shape, calls=calls), size
 
 
-def freivalds_residual(x: torch.Tensor, y: torch.Tensor, probe: torch.Tensor, image: torch.Tensor, bias: float,
-                       eps: float) -> float:
-    """max over rows of |y p - x (W^T p) - b.p|, in units of honest rounding noise.
+def freivalds_residual(x: torch.Tensor, y: torch.Tensor, probes: torch.Tensor, images: torch.Tensor,
+                       biases: torch.Tensor, eps: float) -> float:
+    """max over rows and probes of |y p - x (W^T p) - b.p|, in units of honest rounding noise
+    (probes [k, out], images P W [k, in], biases P b [k]).
 
     y o p is formed in float64 a block of rows at a time, in one reused buffer that stays in
     cache: a whole float64 copy of y (8 MB for a 128-token gate) costs more than the check."""
     x2, y2 = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1])
     rows, width = y2.shape
-    expected = x2 @ image + bias
-    dots, norms = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+    expected = x2 @ images.T + biases  # [rows, k]
+    dots, norms = torch.empty(len(probes), rows, dtype=torch.float64), torch.empty(len(probes), rows, dtype=torch.float64)
     step = max(1, min(rows, FREIVALDS_BLOCK // width))
     block = torch.empty(step, width, dtype=torch.float64)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         part = block[: stop - start]
-        torch.mul(y2[start:stop], probe, out=part)  # y o p in float64 (2^-53 rounding, far below the noise)
-        torch.sum(part, dim=-1, out=dots[start:stop])
-        torch.linalg.vector_norm(part, dim=-1, out=norms[start:stop])
+        for probe, dot, norm in zip(probes, dots, norms):
+            torch.mul(y2[start:stop], probe, out=part)  # y o p in float64 (2^-53 rounding, far below the noise)
+            torch.sum(part, dim=-1, out=dot[start:stop])
+            torch.linalg.vector_norm(part, dim=-1, out=norm[start:stop])
     noise = eps * math.sqrt(x2.shape[-1]) * norms + 1e-300
-    return ((dots - expected).abs() / noise).max().item()
+    return ((dots - expected.T).abs() / noise).max().item()
 
 
-def freivalds_check(x: torch.Tensor, y: torch.Tensor, probe: torch.Tensor, image: torch.Tensor, bias: float,
-                    eps: float, where: str) -> None:
-    """Raise IntegrityError unless y = x W^T + b passes the probe within VERIFY_TOLERANCE."""
-    worst = freivalds_residual(x, y, probe, image, bias, eps)
+def freivalds_check(x: torch.Tensor, y: torch.Tensor, probes: torch.Tensor, images: torch.Tensor,
+                    biases: torch.Tensor, eps: float, where: str) -> None:
+    """Raise IntegrityError unless y = x W^T + b passes every probe within VERIFY_TOLERANCE."""
+    worst = freivalds_residual(x, y, probes, images, biases, eps)
     if not worst <= VERIFY_TOLERANCE:  # `not <=` also catches NaN
         raise IntegrityError(f"integrity check failed at {where}: the server's result is wrong "
                              f"(Freivalds residual {worst:.1f} > {VERIFY_TOLERANCE:g} x rounding noise); "

@@ -1,0 +1,95 @@
+"""Reproduce the Freivalds calibration table of docs/security.md.
+
+For products shaped like a llama-3.2-1b prefill's (and the tiny test model's), with random weights
+W ~ N(0, 0.02) and activations whose rows have scales 0.3-3 and 1% outlier features at 100x, an
+honest float32 product is checked with the same code the TEE runs (tsqp.tee.guard). It prints:
+
+  - the worst honest residual over the trials, in units of rounding noise (tolerance: 50);
+  - the smallest change to a single output element that the check catches, in units of rms(y):
+    the range over trials (each trial: a random element, a fresh probe);
+  - whether a whole changed row, and a 0.1% rescaling of the output, are caught in every trial.
+
+    .venv/bin/python scripts/freivalds_calibration.py [--trials 20] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from tsqp.tee.guard import VERIFY_TOLERANCE, freivalds_residual, probe_count, secure_probes
+
+SHAPES = [  # rows, in -> out, what it stands for
+    (128, 2048, 8192, "gate/up"),
+    (128, 8192, 2048, "down"),
+    (512, 2048, 512, "k/v"),
+    (40, 64, 176, "tiny"),
+    (1, 2048, 128256, "LM head, last position"),
+]
+EPS = 2.0 ** -24  # float32 server, float32 wire
+STEPS = torch.logspace(-5, 0, 101).tolist()  # single-element changes tried, in units of rms(y)
+
+
+def activations(rows: int, width: int, g: torch.Generator) -> torch.Tensor:
+    scales = 0.3 + 2.7 * torch.rand(rows, 1, generator=g)
+    x = torch.randn(rows, width, generator=g) * scales
+    outliers = torch.randperm(width, generator=g)[: max(1, width // 100)]
+    x[:, outliers] *= 100.0
+    return x
+
+
+def smallest_caught(x, y, probes, images, biases, g: torch.Generator) -> float:
+    """The smallest step (x rms(y)) at which a change to one random element of y is caught."""
+    row, col = int(torch.randint(0, y.shape[0], (1,), generator=g)), int(torch.randint(0, y.shape[1], (1,), generator=g))
+    rms = y.pow(2).mean().sqrt().item()
+    for step in STEPS:
+        bad = y.clone()
+        bad[row, col] += step * rms
+        if freivalds_residual(x, bad, probes, images, biases, EPS) > VERIFY_TOLERANCE:
+            return step
+    return math.inf
+
+
+def calibrate(rows: int, width: int, out: int, trials: int, g: torch.Generator) -> dict:
+    weight = torch.randn(out, width, generator=g) * 0.02
+    weight64 = weight.double()
+    honest, caught, rows_caught, scales_caught = 0.0, [], 0, 0
+    for _ in range(trials):
+        x = activations(rows, width, g)
+        y = x @ weight.T  # the honest float32 server
+        probes = secure_probes(probe_count(rows), out)  # as the TEE draws them
+        images, biases = probes @ weight64, torch.zeros(len(probes), dtype=torch.float64)
+
+        def check(y: torch.Tensor) -> float:
+            return freivalds_residual(x, y, probes, images, biases, EPS)
+
+        honest = max(honest, check(y))
+        caught.append(smallest_caught(x, y, probes, images, biases, g))
+        bad_row = y.clone()
+        bad_row[int(torch.randint(0, rows, (1,), generator=g))] = torch.randn(out, generator=g) * y.std()
+        rows_caught += check(bad_row) > VERIFY_TOLERANCE
+        scales_caught += check(y * 1.001) > VERIFY_TOLERANCE
+    return {"honest": honest, "caught": (min(caught), max(caught)), "rows": rows_caught, "scales": scales_caught}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=20, help="trials per shape (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and activations (default 0)")
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(args.seed)
+    print(f"tolerance {VERIFY_TOLERANCE:g} x rounding noise, {args.trials} trials per shape\n")
+    print("| rows × in → out | worst honest residual | single element caught from (× rms(y)) "
+          "| changed row caught | 0.1% rescale caught |")
+    print("|---|---:|---:|---:|---:|")
+    for rows, width, out, name in SHAPES:
+        r = calibrate(rows, width, out, args.trials, g)
+        low, high = r["caught"]
+        print(f"| {rows} × {width} → {out} ({name}) | {r['honest']:.2f} | {low:.0e} – {high:.0e} "
+              f"| {r['rows']}/{args.trials} | {r['scales']}/{args.trials} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
