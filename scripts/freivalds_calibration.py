@@ -42,7 +42,7 @@ def activations(rows: int, width: int, g: torch.Generator) -> torch.Tensor:
 
 def smallest_caught(x, y, probes, images, biases, g: torch.Generator) -> float:
     """The smallest step (x rms(y)) at which a change to one random element of y is caught."""
-    row, col = int(torch.randint(0, y.shape[0], (1,), generator=g)), int(torch.randint(0, y.shape[1], (1,), generator=g))
+    row, col = (int(torch.randint(0, n, (1,), generator=g)) for n in y.shape)
     rms = y.pow(2).mean().sqrt().item()
     for step in STEPS:
         bad = y.clone()

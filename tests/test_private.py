@@ -122,13 +122,13 @@ def test_offline_material_in_blocks_matches_whole_float64_products(monkeypatch):
     g = torch.Generator().manual_seed(9)
     weight, bias = torch.randn(46, 24, generator=g), torch.randn(46, generator=g)
     mask = guard.secure_uniform((5, 24))
-    unmask, probes, images, probe_biases = guard.module_secrets(weight, bias, mask, probes=3)
+    unmask, probes, images, probe_biases = guard.module_secrets(weight, bias, mask, count=3)
     w64 = weight.double()
     assert probes.shape == (3, 46) and bool((probes.abs() >= 0.5).all() and (probes.abs() < 1).all())
     torch.testing.assert_close(unmask, mask @ w64.T, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(images, probes @ w64, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(probe_biases, probes @ bias.double(), rtol=1e-12, atol=1e-12)
-    assert guard.module_secrets(weight, None, None, probes=0) == (None, None, None, None)
+    assert guard.module_secrets(weight, None, None, count=0) == (None, None, None, None)
 
 
 def test_products_of_few_rows_get_more_probes():

@@ -157,23 +157,24 @@ def float64_blocks(weight: torch.Tensor, elements: int) -> Iterator[tuple[slice,
 
 
 def module_secrets(weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
-                   probes: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
-                                         torch.Tensor | None]:
-    """For one module: the mask's image r W^T (if masked) and, if `probes` > 0, that many
-    Freivalds probes P [probes, out], their images P W and P b."""
+                   count: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                        torch.Tensor | None]:
+    """For one module: the mask's image r W^T (if masked) and, if `count` > 0, that many
+    Freivalds probes P [count, out] with their images P W and P b."""
     out, width = weight.shape
-    unmask = torch.empty(mask.shape[0], out, dtype=torch.float64) if mask is not None else None
+    unmask = None
     if mask is not None:
+        unmask = torch.empty(mask.shape[0], out, dtype=torch.float64)
         for rows, block in float64_blocks(weight, MASKED_WEIGHT_BLOCK):
             unmask[:, rows] = mask @ block.T
-    if not probes:
+    if not count:
         return unmask, None, None, None
-    probe = secure_probes(probes, out)
-    image = torch.zeros(probes, width, dtype=torch.float64)
+    probes = secure_probes(count, out)
+    images = torch.zeros(count, width, dtype=torch.float64)
     for rows, block in float64_blocks(weight, WEIGHT_BLOCK):  # its own pass: smaller blocks suit it
-        image.addmm_(probe[:, rows], block)
-    probe_bias = probe @ bias.double() if bias is not None else torch.zeros(probes, dtype=torch.float64)
-    return unmask, probe, image, probe_bias
+        images.addmm_(probes[:, rows], block)
+    biases = probes @ bias.double() if bias is not None else torch.zeros(count, dtype=torch.float64)
+    return unmask, probes, images, biases
 
 
 def probe_count(rows: int) -> int:
@@ -198,13 +199,13 @@ def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int,
         mask = secure_uniform((rows, mats[0].shape[1]), torch.float64) if private else None
         secrets = CallSecrets(mask=mask, unmasks=[], probes=[], probe_images=[], probe_biases=[])
         for weight, bias in zip(mats, biases):
-            unmask, probe, image, probe_bias = module_secrets(weight, bias, mask, probe_count(rows) if verify else 0)
+            unmask, probes, images, biases = module_secrets(weight, bias, mask, probe_count(rows) if verify else 0)
             if unmask is not None:
                 secrets.unmasks.append(unmask)
             if verify:
-                secrets.probes.append(probe)
-                secrets.probe_images.append(image)
-                secrets.probe_biases.append(probe_bias)
+                secrets.probes.append(probes)
+                secrets.probe_images.append(images)
+                secrets.probe_biases.append(biases)
         tensors = ([mask] if mask is not None else []) + secrets.unmasks + secrets.probes + secrets.probe_images
         size += sum(t.numel() * t.element_size() for t in tensors)
         calls[(layer, group)] = secrets
@@ -221,7 +222,7 @@ def freivalds_residual(x: torch.Tensor, y: torch.Tensor, probes: torch.Tensor, i
     x2, y2 = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1])
     rows, width = y2.shape
     expected = x2 @ images.T + biases  # [rows, k]
-    dots, norms = torch.empty(len(probes), rows, dtype=torch.float64), torch.empty(len(probes), rows, dtype=torch.float64)
+    dots, norms = torch.empty(2, len(probes), rows, dtype=torch.float64)
     step = max(1, min(rows, FREIVALDS_BLOCK // width))
     block = torch.empty(step, width, dtype=torch.float64)
     for start in range(0, rows, step):
