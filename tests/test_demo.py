@@ -52,3 +52,9 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
             assert r["offline_s"] > 0 and r["round_trips"] == 4 * 2 + 1
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "| split |" in result.stdout
+    for row in report["results"]:  # the round-by-round ratios are the runs' own
+        if row["mode"] == "split-verify" and row["tokens"] == 16:
+            split = next(r for r in report["results"] if r["mode"] == "split" and r["tokens"] == 16)
+            ratios = sorted(a / b for a, b in zip(row["runs_s"], split["runs_s"]))
+            assert (f"split-verify, 16 tokens: {sum(ratios) / 2:.3f} × split round by round "
+                    f"({ratios[0]:.3f}–{ratios[1]:.3f})") in result.stdout

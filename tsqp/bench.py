@@ -10,7 +10,8 @@ Modes:
               phase (masks, probes) runs before each timed prefill and is reported apart
 
 Every mode is warmed up first; each repetition runs every mode once, in turn, so drift hits all
-modes alike; the figure reported is the median. Server time is measured by the server around the
+modes alike; the figure reported is the median, and under the table each mode's ratio to split
+round by round (median, min–max). Server time is measured by the server around the
 device work (synchronized), so time is split into TEE compute, (de)serialization, transport and
 waiting, and server compute.
 """
@@ -190,6 +191,21 @@ def markdown_table(results: list[ModeResult], batch: int) -> str:
     return "\n".join(rows)
 
 
+def paired_ratios(results: list[ModeResult], baseline: str = "split") -> list[str]:
+    """Each mode's time over the baseline's in the same round, median (min–max) over rounds.
+    Rounds run every mode in turn, so a ratio within one round is immune to the host's drift
+    between rounds, which moves the ratio of two medians on a shared machine."""
+    base = {r.tokens: r.runs_s for r in results if r.mode == baseline}
+    lines = []
+    for r in results:
+        if r.mode == baseline or r.tokens not in base or len(r.runs_s) < 2:
+            continue
+        ratios = [mine / theirs for mine, theirs in zip(r.runs_s, base[r.tokens])]
+        lines.append(f"{r.mode}, {r.tokens} tokens: {statistics.median(ratios):.3f} × {baseline} round by round "
+                     f"({min(ratios):.3f}–{max(ratios):.3f})")
+    return lines
+
+
 def plot(results: list[ModeResult], path: Path, title: str) -> None:
     import matplotlib
     import matplotlib.ticker
@@ -314,6 +330,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "results": [asdict(r) for r in results], "wire_accuracy": accuracy,
     }
     print(markdown_table(results, args.batch))
+    for line in paired_ratios(results):
+        print(line)
     for row in accuracy:
         print(f"wire {row['wire_dtype']}: logits max|Δ|/max|ref| = {row['rel_error']:.2e} at {row['tokens']} tokens")
     if args.json:
