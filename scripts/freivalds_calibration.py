@@ -10,6 +10,9 @@ honest float32 product is checked with the same code the TEE runs (tsqp.tee.guar
   - whether a whole changed row, and a 0.1% rescaling of the output, are caught in every trial.
 
     .venv/bin/python scripts/freivalds_calibration.py [--trials 20] [--seed 0]
+
+The seed fixes weights and activations; the probes come from os.urandom, as the TEE draws them,
+so the figures move a little from run to run.
 """
 
 from __future__ import annotations
