@@ -7,9 +7,14 @@ honest float32 product is checked with the same code the TEE runs (tsqp.tee.guar
   - the worst honest residual over the trials, in units of rounding noise (tolerance: 50);
   - the smallest change to a single output element that the check catches, in units of rms(y):
     the range over trials (each trial: a random element, a fresh probe);
-  - whether a whole changed row, and a 0.1% rescaling of the output, are caught in every trial.
+  - how often three changes spread over many elements are caught: one row scaled by 1.01 (as
+    `serve --tamper row` does), the whole output scaled by 1.001, and the same vector v added to
+    every row, ‖v‖ = 0.1% of a row's norm (a shifted bias: rows cannot multiply the chances).
 
-    .venv/bin/python scripts/freivalds_calibration.py [--trials 20] [--seed 0]
+    .venv/bin/python scripts/freivalds_calibration.py [--trials 20] [--seed 0] [--only NAME] [--probes K]
+
+--probes overrides the number of probes per module that the TEE would draw (tsqp.tee.guard.probe_count),
+e.g. `--only "LM head" --probes 1 --trials 300` against `--probes 4` for a one-row product.
 
 The seed fixes weights and activations; the probes come from os.urandom, as the TEE draws them,
 so the figures move a little from run to run.
@@ -55,14 +60,15 @@ def smallest_caught(x, y, probes, images, biases, g: torch.Generator) -> float:
     return math.inf
 
 
-def calibrate(rows: int, width: int, out: int, trials: int, g: torch.Generator) -> dict:
+def calibrate(rows: int, width: int, out: int, trials: int, probes_per_module: int | None,
+              g: torch.Generator) -> dict:
     weight = torch.randn(out, width, generator=g) * 0.02
     weight64 = weight.double()
-    honest, caught, rows_caught, scales_caught = 0.0, [], 0, 0
+    honest, caught, counts = 0.0, [], {"row": 0, "scale": 0, "shift": 0}
     for _ in range(trials):
         x = activations(rows, width, g)
         y = x @ weight.T  # the honest float32 server
-        probes = secure_probes(probe_count(rows), out)  # as the TEE draws them
+        probes = secure_probes(probes_per_module or probe_count(rows), out)  # as the TEE draws them
         images, biases = probes @ weight64, torch.zeros(len(probes), dtype=torch.float64)
 
         def check(y: torch.Tensor) -> float:
@@ -71,27 +77,35 @@ def calibrate(rows: int, width: int, out: int, trials: int, g: torch.Generator) 
         honest = max(honest, check(y))
         caught.append(smallest_caught(x, y, probes, images, biases, g))
         bad_row = y.clone()
-        bad_row[int(torch.randint(0, rows, (1,), generator=g))] = torch.randn(out, generator=g) * y.std()
-        rows_caught += check(bad_row) > VERIFY_TOLERANCE
-        scales_caught += check(y * 1.001) > VERIFY_TOLERANCE
-    return {"honest": honest, "caught": (min(caught), max(caught)), "rows": rows_caught, "scales": scales_caught}
+        bad_row[int(torch.randint(0, rows, (1,), generator=g))] *= 1.01
+        shift = torch.randn(out, generator=g)
+        shift *= 1e-3 * y.norm(dim=-1).mean() / shift.norm()
+        counts["row"] += check(bad_row) > VERIFY_TOLERANCE
+        counts["scale"] += check(y * 1.001) > VERIFY_TOLERANCE
+        counts["shift"] += check(y + shift) > VERIFY_TOLERANCE
+    return {"honest": honest, "caught": (min(caught), max(caught)), **counts}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20, help="trials per shape (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and activations (default 0)")
+    parser.add_argument("--only", help="only the shapes whose name contains this (e.g. 'LM head')")
+    parser.add_argument("--probes", type=int, help="probes per module (default: as the TEE draws them)")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(args.seed)
-    print(f"tolerance {VERIFY_TOLERANCE:g} x rounding noise, {args.trials} trials per shape\n")
+    print(f"tolerance {VERIFY_TOLERANCE:g} x rounding noise, {args.trials} trials per shape, "
+          f"probes per module: {args.probes or 'as the TEE draws them'}\n")
     print("| rows × in → out | worst honest residual | single element caught from (× rms(y)) "
-          "| changed row caught | 0.1% rescale caught |")
-    print("|---|---:|---:|---:|---:|")
+          "| one row × 1.01 caught | all × 1.001 caught | every row + v caught |")
+    print("|---|---:|---:|---:|---:|---:|")
     for rows, width, out, name in SHAPES:
-        r = calibrate(rows, width, out, args.trials, g)
+        if args.only and args.only not in name:
+            continue
+        r = calibrate(rows, width, out, args.trials, args.probes, g)
         low, high = r["caught"]
         print(f"| {rows} × {width} → {out} ({name}) | {r['honest']:.2f} | {low:.0e} – {high:.0e} "
-              f"| {r['rows']}/{args.trials} | {r['scales']}/{args.trials} |", flush=True)
+              + "".join(f"| {r[k]}/{args.trials} " for k in ("row", "scale", "shift")) + "|", flush=True)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,14 @@ def test_offline_material_in_blocks_matches_whole_float64_products(monkeypatch):
     assert guard.module_secrets(weight, None, None, count=0) == (None, None, None, None)
 
 
-def test_products_of_few_rows_get_more_probes():
+def test_products_of_few_rows_get_more_probes(tiny_dir):
     assert [guard.probe_count(rows) for rows in (1, 2, 3, 4, 128)] == [4, 2, 2, 1, 1]
+    from tsqp.config import DirectoryWeights, load_config
+
+    secrets, _ = guard.precompute(DirectoryWeights(tiny_dir), load_config(tiny_dir), (1, 9, False), private=False,
+                                  verify=True)
+    assert secrets.calls[(None, "lm_head")].probes[0].shape[0] == 4  # the last position: one row
+    assert all(p.shape[0] == 1 for p in secrets.calls[(0, "qkv")].probes)  # nine rows
 
 
 @pytest.mark.parametrize("count", [1, 3])

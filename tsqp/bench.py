@@ -193,8 +193,8 @@ def markdown_table(results: list[ModeResult], batch: int) -> str:
 
 def paired_ratios(results: list[ModeResult], baseline: str = "split") -> list[str]:
     """Each mode's time over the baseline's in the same round, median (min–max) over rounds.
-    Rounds run every mode in turn, so a ratio within one round is immune to the host's drift
-    between rounds, which moves the ratio of two medians on a shared machine."""
+    Rounds run every mode in turn, so a ratio within one round is less sensitive than the ratio
+    of two medians to a shared machine's drift between rounds (not to noise within a round)."""
     base = {r.tokens: r.runs_s for r in results if r.mode == baseline}
     lines = []
     for r in results:

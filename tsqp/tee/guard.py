@@ -41,8 +41,9 @@ VERIFY_TOLERANCE = 50.0
 # 2 MB blocks for the probes' matrix-vector products, 8 MB when a mask's GEMM runs per block.
 WEIGHT_BLOCK, MASKED_WEIGHT_BLOCK = 1 << 18, 1 << 20
 # Each product is checked on at least this many (row, probe) pairs: one probe per module, more for
-# products of fewer rows (the LM head at the last position has one), where rows cannot multiply
-# the chances of catching a change spread over the output, such as a rescaling.
+# products of fewer rows (the LM head at the last position has one). Rows multiply the chances of
+# catching a change that differs between rows, such as a rescaling; a one-row product has no rows
+# to multiply them (the same change added to every row gets no help from rows either).
 MIN_CHECKS = 4
 FREIVALDS_BLOCK = 1 << 17  # float64 elements of y o p formed at once (1 MB: cache-sized, measured best)
 ROUNDING = {"float64": 2.0 ** -24, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
@@ -145,7 +146,8 @@ class OneTimePool:
 
 def float64_blocks(weight: torch.Tensor, elements: int) -> Iterator[tuple[slice, torch.Tensor]]:
     """`weight`'s rows in float64, `elements` at a time in one reused buffer: the offline
-    phase never makes a whole float64 copy of a matrix (those copies were 3/4 of a verify precompute)."""
+    phase never makes a whole float64 copy of a matrix (those copies were 3/4 of a verify precompute).
+    Each block is overwritten by the next: use it before asking for another."""
     out, width = weight.shape
     step = max(1, min(out, elements // width))
     buffer = torch.empty(step, width, dtype=torch.float64)
@@ -199,15 +201,17 @@ def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int,
         mask = secure_uniform((rows, mats[0].shape[1]), torch.float64) if private else None
         secrets = CallSecrets(mask=mask, unmasks=[], probes=[], probe_images=[], probe_biases=[])
         for weight, bias in zip(mats, biases):
-            unmask, probes, images, biases = module_secrets(weight, bias, mask, probe_count(rows) if verify else 0)
+            unmask, probes, images, probe_biases = module_secrets(weight, bias, mask,
+                                                                  probe_count(rows) if verify else 0)
             if unmask is not None:
                 secrets.unmasks.append(unmask)
             if verify:
                 secrets.probes.append(probes)
                 secrets.probe_images.append(images)
-                secrets.probe_biases.append(biases)
-        tensors = ([mask] if mask is not None else []) + secrets.unmasks + secrets.probes + secrets.probe_images
-        size += sum(t.numel() * t.element_size() for t in tensors)
+                secrets.probe_biases.append(probe_biases)
+        kept = [mask] if mask is not None else []
+        kept += secrets.unmasks + secrets.probes + secrets.probe_images + secrets.probe_biases
+        size += sum(t.numel() * t.element_size() for t in kept)
         calls[(layer, group)] = secrets
     return PrefillSecrets(shape=shape, calls=calls), size
 
