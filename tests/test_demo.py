@@ -7,6 +7,7 @@ import json
 import torch
 
 from tsqp import api
+from tsqp.bench import Run, measure
 
 from conftest import reference_logits, relative_error, run_cli
 
@@ -58,3 +59,20 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
             ratios = sorted(a / b for a, b in zip(row["runs_s"], split["runs_s"]))
             assert (f"split-verify, 16 tokens: {sum(ratios) / 2:.3f} × split round by round "
                     f"({ratios[0]:.3f}–{ratios[1]:.3f})") in result.stdout
+
+
+def test_bench_rounds_rotate_the_mode_order_and_keep_runs_paired():
+    calls: list[str] = []
+
+    def runner(mode: str):
+        def run(ids: torch.Tensor) -> Run:
+            calls.append(mode)
+            return Run(seconds=len(calls), breakdown_s={"tee_compute": 0.0})
+        return run
+
+    modes = ["split", "whole", "split-verify"]
+    results = measure({m: runner(m) for m in modes}, [4], batch=1, repeat=3, vocab_size=10, progress=False)
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert rounds == [modes, modes[1:] + modes[:1], modes[2:] + modes[:2], modes]
+    for r in results:  # run i of every mode comes from round i + 1 (round 0 is the warm-up)
+        assert [int(s) for s in r.runs_s] == [calls.index(r.mode, 3 * i) + 1 for i in (1, 2, 3)]

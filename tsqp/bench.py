@@ -9,8 +9,8 @@ Modes:
               added by --protection private and/or --verify: the guarded steps; their offline
               phase (masks, probes) runs before each timed prefill and is reported apart
 
-Every mode is warmed up first; each repetition runs every mode once, in turn, so drift hits all
-modes alike; the figure reported is the median, and under the table each mode's ratio to split
+Every mode is warmed up first; each repetition runs every mode once, in turn (starting one mode
+later each time), so drift hits all modes alike; the figure reported is the median, and under the table each mode's ratio to split
 round by round (median, min–max). Server time is measured by the server around the
 device work (synchronized), so time is split into TEE compute, (de)serialization, transport and
 waiting, and server compute.
@@ -151,7 +151,9 @@ def guarded_modes(protection: str, verify: bool) -> list[tuple[str, str, bool]]:
 
 def measure(runners: dict[str, Callable[[torch.Tensor], Run]], token_counts: list[int], batch: int, repeat: int,
             vocab_size: int, progress: bool = True) -> list[ModeResult]:
-    """Warm up each mode, then `repeat` rounds of every mode in turn, for each length."""
+    """Warm up each mode, then `repeat` rounds of every mode in turn, for each length. Each round
+    starts one mode later than the last, so no mode always follows the same one (a guarded mode's
+    offline phase, for one, leaves the caches and memory in a different state)."""
     from tqdm import tqdm
 
     results = []
@@ -160,10 +162,11 @@ def measure(runners: dict[str, Callable[[torch.Tensor], Run]], token_counts: lis
         for n in token_counts:
             ids = torch.randint(0, vocab_size, (batch, n), generator=torch.Generator().manual_seed(n))
             runs: dict[str, list[Run]] = {mode: [] for mode in runners}
+            order = list(runners)
             for round_ in range(repeat + 1):
-                for mode, run in runners.items():
+                for mode in order[round_ % len(order):] + order[: round_ % len(order)]:
                     bar.set_postfix_str(f"{mode} {n} tokens")
-                    outcome = run(ids)
+                    outcome = runners[mode](ids)
                     if round_ > 0:  # round 0 is the warm-up
                         runs[mode].append(outcome)
                     bar.update()
