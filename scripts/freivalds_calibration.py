@@ -7,9 +7,9 @@ honest float32 product is checked with the same code the TEE runs (tsqp.tee.guar
   - the worst honest residual over the trials, in units of rounding noise (tolerance: 50);
   - the smallest change to a single output element that the check catches, in units of rms(y):
     the range over trials (each trial: a random element, a fresh probe);
-  - how often three changes spread over many elements are caught: one row scaled by 1.01 (as
-    `serve --tamper row` does), the whole output scaled by 1.001, and the same vector v added to
-    every row, ‖v‖ = 0.1% of a row's norm (a shifted bias: rows cannot multiply the chances).
+  - how often three changes spread over many elements are caught: one row scaled by 1.01, the
+    whole output scaled by 1.001, and the same vector v added to every row, ‖v‖ = 0.1% of a
+    row's norm (a shifted bias: rows cannot multiply the chances).
 
     .venv/bin/python scripts/freivalds_calibration.py [--trials 20] [--seed 0] [--only NAME] [--probes K]
 
