@@ -4,7 +4,8 @@ checked here on the CPU with the same layout code."""
 import pytest
 import torch
 
-from tsqp.staging import ALIGN, layout, pack, to_device, to_host, unpack
+from tsqp.shm import ALIGN
+from tsqp.staging import layout, pack, to_device, to_host, unpack
 
 
 def _varied(generator: torch.Generator) -> list[torch.Tensor]:

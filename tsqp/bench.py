@@ -10,10 +10,10 @@ Modes:
               phase (masks, probes) runs before each timed prefill and is reported apart
 
 Every mode is warmed up first; each repetition runs every mode once, in turn (starting one mode
-later each time), so drift hits all modes alike; the figure reported is the median, and under the table each mode's ratio to split
-round by round (median, min–max). Server time is measured by the server around the
-device work (synchronized), so time is split into TEE compute, (de)serialization, transport and
-waiting, and server compute.
+later each time), so drift hits all modes alike; the figure reported is the median, and under the
+table each mode's ratio to split round by round (median, min–max). Server time is measured by the
+server around the device work (synchronized), so time is split into TEE compute,
+(de)serialization, transport and waiting, and server compute.
 """
 
 from __future__ import annotations

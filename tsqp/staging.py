@@ -14,16 +14,12 @@ from typing import Sequence
 
 import torch
 
-log = logging.getLogger("tsqp.server")
+from .shm import aligned  # the same 64-byte alignment: every packed tensor can be viewed in place
 
-ALIGN = 64  # bytes; every packed tensor starts here, so any dtype can be viewed in place
+log = logging.getLogger("tsqp.server")
 
 _pinning_works: bool | None = None  # probed once: a sandbox or a CPU-only build may refuse page-locked memory
 _PROBE_BYTES = 4096
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
@@ -31,7 +27,7 @@ def layout(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
     offsets, end = [], 0
     for t in tensors:
         offsets.append(end)
-        end = _aligned(end + t.numel() * t.element_size())
+        end = aligned(end + t.numel() * t.element_size())
     return offsets, end
 
 
