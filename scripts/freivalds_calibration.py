@@ -93,6 +93,10 @@ def main() -> None:
     parser.add_argument("--only", help="only the shapes whose name contains this (e.g. 'LM head')")
     parser.add_argument("--probes", type=int, help="probes per module (default: as the TEE draws them)")
     args = parser.parse_args()
+    if args.trials < 1 or (args.probes is not None and args.probes < 1):
+        parser.error("--trials and --probes must be positive")
+    if args.only and not any(args.only in name for *_, name in SHAPES):
+        parser.error(f"--only {args.only!r} matches no shape (names: {', '.join(name for *_, name in SHAPES)})")
     g = torch.Generator().manual_seed(args.seed)
     print(f"tolerance {VERIFY_TOLERANCE:g} x rounding noise, {args.trials} trials per shape, "
           f"probes per module: {args.probes or 'as the TEE draws them'}\n")
