@@ -58,6 +58,10 @@ def test_seed_entry_points_with_environment_variables_only(tiny_dir, references)
         for expected in (f"✓ Connected to GPU server at localhost:{port}", "✓ TEE model initialized: 2 layers",
                          "Token length: 32", "Prefill time:", "Throughput:", "Logits shape: torch.Size([1, 1, 512])"):
             assert expected in result.stdout
+        # The flags a guarded Gramine manifest bakes into tee_runner.py's command line.
+        guarded = run_cli("--protection", "private", "--verify", env=runner_env, script="tee_runner.py")
+        assert guarded.returncode == 0, guarded.stderr
+        assert "Logits shape: torch.Size([1, 1, 512])" in guarded.stdout
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(20) == 0  # graceful shutdown

@@ -28,7 +28,7 @@ APPS = ("tee_runner", "server")
 GRAMINE_GLOBALS = {"gramine", "python", "env", "ldd"}
 REQUIRED_DEFINES = {"entrypoint", "arch_libdir", "app_dir", "model_dir"}
 OPTIONAL_DEFINES = {"log_level", "venv_dir", "enclave_size", "max_threads", "omp_threads",
-                    "edmm", "sgx_debug", "ra_type"}
+                    "edmm", "sgx_debug", "ra_type", "protection", "verify", "shm"}
 PKGLIBDIR = "/usr/lib/x86_64-linux-gnu/gramine"
 
 
@@ -227,6 +227,26 @@ def test_tee_env_passthrough(defines, model_dir):
     assert m["sgx"]["remote_attestation"] == "dcap"
 
 
+def test_tee_command_line_carries_the_guarded_modes(defines):
+    """Private, verify and shared memory are measured settings: flags in the fixed argv, and
+    --shm also mounts /dev/shm as untrusted shared memory. Off by default."""
+    plain = render.render_manifest(template("tee_runner"), defines, **_env_kwargs())
+    assert all(m.get("type") != "untrusted_shm" for m in plain["fs"]["mounts"])
+    assert "dev:/dev/shm/" not in plain["sgx"]["allowed_files"]
+
+    guarded = dict(defines, protection="private", verify="1", shm="1")
+    m = render.render_manifest(template("tee_runner"), guarded, **_env_kwargs())
+    assert m["loader"]["argv"] == [defines["entrypoint"], f"{ROOT}/tee_runner.py",
+                                   "--protection", "private", "--verify", "--shm"]
+    assert {"type": "untrusted_shm", "path": "/dev/shm", "uri": "dev:/dev/shm"} in m["fs"]["mounts"]
+    assert "dev:/dev/shm/" in m["sgx"]["allowed_files"]
+
+    m = render.render_manifest(template("tee_runner"), dict(defines, verify="1"), **_env_kwargs())
+    assert m["loader"]["argv"][2:] == ["--verify"]
+    with pytest.raises(jinja2.UndefinedError, match="protection_must_be_none_or_private"):
+        render.render_manifest(template("tee_runner"), dict(defines, protection="secret"), **_env_kwargs())
+
+
 def test_server_env_passthrough(defines):
     m = render.render_manifest(template("server"), defines, **_env_kwargs())
     env = m["loader"]["env"]
@@ -406,3 +426,18 @@ def test_make_passes_expected_defines(model_dir):
     assert f"-Dmodel_dir={model_dir}" in out
     assert f"-Dapp_dir={ROOT}" in out
     assert f"-Darch_libdir={_arch_libdir()}" in out
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_passes_the_guarded_modes_and_refuses_bad_ones(model_dir):
+    def dry_run(*settings: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", "-C", str(GRAMINE_DIR), "tee_runner", f"PYTHON={sys.executable}",
+                               f"LLAMA_MODEL_PATH={model_dir}", "GRAMINE_MANIFEST=true", *settings],
+                              capture_output=True, text=True)
+
+    assert "-Dprotection=none -Dverify=0 -Dshm=0" in dry_run().stdout
+    assert "-Dprotection=private -Dverify=1 -Dshm=1" in dry_run("PROTECTION=private", "VERIFY=1", "SHM=1").stdout
+    for bad, message in (("PROTECTION=secret", "PROTECTION must be none or private"),
+                         ("VERIFY=yes", "VERIFY and SHM must be 0 or 1")):
+        r = dry_run(bad)
+        assert r.returncode != 0 and message in r.stderr
