@@ -13,8 +13,8 @@ honest float32 product is checked with the same code the TEE runs (tsqp.tee.guar
 
     .venv/bin/python scripts/freivalds_calibration.py [--trials 20] [--seed 0] [--only NAME] [--probes K]
 
---probes overrides the number of probes per module that the TEE would draw (tsqp.tee.guard.probe_count),
-e.g. `--only "LM head" --probes 1 --trials 300` against `--probes 4` for a one-row product.
+--probes overrides the number of probes per module that the TEE draws (tsqp.tee.guard.PROBES, each
+checking every row), e.g. `--only "k/v" --probes 1 --trials 300` against the default.
 
 The seed fixes weights and activations; the probes come from os.urandom, as the TEE draws them,
 so the figures move a little from run to run.
@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from tsqp.tee.guard import VERIFY_TOLERANCE, freivalds_residual, probe_count, secure_probes
+from tsqp.tee.guard import PROBES, VERIFY_TOLERANCE, freivalds_residual, secure_probes
 
 SHAPES = [  # rows, in -> out, what it stands for
     (128, 2048, 8192, "gate/up"),
@@ -68,7 +68,7 @@ def calibrate(rows: int, width: int, out: int, trials: int, probes_per_module: i
     for _ in range(trials):
         x = activations(rows, width, g)
         y = x @ weight.T  # the honest float32 server
-        probes = secure_probes(probes_per_module or probe_count(rows), out)  # as the TEE draws them
+        probes = secure_probes(probes_per_module or PROBES, out)  # as the TEE draws them
         images, biases = probes @ weight64, torch.zeros(len(probes), dtype=torch.float64)
 
         def check(y: torch.Tensor) -> float:
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20, help="trials per shape (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and activations (default 0)")
     parser.add_argument("--only", help="only the shapes whose name contains this (e.g. 'LM head')")
-    parser.add_argument("--probes", type=int, help="probes per module (default: as the TEE draws them)")
+    parser.add_argument("--probes", type=int, help=f"probes per module (default {PROBES}, as the TEE draws them)")
     args = parser.parse_args()
     if args.trials < 1 or (args.probes is not None and args.probes < 1):
         parser.error("--trials and --probes must be positive")
@@ -99,7 +99,7 @@ def main() -> None:
         parser.error(f"--only {args.only!r} matches no shape (names: {', '.join(name for *_, name in SHAPES)})")
     g = torch.Generator().manual_seed(args.seed)
     print(f"tolerance {VERIFY_TOLERANCE:g} x rounding noise, {args.trials} trials per shape, "
-          f"probes per module: {args.probes or 'as the TEE draws them'}\n")
+          f"probes per module: {args.probes or PROBES}\n")
     print("| rows × in → out | worst honest residual | single element caught from (× rms(y)) "
           "| one row × 1.01 caught | all × 1.001 caught | every row + v caught |")
     print("|---|---:|---:|---:|---:|---:|")

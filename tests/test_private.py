@@ -131,14 +131,15 @@ def test_offline_material_in_blocks_matches_whole_float64_products(monkeypatch):
     assert guard.module_secrets(weight, None, None, count=0) == (None, None, None, None)
 
 
-def test_products_of_few_rows_get_more_probes(tiny_dir):
-    assert [guard.probe_count(rows) for rows in (1, 2, 3, 4, 128)] == [4, 2, 2, 1, 1]
+def test_every_product_gets_its_own_probes(tiny_dir):
     from tsqp.config import DirectoryWeights, load_config
 
     secrets, _ = guard.precompute(DirectoryWeights(tiny_dir), load_config(tiny_dir), (1, 9, False), private=False,
                                   verify=True)
-    assert secrets.calls[(None, "lm_head")].probes[0].shape[0] == 4  # the last position: one row
-    assert all(p.shape[0] == 1 for p in secrets.calls[(0, "qkv")].probes)  # nine rows
+    lm_head, qkv = secrets.calls[(None, "lm_head")], secrets.calls[(0, "qkv")]
+    assert lm_head.probes[0].shape[0] == guard.PROBES == 4  # the last position: one row, still four probes
+    assert [p.shape[0] for p in qkv.probes] == [guard.PROBES] * 3
+    assert not torch.equal(qkv.probes[1][:, :16], qkv.probes[2][:, :16])  # k and v: same width, fresh probes
 
 
 @pytest.mark.parametrize("count", [1, 3])
@@ -156,7 +157,7 @@ def test_freivalds_residual_in_blocks_matches_the_plain_check(count, monkeypatch
         x64, y64 = x.double(), y.double()
         worst = 0.0
         for probe, image, bias in zip(probes, images, biases):
-            noise = 2.0 ** -24 * 24 ** 0.5 * (y64 * probe).norm(dim=-1)
+            noise = 2.0 ** -24 * 24 ** 0.5 * y64.norm(dim=-1)
             worst = max(worst, ((y64 @ probe - x64 @ image - bias).abs() / noise).max().item())
         return worst
 
@@ -167,6 +168,21 @@ def test_freivalds_residual_in_blocks_matches_the_plain_check(count, monkeypatch
         bad[row, int(torch.randint(0, 40, (1,), generator=g))] += 0.05 * y.abs().max()
         residual = guard.freivalds_residual(x, bad, probes, images, biases, 2.0 ** -24)
         assert residual == pytest.approx(plain(bad), rel=1e-6) and residual > guard.VERIFY_TOLERANCE
+
+
+def test_a_change_one_probe_cannot_see_is_caught_by_the_others():
+    """The same vector added to every row (a shifted bias) gives every row the same v.p: with one
+    probe, a v orthogonal to it passes in every row. Each probe checks every row, so the others see it."""
+    g = torch.Generator().manual_seed(11)
+    x, weight = torch.randn(16, 32, generator=g), torch.randn(48, 32, generator=g) * 0.2
+    y = x @ weight.T
+    probes = guard.secure_probes(guard.PROBES, 48)
+    images, biases = probes @ weight.double(), torch.zeros(guard.PROBES, dtype=torch.float64)
+    shift = torch.randn(48, generator=g, dtype=torch.float64)
+    shift -= (shift @ probes[0]) / (probes[0] @ probes[0]) * probes[0]  # invisible to probe 0
+    bad = (y.double() + 0.01 * y.norm(dim=-1).mean() * shift / shift.norm()).float()
+    assert guard.freivalds_residual(x, bad, probes[:1], images[:1], biases[:1], 2.0 ** -24) < guard.VERIFY_TOLERANCE
+    assert guard.freivalds_residual(x, bad, probes, images, biases, 2.0 ** -24) > guard.VERIFY_TOLERANCE
 
 
 def test_verify_has_no_false_alarm_in_200_honest_runs(servers, model_dirs, references):

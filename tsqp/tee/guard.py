@@ -7,10 +7,9 @@ subtracts `s * (r W^T)`, precomputed offline from weights it reads itself. Maske
 and are multiplied in float64 so that the 2^MASK_BITS headroom costs no accuracy that matters.
 Each mask is handed out once; `OneTimePool` refuses a second use.
 
-Verified (`--verify`), Freivalds: for every product the TEE draws a secret probe `p` (one per
-module per prefill, offline; more for products of fewer than MIN_CHECKS rows) and checks
-`y p == x (W^T p) + b.p` row by row, within a floating point tolerance; a mismatch raises
-IntegrityError naming the layer and module.
+Verified (`--verify`), Freivalds: for every product the TEE draws PROBES secret probes `p` (per
+module per prefill, offline) and checks `y p == x (W^T p) + b.p` for every row and every probe,
+within a floating point tolerance; a mismatch raises IntegrityError naming the layer and module.
 
 Both keep the attention products (Q K^T, P V) and the embedding lookup inside the TEE: they
 have no fixed operand to precompute against, and the lookup would reveal the token ids.
@@ -40,12 +39,11 @@ VERIFY_TOLERANCE = 50.0
 # float64 elements of a weight converted at once in the offline phase (measured best here):
 # 2 MB blocks for the probes' matrix-vector products, 8 MB when a mask's GEMM runs per block.
 WEIGHT_BLOCK, MASKED_WEIGHT_BLOCK = 1 << 18, 1 << 20
-# Each product is checked on at least this many (row, probe) pairs: one probe per module, more for
-# products of fewer rows (the LM head at the last position has one). Rows multiply the chances of
-# catching a change that differs between rows, such as a rescaling; a one-row product has no rows
-# to multiply them (the same change added to every row gets no help from rows either).
-MIN_CHECKS = 4
-FREIVALDS_BLOCK = 1 << 17  # float64 elements of y o p formed at once (1 MB: cache-sized, measured best)
+# Freivalds probes per module, each checking every row: a change that one probe misses (a sum of
+# its elements with secret signs that lands near zero) must slip past all of them. Four cost the
+# online check about what one did (one float64 pass over y serves them all, see freivalds_residual).
+PROBES = 4
+FREIVALDS_BLOCK = 1 << 19  # float64 elements of y o p formed at once (1 MB: cache-sized, measured best)
 ROUNDING = {"float64": 2.0 ** -24, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 # The outsourced projections, by the group that shares one input (and so one mask).
@@ -179,11 +177,6 @@ def module_secrets(weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.
     return unmask, probes, images, biases
 
 
-def probe_count(rows: int) -> int:
-    """Probes per module for a product of `rows` rows: enough for MIN_CHECKS (row, probe) pairs."""
-    return max(1, math.ceil(MIN_CHECKS / max(rows, 1)))
-
-
 def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int, int, bool], private: bool,
                verify: bool) -> tuple[PrefillSecrets, int]:
     """The offline phase for one prefill: masks and their images, Freivalds probes and theirs.
@@ -201,8 +194,7 @@ def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int,
         mask = secure_uniform((rows, mats[0].shape[1]), torch.float64) if private else None
         secrets = CallSecrets(mask=mask, unmasks=[], probes=[], probe_images=[], probe_biases=[])
         for weight, bias in zip(mats, biases):
-            unmask, probes, images, probe_biases = module_secrets(weight, bias, mask,
-                                                                  probe_count(rows) if verify else 0)
+            unmask, probes, images, probe_biases = module_secrets(weight, bias, mask, PROBES if verify else 0)
             if unmask is not None:
                 secrets.unmasks.append(unmask)
             if verify:
@@ -218,31 +210,33 @@ def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int,
 
 def freivalds_residual(x: torch.Tensor, y: torch.Tensor, probes: torch.Tensor, images: torch.Tensor,
                        biases: torch.Tensor, eps: float) -> float:
-    """max over rows and probes of |y p - x (W^T p) - b.p|, in units of honest rounding noise
-    (probes [k, out], images P W [k, in], biases P b [k]).
+    """max over rows i and probes j of |y_i p_j - x_i (W^T p_j) - b.p_j|, in units of the rounding
+    noise an honest product carries, eps * sqrt(in) * ||y_i|| (probes [k, out] with |p| < 1,
+    images P W [k, in], biases P b [k]).
 
-    y o p is formed in float64 a block of rows at a time, in one reused buffer that stays in
-    cache: a whole float64 copy of y (8 MB for a 128-token gate) costs more than the check."""
+    y is converted to float64 a block of rows at a time, in one reused buffer that stays in cache,
+    and that one pass serves every probe (a [k, out] x [out, rows] product) and the rows' norms:
+    a whole float64 copy of y (8 MB for a 128-token gate) would cost more than the check."""
     x2, y2 = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1])
     rows, width = y2.shape
-    expected = x2 @ images.T + biases  # [rows, k]
-    dots, norms = torch.empty(2, len(probes), rows, dtype=torch.float64)
+    expected = images @ x2.T + biases[:, None]  # [k, rows]
+    dots = torch.empty(len(probes), rows, dtype=torch.float64)
+    norms = torch.empty(rows, dtype=torch.float64)
     step = max(1, min(rows, FREIVALDS_BLOCK // width))
     block = torch.empty(step, width, dtype=torch.float64)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         part = block[: stop - start]
-        for probe, dot, norm in zip(probes, dots, norms):
-            torch.mul(y2[start:stop], probe, out=part)  # y o p in float64 (2^-53 rounding, far below the noise)
-            torch.sum(part, dim=-1, out=dot[start:stop])
-            torch.linalg.vector_norm(part, dim=-1, out=norm[start:stop])
+        part.copy_(y2[start:stop])  # float64: the products below round at 2^-53, far below the noise
+        torch.mm(probes, part.T, out=dots[:, start:stop])
+        torch.linalg.vector_norm(part, dim=-1, out=norms[start:stop])
     noise = eps * math.sqrt(x2.shape[-1]) * norms + 1e-300
-    return ((dots - expected.T).abs() / noise).max().item()
+    return ((dots - expected).abs() / noise).max().item()
 
 
 def freivalds_check(x: torch.Tensor, y: torch.Tensor, probes: torch.Tensor, images: torch.Tensor,
                     biases: torch.Tensor, eps: float, where: str) -> None:
-    """Raise IntegrityError unless y = x W^T + b passes every probe within VERIFY_TOLERANCE."""
+    """Raise IntegrityError unless y = x W^T + b passes every probe, in every row, within VERIFY_TOLERANCE."""
     worst = freivalds_residual(x, y, probes, images, biases, eps)
     if not worst <= VERIFY_TOLERANCE:  # `not <=` also catches NaN
         raise IntegrityError(f"integrity check failed at {where}: the server's result is wrong "
