@@ -34,16 +34,17 @@ from . import ops
 
 MASK_BITS = 24  # mask magnitude / max|x|: each coordinate's leak bound is 2^-MASK_BITS (docs/security.md)
 # Freivalds tolerance, in units of the rounding noise an honest product carries:
-# eps(dtype) * sqrt(in_features) * ||y o p||_2 per row (calibration in docs/security.md).
+# eps(dtype) * sqrt(in_features) * ||y||_2 per row (calibration in docs/security.md).
 VERIFY_TOLERANCE = 50.0
 # float64 elements of a weight converted at once in the offline phase (measured best here):
-# 2 MB blocks for the probes' matrix-vector products, 8 MB when a mask's GEMM runs per block.
+# 2 MB blocks for the probes' images P W, 8 MB when a mask's GEMM runs per block.
 WEIGHT_BLOCK, MASKED_WEIGHT_BLOCK = 1 << 18, 1 << 20
 # Freivalds probes per module, each checking every row: a change that one probe misses (a sum of
 # its elements with secret signs that lands near zero) must slip past all of them. Four cost the
 # online check about what one did (one float64 pass over y serves them all, see freivalds_residual).
 PROBES = 4
-FREIVALDS_BLOCK = 1 << 19  # float64 elements of y o p formed at once (1 MB: cache-sized, measured best)
+# float64 elements of y converted at once: 4 MB (1<<17..1<<19 within 5% here, 1<<16 and 1<<20 ~10% slower).
+FREIVALDS_BLOCK = 1 << 19
 ROUNDING = {"float64": 2.0 ** -24, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 # The outsourced projections, by the group that shares one input (and so one mask).
