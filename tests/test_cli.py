@@ -61,6 +61,7 @@ def test_seed_entry_points_with_environment_variables_only(tiny_dir, references)
         # The flags a guarded Gramine manifest bakes into tee_runner.py's command line.
         guarded = run_cli("--protection", "private", "--verify", env=runner_env, script="tee_runner.py")
         assert guarded.returncode == 0, guarded.stderr
+        assert "GPU operations: Linear (private: one-time masks, verify: Freivalds checks)" in guarded.stdout
         assert "Logits shape: torch.Size([1, 1, 512])" in guarded.stdout
     finally:
         server.send_signal(signal.SIGTERM)
@@ -134,6 +135,13 @@ def test_shm_without_a_willing_server_and_with_audit(servers, tiny_dir, tmp_path
                            "--tokens", "8"), "--shm")
     one_error_line(run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", "--shm", "--audit",
                            str(tmp_path / "audit")), "--audit")
+
+
+def test_verify_refuses_16_bit_products(servers, tiny_dir):
+    one_error_line(run_cli("prefill", "--endpoint", servers["gqa"].endpoint, "--model", str(tiny_dir), "--verify",
+                           "--wire-dtype", "bfloat16", "--tokens", "8"), "--verify needs the float32 wire")
+    one_error_line(run_cli("bench", "--model", str(tiny_dir), "--verify", "--dtype", "bfloat16"),
+                   "--verify checks float32 products", "--dtype float32")
 
 
 def test_serve_refuses_a_parent_pid_that_is_not_its_parent(tiny_dir):

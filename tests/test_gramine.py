@@ -437,7 +437,8 @@ def test_make_passes_the_guarded_modes_and_refuses_bad_ones(model_dir):
 
     assert "-Dprotection=none -Dverify=0 -Dshm=0" in dry_run().stdout
     assert "-Dprotection=private -Dverify=1 -Dshm=1" in dry_run("PROTECTION=private", "VERIFY=1", "SHM=1").stdout
-    for bad, message in (("PROTECTION=secret", "PROTECTION must be none or private"),
-                         ("VERIFY=yes", "VERIFY and SHM must be 0 or 1")):
+    for bad, message in (("PROTECTION=secret", "PROTECTION must be one of: none private"),
+                         ("VERIFY=yes", "VERIFY must be one of: 0 1"), ("SHM=", "SHM must be one of: 0 1"),
+                         ("VERIFY=1 1", "VERIFY must be one of: 0 1")):
         r = dry_run(bad)
         assert r.returncode != 0 and message in r.stderr

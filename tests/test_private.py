@@ -142,32 +142,64 @@ def test_every_product_gets_its_own_probes(tiny_dir):
     assert not torch.equal(qkv.probes[1][:, :16], qkv.probes[2][:, :16])  # k and v: same width, fresh probes
 
 
-@pytest.mark.parametrize("count", [1, 3])
-def test_freivalds_residual_in_blocks_matches_the_plain_check(count, monkeypatch):
+@pytest.mark.parametrize("reply", ["float32", "float64"])  # float64: private mode's unmasked reply
+def test_freivalds_residual_in_blocks_matches_the_plain_check(reply, monkeypatch):
     """The residual is formed a block of rows at a time; a small block makes several, the last
     one ragged, and a change in any row must show as it does in the whole-matrix formula."""
     monkeypatch.setattr(guard, "FREIVALDS_BLOCK", 3 * 40 + 7)  # 3 rows of 40 per block
     g = torch.Generator().manual_seed(5)
     x, weight = torch.randn(10, 24, generator=g), torch.randn(40, 24, generator=g) * 0.1
-    y = x @ weight.T + 0.3
-    probes = guard.secure_probes(count, 40)
+    y = (x.double() @ weight.double().T + 0.3).to(getattr(torch, reply))
+    probes = guard.secure_probes(guard.PROBES, 40)
     images, biases = probes @ weight.double(), 0.3 * probes.sum(dim=1)
 
     def plain(y):
         x64, y64 = x.double(), y.double()
-        worst = 0.0
-        for probe, image, bias in zip(probes, images, biases):
-            noise = 2.0 ** -24 * 24 ** 0.5 * y64.norm(dim=-1)
-            worst = max(worst, ((y64 @ probe - x64 @ image - bias).abs() / noise).max().item())
-        return worst
+        noise = guard.VERIFY_EPS * 24 ** 0.5 * y64.norm(dim=-1)
+        return max(((y64 @ probe - x64 @ image - bias).abs() / noise).max().item()
+                   for probe, image, bias in zip(probes, images, biases))
 
-    honest = guard.freivalds_residual(x, y, probes, images, biases, 2.0 ** -24)
+    honest = guard.freivalds_residual(x, y, probes, images, biases)
     assert honest == pytest.approx(plain(y), rel=1e-6, abs=1e-6) and honest < guard.VERIFY_TOLERANCE
     for row in (0, 4, 9):  # first block, middle block, the ragged last one
         bad = y.clone()
         bad[row, int(torch.randint(0, 40, (1,), generator=g))] += 0.05 * y.abs().max()
-        residual = guard.freivalds_residual(x, bad, probes, images, biases, 2.0 ** -24)
+        residual = guard.freivalds_residual(x, bad, probes, images, biases)
         assert residual == pytest.approx(plain(bad), rel=1e-6) and residual > guard.VERIFY_TOLERANCE
+
+
+@pytest.mark.parametrize("value", [1e200, float("inf"), float("nan")])
+def test_a_reply_no_honest_product_could_give_fails_the_check(value):
+    """Private mode's replies are float64: one element at 1e200 makes ||y|| overflow, which must
+    not turn the tolerance into infinity and let the reply through."""
+    g = torch.Generator().manual_seed(6)
+    x, weight = torch.randn(6, 24, generator=g), torch.randn(40, 24, generator=g)
+    y = x.double() @ weight.double().T
+    probes = guard.secure_probes(guard.PROBES, 40)
+    images, biases = probes @ weight.double(), torch.zeros(guard.PROBES, dtype=torch.float64)
+    assert guard.freivalds_residual(x, y, probes, images, biases) < guard.VERIFY_TOLERANCE
+    y[3, 17] = value
+    with pytest.raises(IntegrityError, match="at layer 2 up_proj"):
+        guard.freivalds_check(x, y, probes, images, biases, "layer 2 up_proj")
+
+
+def test_verify_refuses_a_16_bit_wire_and_a_server_not_in_float32(servers, model_dirs, tiny_dir):
+    """A 16-bit roundoff would let the tolerance outgrow the changes it must catch, so --verify
+    takes float32 only; the server's word about its dtype is used only to refuse early."""
+    from tsqp.errors import InputError
+
+    with pytest.raises(InputError, match="float32 wire, not bfloat16"):
+        runner_for(servers["gqa"].endpoint, model_dirs["gqa"], verify=True, wire_dtype="bfloat16")
+    runner_for(servers["gqa"].endpoint, model_dirs["gqa"], verify=True, protection="private",
+               wire_dtype="bfloat16")  # private mode's wire is float64 whatever was asked for
+    honest, lying = GpuServer(tiny_dir, "cpu", dtype="bfloat16"), GpuServer(tiny_dir, "cpu", dtype="bfloat16")
+    lying.handlers["Ping"] = lambda args, tensors: ([], {"server": "tsqp", "dtype": "float32"})  # computes in bfloat16
+    with ServerThread(honest, api.free_endpoint()) as thread:
+        with pytest.raises(InputError, match="this one says bfloat16"):
+            runner_for(thread.endpoint, tiny_dir, verify=True)
+    with ServerThread(lying, api.free_endpoint()) as thread:
+        with pytest.raises(IntegrityError, match="layer 0 q_proj"):
+            runner_for(thread.endpoint, tiny_dir, verify=True).prefill(random_ids(512, 1, seed=4))
 
 
 def test_a_change_one_probe_cannot_see_is_caught_by_the_others():
@@ -181,8 +213,8 @@ def test_a_change_one_probe_cannot_see_is_caught_by_the_others():
     shift = torch.randn(48, generator=g, dtype=torch.float64)
     shift -= (shift @ probes[0]) / (probes[0] @ probes[0]) * probes[0]  # invisible to probe 0
     bad = (y.double() + 0.01 * y.norm(dim=-1).mean() * shift / shift.norm()).float()
-    assert guard.freivalds_residual(x, bad, probes[:1], images[:1], biases[:1], 2.0 ** -24) < guard.VERIFY_TOLERANCE
-    assert guard.freivalds_residual(x, bad, probes, images, biases, 2.0 ** -24) > guard.VERIFY_TOLERANCE
+    assert guard.freivalds_residual(x, bad, probes[:1], images[:1], biases[:1]) < guard.VERIFY_TOLERANCE
+    assert guard.freivalds_residual(x, bad, probes, images, biases) > guard.VERIFY_TOLERANCE
 
 
 def test_verify_has_no_false_alarm_in_200_honest_runs(servers, model_dirs, references):

@@ -283,6 +283,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise InputError(f"--tokens must be comma-separated integers, got '{args.tokens}'") from None
     if min(token_counts) < 1 or args.repeat < 1 or args.batch < 1:
         raise InputError("--tokens, --repeat and --batch must be positive")
+    if args.verify and args.dtype != "float32":
+        raise InputError(f"--verify checks float32 products: it needs --dtype float32, not {args.dtype}")
+    if args.verify and args.wire_dtype != "float32":
+        raise InputError(f"--verify checks float32 products: it needs --wire-dtype float32, not {args.wire_dtype}")
     model_dir = str(args.model or cached_model(args.preset or "tiny"))
     config = load_config(model_dir)
     if max(token_counts) > config.max_position_embeddings:
