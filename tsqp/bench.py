@@ -89,7 +89,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--protection", choices=("none", "private"), default="none",
                    help="private: also measure split-private (one-time masks, offline phase reported apart)")
-    p.add_argument("--verify", action="store_true", help="also measure split-verify (Freivalds checks)")
+    p.add_argument("--verify", action="store_true", help="also measure split-verify (Freivalds checks; float32 only)")
     p.add_argument("--accuracy", action="store_true",
                    help="also measure each wire dtype's logits error against the whole model")
     p.add_argument("--json", type=Path, metavar="FILE", help="write results as JSON")

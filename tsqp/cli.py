@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="private: the server never sees token ids, activations or logits in clear (one-time "
                         "masks, attention and embedding in the TEE; docs/security.md). default: none")
     p.add_argument("--verify", action="store_true",
-                   help="check every outsourced product with Freivalds' algorithm; stop on a wrong result")
+                   help="check every outsourced product with Freivalds' algorithm; stop on a wrong result "
+                        "(float32 products only: a float32 server and wire)")
     _common_runner_options(p)
     p.set_defaults(func=cmd_prefill)
 
