@@ -45,7 +45,7 @@ VERIFY_EPS = 2.0 ** -24
 WEIGHT_BLOCK, MASKED_WEIGHT_BLOCK = 1 << 18, 1 << 20
 # Freivalds probes per module, each checking every row: a change that one probe misses (a sum of
 # its elements with secret signs that lands near zero) must slip past all of them. Four cost the
-# online check about what one did (one float64 pass over y serves them all, see freivalds_residual).
+# online check ~20% more than one did (one float64 pass over y serves them all: freivalds_residual).
 PROBES = 4
 # float64 elements of y converted at once: 4 MB (1<<17..1<<19 within 5% here, 1<<16 and 1<<20 ~10% slower).
 FREIVALDS_BLOCK = 1 << 19
