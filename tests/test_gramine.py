@@ -240,6 +240,9 @@ def test_tee_command_line_carries_the_guarded_modes(defines):
                                    "--protection", "private", "--verify", "--shm"]
     assert {"type": "untrusted_shm", "path": "/dev/shm", "uri": "dev:/dev/shm"} in m["fs"]["mounts"]
     assert "dev:/dev/shm/" in m["sgx"]["allowed_files"]
+    for uri in m["sgx"]["allowed_files"]:  # still nothing unprotected that holds code or weights
+        allowed = uri.split(":", 1)[1].rstrip("/")
+        assert not any(p.startswith(allowed) for p in (str(ROOT), defines["model_dir"], defines["entrypoint"])), uri
 
     m = render.render_manifest(template("tee_runner"), dict(defines, verify="1"), **_env_kwargs())
     assert m["loader"]["argv"][2:] == ["--verify"]
