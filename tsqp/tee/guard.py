@@ -227,11 +227,12 @@ def freivalds_residual(x: torch.Tensor, y: torch.Tensor, probes: torch.Tensor, i
     dots = torch.empty(len(probes), rows, dtype=torch.float64)
     norms = torch.empty(rows, dtype=torch.float64)
     step = max(1, min(rows, FREIVALDS_BLOCK // width))
-    block = torch.empty(step, width, dtype=torch.float64)
+    block = torch.empty(step, width, dtype=torch.float64) if y2.dtype != torch.float64 else None
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        part = block[: stop - start]
-        part.copy_(y2[start:stop])  # float64: the products below round at 2^-53, far below the noise
+        part = y2[start:stop]  # private mode's unmasked reply is float64 already: read it in place
+        if block is not None:
+            part = block[: stop - start].copy_(part)  # float64: products round at 2^-53, far below the noise
         torch.mm(probes, part.T, out=dots[:, start:stop])
         torch.linalg.vector_norm(part, dim=-1, out=norms[start:stop])
     noise = VERIFY_EPS * math.sqrt(x2.shape[-1]) * norms + 1e-300
