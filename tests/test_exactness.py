@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tsqp import api
-from tsqp.tee import ops
+from tsqp import ops
 
 from conftest import VARIANTS, reference_logits, relative_error
 

@@ -230,3 +230,13 @@ def test_guarded_modes_need_the_tee_model_directory(servers):
 
     with pytest.raises(InputError, match="own model directory"):
         runner_for(servers["gqa"].endpoint, None, protection="private")
+
+
+def test_a_guarded_mode_refuses_the_seed_protocol_instead_of_ignoring_it(servers, tiny_dir):
+    from tsqp.errors import InputError
+
+    for kwargs in ({"protection": "private"}, {"verify": True}):
+        with pytest.raises(InputError, match="--protocol seed cannot be combined"):
+            runner_for(servers["gqa"].endpoint, tiny_dir, protocol="seed", **kwargs)
+    runner = runner_for(servers["gqa"].endpoint, tiny_dir, protection="private")
+    assert (runner.protocol, runner.protection, runner.verify, runner.guarded) == ("lean", "private", False, True)

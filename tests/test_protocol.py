@@ -8,7 +8,7 @@ import torch
 import zmq
 
 from tsqp import api, protocol
-from tsqp.tee import ops
+from tsqp import ops
 from tsqp.errors import ProtocolError, RemoteError
 from tsqp.transport import Client
 

@@ -30,7 +30,7 @@ RULE = "=" * 60
 def _common_runner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=("lean", "seed"), default="lean",
                    help="lean: fused calls, 4 round trips per layer (default); seed: the seed's 9 per layer "
-                        "(ignored with --protection private / --verify, which use their own steps)")
+                        "(lean only with --protection private / --verify)")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of activations on the wire (float32 is exact; default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
@@ -282,7 +282,7 @@ def print_report(result, runner, offline=None, out=sys.stdout) -> None:
     w = result.wire
     print(RULE, "Running Prefill Benchmark", RULE, sep="\n", file=out)
     print(f"Token length: {result.tokens}" + (f" x batch {result.batch}" if result.batch > 1 else ""), file=out)
-    if runner.protocol == "guarded":
+    if runner.guarded:
         guards = [g for g, on in (("private: one-time masks", runner.protection == "private"),
                                   ("verify: Freivalds checks", runner.verify)) if on]
         print("TEE operations: Embedding, Softmax, RMSNorm, RotaryEmbedding, SiLU, Q·K^T, P·V", file=out)
@@ -327,8 +327,7 @@ def run_prefill(args: argparse.Namespace, runner, input_ids: "torch.Tensor") -> 
     runner.check_input(input_ids)
     for _ in range(args.warmup):
         runner.prefill(input_ids, all_positions=args.all_positions)
-    guarded = runner.protocol == "guarded"
-    offline = runner.prepare(*input_ids.shape, all_positions=args.all_positions) if guarded else None
+    offline = runner.prepare(*input_ids.shape, all_positions=args.all_positions) if runner.guarded else None
     result = runner.prefill(input_ids, all_positions=args.all_positions)
     print_report(result, runner, offline)
     if args.save_logits:

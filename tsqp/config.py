@@ -1,8 +1,9 @@
 """What the TEE side knows about the model, read from a local model directory it trusts.
 
 The TEE never takes the architecture, the norm weights or the rope parameters from the GPU
-server: `ModelConfig` comes from `config.json` and `TeeWeights` reads only the small tensors it
-needs (the RMSNorm weights) straight from the safetensors files, lazily.
+server: `ModelConfig` comes from `config.json` and `DirectoryWeights` reads the tensors it needs
+straight from the safetensors files (tsqp.checkpoint), lazily. `model_identity` lets it check
+that a server holds the same model, to catch a mix-up at connect.
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ class ModelConfig:
 
 def _model_dir(path: str | Path) -> Path:
     model_dir = Path(path).expanduser()
-    if not model_dir.is_dir():
+    if not model_dir.exists():
         raise ModelError(f"model directory not found: {model_dir}")
+    if not model_dir.is_dir():
+        raise ModelError(f"not a model directory (a file, not a directory): {model_dir}")
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"not a model directory (no config.json): {model_dir}")
     return model_dir
@@ -142,55 +145,40 @@ class NormWeights:
 
 
 class DirectoryWeights(NormWeights):
-    """Reads one tensor at a time from the model's safetensors files, on first use."""
+    """The TEE's own copy of the weights: small tensors kept after their first read, large ones
+    streamed (the offline phase), each read by byte range from one open handle per file."""
 
     def __init__(self, model_dir: str | Path):
-        from safetensors import safe_open
+        from .checkpoint import Checkpoint
 
         self.model_dir = _model_dir(model_dir)
-        self._where: dict[str, Path] = {}
+        self.checkpoint = Checkpoint(self.model_dir)
         self._cache: dict[str, torch.Tensor] = {}
-        files = sorted(self.model_dir.glob("*.safetensors"))
-        if not files:
-            raise ModelError(f"no *.safetensors weights in {self.model_dir}")
-        for path in files:
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    self._where.update(dict.fromkeys(f.keys(), path))
-            except Exception as err:  # safetensors raises several types for corrupt files
-                raise ModelError(f"cannot read weights {path.name}: {err}") from None
 
     def get(self, name: str) -> torch.Tensor:
-        """A small tensor, kept after the first read."""
+        """A small tensor in float32, kept after the first read."""
         if name not in self._cache:
             self._cache[name] = self.read(name)
         return self._cache[name]
 
     def has(self, name: str) -> bool:
-        return name in self._where
-
-    def _path(self, name: str) -> Path:
-        path = self._where.get(name)
-        if path is None:
-            raise ModelError(f"weight '{name}' not found in {self.model_dir}")
-        return path
+        return self.checkpoint.has(name)
 
     def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor read now and not kept: for streaming large matrices through the offline phase."""
-        from safetensors import safe_open
+        return self.checkpoint.read(name, dtype)
 
-        with safe_open(str(self._path(name)), framework="pt") as f:
-            return f.get_tensor(name).to(dtype)
+    def table(self, name: str) -> torch.Tensor:
+        """A whole matrix in its stored dtype, read once, sequentially, and kept: a lookup into
+        it then reads no file at a position that depends on which rows are wanted."""
+        key = f"table:{name}"
+        if key not in self._cache:
+            self._cache[key] = self.checkpoint.read(name)
+        return self._cache[key]
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of a matrix, reading only those rows (the TEE's private embedding lookup)."""
-        from safetensors import safe_open
-
-        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-        with safe_open(str(self._path(name)), framework="pt") as f:
-            table = f.get_slice(name)
-            picked = torch.stack([table[int(i) : int(i) + 1][0] for i in unique]).to(torch.float32)
-        return picked[inverse].reshape(*ids.shape, -1)
+        """Rows `ids` of a matrix, in float32 (the TEE's private embedding lookup)."""
+        return self.table(name)[ids.reshape(-1)].to(torch.float32).reshape(*ids.shape, -1)
 
 
 class ProvidedWeights(NormWeights):
@@ -203,3 +191,37 @@ class ProvidedWeights(NormWeights):
         if name not in self._tensors:
             raise ModelError(f"weight '{name}' missing from the server's Init reply")
         return self._tensors[name]
+
+
+def model_identity(model_dir: str | Path) -> dict[str, Any]:
+    """What two sides compare to tell whether they hold the same model: the architecture and a
+    per-tensor fingerprint of the weights (tsqp.checkpoint). Cheap enough for every start-up."""
+    from dataclasses import asdict
+
+    from .checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(_model_dir(model_dir))
+    try:
+        return {"config": asdict(load_config(model_dir)), "weights": checkpoint.fingerprint()}
+    finally:
+        checkpoint.close()
+
+
+def identity_mismatch(mine: dict[str, Any], theirs: Any) -> str | None:
+    """None if both identities agree, else what differs, in a few words."""
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("config"), dict) \
+            or not isinstance(theirs.get("weights"), dict):
+        return "the server did not say which model it holds"
+    config, other = mine["config"], theirs["config"]
+    for key in config:
+        if config[key] != other.get(key):
+            return f"config {key}: {config[key]} here, {other.get(key)} on the server"
+    weights, other_weights = mine["weights"], theirs["weights"]
+    if set(weights) != set(other_weights):
+        missing = sorted(set(weights) ^ set(other_weights))
+        return f"tensor {missing[0]} is in only one of the two checkpoints ({len(missing)} such)"
+    for name in weights:
+        if weights[name] != other_weights[name]:
+            changed = sum(weights[n] != other_weights[n] for n in weights)
+            return f"weights differ: {name} ({changed} of {len(weights)} tensors)"
+    return None

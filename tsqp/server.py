@@ -28,7 +28,7 @@ from .logs import log_event
 from .protocol import DTYPES, LINEAR_MODULES, WIRE_DTYPES
 from .shm import Attached, Segment, aligned, footprint
 from .staging import to_device, to_host
-from .tee.ops import apply_rope  # the same rotation the TEE's kernels use
+from .ops import apply_rope  # the same rotation the TEE applies in the seed protocol
 from .transport import DEFAULT_HEARTBEAT_S, Handler, current_peer, is_loopback, serve_forever
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from ..config import DirectoryWeights, ModelConfig
 from ..errors import InputError, TsqpError
 from ..protocol import DTYPES
 from ..transport import Client
-from . import ops
+from .. import ops
 
 MASK_BITS = 24  # mask magnitude / max|x|: each coordinate's leak bound is 2^-MASK_BITS (docs/security.md)
 # Freivalds tolerance, in units of the rounding noise an honest product carries:

@@ -27,7 +27,7 @@ from ..config import DirectoryWeights, ModelConfig, NormWeights, ProvidedWeights
 from ..errors import InputError, ProtocolError, RemoteError, TsqpError
 from ..protocol import DTYPES, WIRE_DTYPES
 from ..transport import Client, WireStats
-from . import ops
+from .. import ops
 
 PROTOCOLS = ("lean", "seed")
 PROTECTIONS = ("none", "private")
@@ -182,6 +182,9 @@ class TeeRunner:
         guarded = protection == "private" or verify
         if guarded and model_dir is None:
             raise InputError("--protection private and --verify need the TEE's own model directory (--model)")
+        if guarded and protocol != "lean":
+            raise InputError(f"--protocol {protocol} cannot be combined with --protection private or --verify: the "
+                             "guarded steps are the lean protocol's, with attention and the embedding in the TEE")
         self.client = client
         if model_dir is not None:
             self.config: ModelConfig = load_config(model_dir)
@@ -195,15 +198,19 @@ class TeeRunner:
             assert isinstance(self.weights, DirectoryWeights)
             self.steps = GuardedSteps(client, self.config, self.weights, private=protection == "private",
                                       verify=verify, wire_name=wire_dtype)
-            protocol = "guarded"
         else:
             self.steps = (LeanSteps if protocol == "lean" else SeedSteps)(client, self.config, DTYPES[wire_dtype])
         self.protocol, self.wire_dtype = protocol, self.steps.wire_name
         self.protection, self.verify = protection, verify
 
+    @property
+    def guarded(self) -> bool:
+        """Private and/or verified: the guarded steps, with their offline phase."""
+        return self.protection == "private" or self.verify
+
     def prepare(self, batch: int, tokens: int, all_positions: bool = False, count: int = 1):
         """The guarded modes' offline phase, ahead of `count` prefills of this shape."""
-        if self.protocol != "guarded":
+        if not self.guarded:
             raise InputError("the offline phase exists only with --protection private or --verify")
         return self.steps.prepare(batch, tokens, all_positions, count)
 

@@ -1,6 +1,7 @@
-"""The TEE's kernels: the non-linear steps of a LLaMA layer, as plain functions over tensors.
+"""The kernels of a LLaMA layer that are not projections, as plain functions over tensors.
 
-They reproduce `transformers`' Llama semantics in float32 (RMSNorm in fp32, rotate-half RoPE with
+The TEE runs them (RMSNorm, mask + softmax, SiLU; RoPE in the seed and guarded modes), and the
+server applies the same RoPE in the lean protocol: both sides import them from here. They reproduce `transformers`' Llama semantics in float32 (RMSNorm in fp32, rotate-half RoPE with
 `attention_scaling`, causal mask, softmax in fp32, the SiLU of the gated MLP).
 """
 
@@ -12,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import RopeConfig
+from .config import RopeConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
