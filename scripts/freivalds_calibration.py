@@ -2,7 +2,7 @@
 
 For products shaped like a llama-3.2-1b prefill's (and the tiny test model's), with random weights
 W ~ N(0, 0.02) and activations whose rows have scales 0.3-3 and 1% outlier features at 100x, an
-honest float32 product is checked with the same code the TEE runs (tsqp.tee.guard). It prints:
+honest float32 product is checked with the same code the TEE runs (tsqp.tee.freivalds). It prints:
 
   - the worst honest residual over the trials, in units of rounding noise (tolerance: 50);
   - the smallest change to a single output element that the check catches, in units of rms(y):
@@ -13,7 +13,7 @@ honest float32 product is checked with the same code the TEE runs (tsqp.tee.guar
 
     .venv/bin/python scripts/freivalds_calibration.py [--trials 20] [--seed 0] [--only NAME] [--probes K]
 
---probes overrides the number of probes per module that the TEE draws (tsqp.tee.guard.PROBES, each
+--probes overrides the number of probes per module that the TEE draws (tsqp.tee.freivalds.PROBES, each
 checking every row), e.g. `--only "k/v" --probes 1 --trials 300` against the default.
 
 The seed fixes weights and activations; the probes come from os.urandom, as the TEE draws them,
@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from tsqp.tee.guard import PROBES, VERIFY_TOLERANCE, freivalds_residual, secure_probes
+from tsqp.tee.freivalds import PROBES, VERIFY_TOLERANCE, freivalds_residual, secure_probes
 
 SHAPES = [  # rows, in -> out, what it stands for
     (128, 2048, 8192, "gate/up"),

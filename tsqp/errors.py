@@ -27,3 +27,11 @@ class RemoteError(TsqpError):
 
 class ServerUnreachable(TsqpError):
     """No reply from the server within the timeout."""
+
+
+class IntegrityError(TsqpError):
+    """A server's answer failed a check the TEE makes (Freivalds, or a non-finite value): no logits."""
+
+
+class MaskReuseError(TsqpError):
+    """One-time material was asked for twice."""

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from ..config import DirectoryWeights, ModelConfig, NormWeights, ProvidedWeights, load_config
-from ..errors import InputError, ProtocolError, RemoteError, TsqpError
+from ..errors import InputError, RemoteError, TsqpError
 from ..protocol import DTYPES, WIRE_DTYPES
 from ..transport import Client, WireStats
 from .. import ops
+from .replies import checked_reply
 
 PROTOCOLS = ("lean", "seed")
 PROTECTIONS = ("none", "private")
@@ -47,15 +48,11 @@ class SeedSteps:
     def _call(self, method: str, *tensors: torch.Tensor, expect: list[tuple[int, ...]],
               exact: tuple[torch.Tensor, ...] = (), **args) -> list[torch.Tensor]:
         """Float tensors travel in the wire dtype, the `exact` ones (small tables) in float32.
-        The reply must hold floating-point tensors of the `expect`ed shapes: the server is not
-        trusted to get even that right."""
+        The reply must hold finite floating-point tensors of the `expect`ed shapes (replies.py)."""
         sent = [t.to(self.wire) if t.is_floating_point() else t for t in tensors]
         reply = self.client.call(method, [*sent, *exact], wire_dtype=self.wire_name, **args)
-        shapes = [tuple(t.shape) for t in reply.tensors]
-        if shapes != expect or not all(t.is_floating_point() for t in reply.tensors):
-            raise ProtocolError(f"the server's {method} reply holds {len(shapes)} tensor(s) of shapes "
-                                f"{[list(x) for x in shapes]}, expected float tensors of {[list(x) for x in expect]}")
-        return [t.float() for t in reply.tensors]
+        where = f" (layer {args['layer_idx']})" if "layer_idx" in args else ""
+        return checked_reply(reply.tensors, expect, method + where)
 
     def begin(self, batch: int, tokens: int, all_positions: bool) -> float:
         """Per-prefill setup (guarded steps take their one-time material here); seconds spent."""

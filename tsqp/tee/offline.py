@@ -1,0 +1,163 @@
+"""The guarded modes' offline phase: one-time masks and Freivalds probes, made ahead of use.
+
+Every outsourced call of a future prefill gets its own material: a mask `r` and its images
+`r W^T` (private), probes `P` and their images `P W`, `P b` (verify). Weights are streamed from
+the TEE's own model directory one matrix at a time, converted to float64 a block of rows at a
+time. Each call's material is handed out once (`PrefillSecrets.take`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..config import DirectoryWeights, ModelConfig
+from ..errors import MaskReuseError
+from .freivalds import PROBES, secure_probes
+from .masks import secure_uniform
+
+# float64 elements of a weight converted at once: 2 MB blocks for the probes' images P W, 8 MB
+# when a mask's GEMM runs per block (docs/benchmarks.md).
+WEIGHT_BLOCK, MASKED_WEIGHT_BLOCK = 1 << 18, 1 << 20
+
+# The outsourced projections, by the group that shares one input (and so one mask).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+_MLP = {"gate_proj", "up_proj", "down_proj"}
+
+
+def weight_name(config: ModelConfig, layer: int | None, module: str, kind: str = "weight") -> str:
+    if module == "lm_head":
+        if kind == "weight" and config.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return f"lm_head.{kind}"
+    block = "mlp" if module in _MLP else "self_attn"
+    return f"model.layers.{layer}.{block}.{module}.{kind}"
+
+
+
+@dataclass
+class CallSecrets:
+    """One-time material for one outsourced call (one input, one or more projections)."""
+
+    mask: torch.Tensor | None  # r [rows, in], float64 (private)
+    unmasks: list[torch.Tensor]  # r W_m^T [rows, out_m], float64, per module (private)
+    probes: list[torch.Tensor]  # P_m [probes, out_m], float64 (verify)
+    probe_images: list[torch.Tensor]  # P_m W_m [probes, in], float64 (verify)
+    probe_biases: list[torch.Tensor]  # P_m b_m [probes], float64 (verify)
+
+
+@dataclass
+class PrefillSecrets:
+    """Everything one prefill of a given shape consumes; taken whole, used once."""
+
+    shape: tuple[int, int, bool]  # batch, tokens, all_positions
+    calls: dict[tuple[int | None, str], CallSecrets]
+    _taken: set = field(default_factory=set)
+
+    def take(self, layer: int | None, group: str) -> CallSecrets:
+        key = (layer, group)
+        if key in self._taken:
+            raise MaskReuseError(f"one-time material for layer {layer} {group} was already used")
+        self._taken.add(key)
+        return self.calls[key]
+
+
+@dataclass
+class OfflineReport:
+    seconds: float = 0.0
+    bytes: int = 0  # memory the material occupies
+    prefills: int = 0  # prefills it serves (one each: nothing is reused)
+
+
+class OneTimePool:
+    """Precomputed material, one `PrefillSecrets` per future prefill, each handed out once."""
+
+    def __init__(self) -> None:
+        self._ready: deque[PrefillSecrets] = deque()
+
+    def add(self, secrets: PrefillSecrets) -> None:
+        self._ready.append(secrets)
+
+    def take(self, shape: tuple[int, int, bool]) -> PrefillSecrets | None:
+        for i, secrets in enumerate(self._ready):
+            if secrets.shape == shape:
+                del self._ready[i]
+                return secrets
+        return None
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+
+def float64_blocks(weight: torch.Tensor, elements: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`weight`'s rows in float64, `elements` at a time in one reused buffer: the offline
+    phase never makes a whole float64 copy of a matrix (those copies were 3/4 of a verify precompute).
+    Each block is overwritten by the next: use it before asking for another."""
+    out, width = weight.shape
+    step = max(1, min(out, elements // width))
+    buffer = torch.empty(step, width, dtype=torch.float64)
+    for start in range(0, out, step):
+        stop = min(start + step, out)
+        block = buffer[: stop - start]
+        block.copy_(weight[start:stop])
+        yield slice(start, stop), block
+
+
+def module_secrets(weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
+                   count: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                        torch.Tensor | None]:
+    """For one module: the mask's image r W^T (if masked) and, if `count` > 0, that many
+    Freivalds probes P [count, out] with their images P W and P b."""
+    out, width = weight.shape
+    unmask = None
+    if mask is not None:
+        unmask = torch.empty(mask.shape[0], out, dtype=torch.float64)
+        for rows, block in float64_blocks(weight, MASKED_WEIGHT_BLOCK):
+            unmask[:, rows] = mask @ block.T
+    if not count:
+        return unmask, None, None, None
+    probes = secure_probes(count, out)
+    images = torch.zeros(count, width, dtype=torch.float64)
+    for rows, block in float64_blocks(weight, WEIGHT_BLOCK):  # its own pass: smaller blocks suit it
+        images.addmm_(probes[:, rows], block)
+    biases = probes @ bias.double() if bias is not None else torch.zeros(count, dtype=torch.float64)
+    return unmask, probes, images, biases
+
+
+def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int, int, bool], private: bool,
+               verify: bool) -> tuple[PrefillSecrets, int]:
+    """The offline phase for one prefill: masks and their images, Freivalds probes and theirs.
+    Streams one weight matrix at a time; returns the material and its size in bytes."""
+    batch, tokens, all_positions = shape
+    calls: dict[tuple[int | None, str], CallSecrets] = {}
+    plan = [(layer, group, modules, batch * tokens) for layer in range(config.num_layers)
+            for group, modules in GROUPS.items()]
+    plan.append((None, "lm_head", ("lm_head",), batch * (tokens if all_positions else 1)))
+    size = 0
+    for layer, group, modules, rows in plan:
+        mats = [weights.read(weight_name(config, layer, m)) for m in modules]  # float32, streamed below
+        bias_names = [weight_name(config, layer, m, "bias") for m in modules]
+        biases = [weights.read(name) if weights.has(name) else None for name in bias_names]
+        mask = secure_uniform((rows, mats[0].shape[1]), torch.float64) if private else None
+        secrets = CallSecrets(mask=mask, unmasks=[], probes=[], probe_images=[], probe_biases=[])
+        for weight, bias in zip(mats, biases):
+            unmask, probes, images, probe_biases = module_secrets(weight, bias, mask, PROBES if verify else 0)
+            if unmask is not None:
+                secrets.unmasks.append(unmask)
+            if verify:
+                secrets.probes.append(probes)
+                secrets.probe_images.append(images)
+                secrets.probe_biases.append(probe_biases)
+        kept = [mask] if mask is not None else []
+        kept += secrets.unmasks + secrets.probes + secrets.probe_images + secrets.probe_biases
+        size += sum(t.numel() * t.element_size() for t in kept)
+        calls[(layer, group)] = secrets
+    return PrefillSecrets(shape=shape, calls=calls), size
