@@ -134,7 +134,7 @@ def test_offline_material_in_blocks_matches_whole_float64_products(monkeypatch):
 def test_every_product_gets_its_own_probes(tiny_dir):
     from tsqp.config import DirectoryWeights, load_config
 
-    secrets, _ = offline.precompute(DirectoryWeights(tiny_dir), load_config(tiny_dir), (1, 9, False), private=False,
+    (secrets,), _ = offline.precompute(DirectoryWeights(tiny_dir), load_config(tiny_dir), (1, 9, False), private=False,
                                   verify=True)
     lm_head, qkv = secrets.calls[(None, "lm_head")], secrets.calls[(0, "qkv")]
     assert lm_head.probes[0].shape[0] == freivalds.PROBES == 4  # the last position: one row, still four probes

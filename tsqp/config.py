@@ -61,6 +61,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    eos_token_ids: tuple[int, ...] = ()  # generation stops at any of them (config or generation_config)
 
     @property
     def kv_groups(self) -> int:
@@ -98,6 +99,7 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
+                eos_token_ids=_token_ids(cfg.get("eos_token_id")),
             )
         except KeyError as missing:
             raise ModelError(f"config.json lacks required field {missing}") from None
@@ -125,7 +127,30 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ModelError(f"cannot read {config_path}: {err}") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{config_path} is not a JSON object")
+    generation = _read_optional_json(config_path.with_name("generation_config.json"))
+    if generation.get("eos_token_id") is not None:  # what generation uses, where the checkpoint says
+        raw = dict(raw, eos_token_id=generation["eos_token_id"])
     return ModelConfig.from_dict(raw)
+
+
+def _read_optional_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read {path}: {err}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    """An `eos_token_id` field: one id, a list of them, or none."""
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ModelError(f"eos_token_id must be a token id or a list of them, got {str(value)[:60]}")
+    return tuple(values)
 
 
 class NormWeights:
@@ -177,8 +202,13 @@ class DirectoryWeights(NormWeights):
         return self._cache[key]
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of a matrix, in float32 (the TEE's private embedding lookup)."""
+        """Rows `ids` of a matrix, in float32, from the whole table (the private lookup: file
+        reads that do not depend on the ids)."""
         return self.table(name)[ids.reshape(-1)].to(torch.float32).reshape(*ids.shape, -1)
+
+    def read_rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a matrix, in float32, each read from the file by its own byte range."""
+        return self.checkpoint.read_rows(name, ids).to(torch.float32)
 
 
 class ProvidedWeights(NormWeights):
@@ -202,7 +232,8 @@ def model_identity(model_dir: str | Path) -> dict[str, Any]:
 
     checkpoint = Checkpoint(_model_dir(model_dir))
     try:
-        return {"config": asdict(load_config(model_dir)), "weights": checkpoint.fingerprint()}
+        config = json.loads(json.dumps(asdict(load_config(model_dir))))  # as it reads after msgpack: lists
+        return {"config": config, "weights": checkpoint.fingerprint()}
     finally:
         checkpoint.close()
 

@@ -17,12 +17,14 @@ import torch
 from .. import ops
 from ..config import DirectoryWeights, ModelConfig
 from ..errors import InputError, IntegrityError, MaskReuseError
+from ..kv_cache import KVCache
 from ..protocol import DTYPES
 from ..transport import Client
 from .freivalds import freivalds_check
 from .masks import exponent_above, mask_input, vocabulary_exponent
-from .offline import GROUPS, OfflineReport, OneTimePool, PrefillSecrets, precompute
+from .offline import GROUPS, ForwardSecrets, OfflineReport, OneTimePool, precompute
 from .replies import check_finite, check_shapes
+from .steps import Window
 
 __all__ = ["GuardedSteps", "IntegrityError", "MaskReuseError"]
 
@@ -45,46 +47,59 @@ class GuardedSteps:
                              "(start it with --dtype float32)")
         self._vocabulary_exponent = vocabulary_exponent(weights, config) if private else 0
         self.pool = OneTimePool()
-        self.current: PrefillSecrets | None = None
-        self._values: torch.Tensor | None = None  # V, expanded for GQA, between scores and attn_out
+        self.current: ForwardSecrets | None = None
+        self.cache: KVCache | None = None  # K and V in the TEE: the server never sees them
+        self.batch, self.window = 0, Window(0, 0)
         self._up: torch.Tensor | None = None  # between gate and down
 
     # -- offline ------------------------------------------------------------------------------
 
     def prepare(self, batch: int, tokens: int, all_positions: bool = False, count: int = 1) -> OfflineReport:
-        """Run the offline phase for `count` future prefills of this shape; report this run of it."""
-        report = OfflineReport()
+        """Run the offline phase for `count` future forward passes of this shape (a prefill of
+        `tokens`, or decode steps: tokens = 1) in one pass over the weights; report it."""
         start = time.perf_counter()
-        for _ in range(count):
-            secrets, size = precompute(self.weights, self.config, (batch, tokens, all_positions), self.private,
-                                       self.verify)
+        made, size = precompute(self.weights, self.config, (batch, tokens, all_positions), self.private,
+                                self.verify, count)
+        for secrets in made:
             self.pool.add(secrets)
-            report.bytes += size
-            report.prefills += 1
-        report.seconds = time.perf_counter() - start
-        return report
+        return OfflineReport(seconds=time.perf_counter() - start, bytes=size, prefills=count)
 
-    def begin(self, batch: int, tokens: int, all_positions: bool) -> float:
-        """Take this prefill's material, precomputing it now (timed apart) if none is ready."""
-        shape = (batch, tokens, all_positions)
+    def ready(self, batch: int, tokens: int, all_positions: bool = False) -> int:
+        """How many forward passes of this shape have their material made."""
+        return self.pool.count((batch, tokens, all_positions))
+
+    # -- the sequence and the pass --------------------------------------------------------------
+
+    def open(self, batch: int, capacity: int) -> None:
+        c = self.config
+        self.batch = batch
+        self.cache = KVCache.allocate(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim)
+
+    def begin(self, window: Window) -> float:
+        """Take this pass's material, precomputing it now (timed apart) if none is ready."""
+        self.window = window
+        shape = (self.batch, window.tokens, window.all_positions)
         secrets = self.pool.take(shape)
         spent = 0.0
         if secrets is None:
             start = time.perf_counter()
-            secrets, _ = precompute(self.weights, self.config, shape, self.private, self.verify)
+            (secrets,), _ = precompute(self.weights, self.config, shape, self.private, self.verify)
             spent = time.perf_counter() - start
         self.current = secrets
         return spent
 
     def end(self) -> None:
-        self.current = None  # nothing of a finished prefill's material can be used again
-        self._values = self._up = None
+        self.current = None  # nothing of a finished pass's material can be used again
+        self._up = None
+
+    def close(self) -> None:
+        self.cache = None
 
     # -- one guarded call -----------------------------------------------------------------------
 
     def _project(self, layer: int | None, group: str, x: torch.Tensor) -> list[torch.Tensor]:
         if self.current is None:
-            raise MaskReuseError("no one-time material for this call: prefills must go through TeeRunner.prefill")
+            raise MaskReuseError("no one-time material for this call: forward passes must go through TeeRunner")
         secrets = self.current.take(layer, group)
         modules = GROUPS.get(group, ("lm_head",))
         flat = x.reshape(-1, x.shape[-1])
@@ -121,18 +136,19 @@ class GuardedSteps:
 
     def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """Projections outsourced (guarded); RoPE and Q·K^T here, as causal query blocks."""
-        c = self.config
+        c, cache, start = self.config, self.cache, self.window.start
+        assert cache is not None
         q, k, v = (ops.split_heads(t, c.head_dim) for t in self._project(layer, "qkv", x))
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        self._values = ops.repeat_kv(v, c.kv_groups)
-        k = ops.repeat_kv(k, c.kv_groups).transpose(-1, -2)
+        keys, _ = cache.update(layer, start, k, v)
+        keys = ops.repeat_kv(keys, c.kv_groups).transpose(-1, -2)
         ends = ops.query_blocks(q.shape[2])
-        return [q[:, :, start:end] @ k[..., :end] for start, end in zip([0, *ends], ends)]
+        return [q[:, :, a:b] @ keys[..., : start + b] for a, b in zip([0, *ends], ends)]
 
     def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
-        assert self._values is not None
-        v, self._values = self._values, None
-        out = torch.cat([p @ v[:, :, : p.shape[-1]] for p in probs], dim=2)
+        assert self.cache is not None
+        values = ops.repeat_kv(self.cache.values[layer][:, :, : self.window.end], self.config.kv_groups)
+        out = torch.cat([p @ values[:, :, : p.shape[-1]] for p in probs], dim=2)
         return self._project(layer, "o", ops.merge_heads(out))[0]
 
     def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:

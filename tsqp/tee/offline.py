@@ -55,8 +55,9 @@ class CallSecrets:
 
 
 @dataclass
-class PrefillSecrets:
-    """Everything one prefill of a given shape consumes; taken whole, used once."""
+class ForwardSecrets:
+    """Everything one forward pass of a given shape consumes (a prefill, or one decode step);
+    taken whole, each call's part used once."""
 
     shape: tuple[int, int, bool]  # batch, tokens, all_positions
     calls: dict[tuple[int | None, str], CallSecrets]
@@ -74,24 +75,27 @@ class PrefillSecrets:
 class OfflineReport:
     seconds: float = 0.0
     bytes: int = 0  # memory the material occupies
-    prefills: int = 0  # prefills it serves (one each: nothing is reused)
+    prefills: int = 0  # forward passes it serves (one each: nothing is reused)
 
 
 class OneTimePool:
-    """Precomputed material, one `PrefillSecrets` per future prefill, each handed out once."""
+    """Precomputed material, one `ForwardSecrets` per future forward pass, each handed out once."""
 
     def __init__(self) -> None:
-        self._ready: deque[PrefillSecrets] = deque()
+        self._ready: deque[ForwardSecrets] = deque()
 
-    def add(self, secrets: PrefillSecrets) -> None:
+    def add(self, secrets: ForwardSecrets) -> None:
         self._ready.append(secrets)
 
-    def take(self, shape: tuple[int, int, bool]) -> PrefillSecrets | None:
+    def take(self, shape: tuple[int, int, bool]) -> ForwardSecrets | None:
         for i, secrets in enumerate(self._ready):
             if secrets.shape == shape:
                 del self._ready[i]
                 return secrets
         return None
+
+    def count(self, shape: tuple[int, int, bool]) -> int:
+        return sum(secrets.shape == shape for secrets in self._ready)
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -133,11 +137,12 @@ def module_secrets(weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.
 
 
 def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int, int, bool], private: bool,
-               verify: bool) -> tuple[PrefillSecrets, int]:
-    """The offline phase for one prefill: masks and their images, Freivalds probes and theirs.
-    Streams one weight matrix at a time; returns the material and its size in bytes."""
+               verify: bool, count: int = 1) -> tuple[list[ForwardSecrets], int]:
+    """The offline phase for `count` forward passes of one shape: masks and their images,
+    Freivalds probes and theirs. Streams each weight matrix once for all of them (one GEMM over
+    every pass's masks); returns the material and its size in bytes."""
     batch, tokens, all_positions = shape
-    calls: dict[tuple[int | None, str], CallSecrets] = {}
+    sets: list[dict[tuple[int | None, str], CallSecrets]] = [{} for _ in range(count)]
     plan = [(layer, group, modules, batch * tokens) for layer in range(config.num_layers)
             for group, modules in GROUPS.items()]
     plan.append((None, "lm_head", ("lm_head",), batch * (tokens if all_positions else 1)))
@@ -146,18 +151,22 @@ def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int,
         mats = [weights.read(weight_name(config, layer, m)) for m in modules]  # float32, streamed below
         bias_names = [weight_name(config, layer, m, "bias") for m in modules]
         biases = [weights.read(name) if weights.has(name) else None for name in bias_names]
-        mask = secure_uniform((rows, mats[0].shape[1]), torch.float64) if private else None
-        secrets = CallSecrets(mask=mask, unmasks=[], probes=[], probe_images=[], probe_biases=[])
+        masks = secure_uniform((count * rows, mats[0].shape[1]), torch.float64) if private else None
+        calls = [CallSecrets(mask=masks[i * rows: (i + 1) * rows] if private else None, unmasks=[], probes=[],
+                             probe_images=[], probe_biases=[]) for i in range(count)]
         for weight, bias in zip(mats, biases):
-            unmask, probes, images, probe_biases = module_secrets(weight, bias, mask, PROBES if verify else 0)
-            if unmask is not None:
-                secrets.unmasks.append(unmask)
-            if verify:
-                secrets.probes.append(probes)
-                secrets.probe_images.append(images)
-                secrets.probe_biases.append(probe_biases)
-        kept = [mask] if mask is not None else []
-        kept += secrets.unmasks + secrets.probes + secrets.probe_images + secrets.probe_biases
-        size += sum(t.numel() * t.element_size() for t in kept)
-        calls[(layer, group)] = secrets
-    return PrefillSecrets(shape=shape, calls=calls), size
+            unmask, probes, images, probe_biases = module_secrets(weight, bias, masks, count * PROBES if verify else 0)
+            for i, call in enumerate(calls):
+                if unmask is not None:
+                    call.unmasks.append(unmask[i * rows: (i + 1) * rows])
+                if verify:
+                    part = slice(i * PROBES, (i + 1) * PROBES)
+                    call.probes.append(probes[part])
+                    call.probe_images.append(images[part])
+                    call.probe_biases.append(probe_biases[part])
+        for i, call in enumerate(calls):
+            kept = ([call.mask] if call.mask is not None else []) + call.unmasks + call.probes + call.probe_images \
+                + call.probe_biases
+            size += sum(t.numel() * t.element_size() for t in kept)
+            sets[i][(layer, group)] = call
+    return [ForwardSecrets(shape=shape, calls=calls) for calls in sets], size

@@ -1,0 +1,239 @@
+"""How a forward pass sends its linear algebra to the server: the `Steps` protocol and its
+unguarded implementations.
+
+* `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
+  the TEE rotates q and k (RoPE), keeps K and V, and expands them for GQA before sending them
+  to `Matmul` with each step, as the seed does;
+* `LeanSteps`: fused calls, 4 per layer + 2. q/k/v, RoPE and Q·K^T are one call: RoPE is a
+  linear, position-wise rotation, so the server applies it with cos/sin tables the TEE computes
+  from its own config, and keeps K and V by position for its session; q, k, v never cross the
+  wire. P·V goes with o_proj. Of gate and up only gate comes back, for SiLU: the product with up
+  is linear in up, so the server applies it in front of down_proj.
+
+The guarded steps (private, verify) are in guard.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .. import ops
+from ..config import DirectoryWeights, ModelConfig
+from ..kv_cache import KVCache
+from ..protocol import DTYPE_NAMES
+from ..transport import Client
+from .replies import checked_reply
+
+
+@dataclass(frozen=True)
+class Window:
+    """The positions one forward pass computes: tokens [start, start + tokens) of every sequence."""
+
+    start: int
+    tokens: int
+    all_positions: bool = False  # logits for every new position, not only the last
+    final: bool = False  # the sequence ends with this pass: its state can go with its last call
+
+    @property
+    def end(self) -> int:
+        return self.start + self.tokens
+
+
+class Steps(Protocol):
+    """What the runner's forward pass calls; each implementation owns the state it keeps."""
+
+    wire_name: str
+
+    def open(self, batch: int, capacity: int) -> None:
+        """A new batch of sequences of at most `capacity` positions."""
+
+    def begin(self, window: Window) -> float:
+        """Set up one forward pass; seconds spent making one-time material for it, if any."""
+
+    def end(self) -> None:
+        """After one forward pass, successful or not."""
+
+    def close(self) -> None:
+        """The sequences are done: free what they kept, here and on the server."""
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+        """Unscaled Q·K^T of the window's queries against every key so far, as causal query blocks."""
+
+    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
+        """o_proj(P·V) for the probabilities of `scores`' blocks."""
+
+    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The gate projection of x (up is made alongside, for `down`)."""
+
+    def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
+        """down_proj(SiLU(gate) * up) for the TEE's SiLU(gate)."""
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor: ...
+
+
+class Caller:
+    """One checked call: float tensors in the wire dtype, the `exact` ones (small tables) in
+    float32, and a reply that must hold finite float tensors of the expected shapes."""
+
+    def __init__(self, client: Client, wire_dtype: torch.dtype):
+        self.client, self.wire, self.wire_name = client, wire_dtype, DTYPE_NAMES[wire_dtype]
+
+    def __call__(self, method: str, *tensors: torch.Tensor, expect: list[tuple[int, ...]],
+                 exact: tuple[torch.Tensor, ...] = (), **args) -> list[torch.Tensor]:
+        sent = [t.to(self.wire) if t.is_floating_point() else t for t in tensors]
+        reply = self.client.call(method, [*sent, *exact], wire_dtype=self.wire_name, **args)
+        where = f" (layer {args['layer_idx']})" if "layer_idx" in args else ""
+        return checked_reply(reply.tensors, expect, method + where)
+
+
+def rows(x: torch.Tensor, width: int) -> list[tuple[int, ...]]:
+    """The one expected output of a projection of x: x's leading dims, `width` wide."""
+    return [(*x.shape[:-1], width)]
+
+
+def causal_blocks(window: Window, x: torch.Tensor, heads: int) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Ends of the window's query blocks (relative to the window) and the score shapes they give:
+    block i holds its queries against keys [0, start + end_i)."""
+    ends = ops.query_blocks(window.tokens)
+    shapes = [(x.shape[0], heads, end - begin, window.start + end) for begin, end in zip([0, *ends], ends)]
+    return ends, shapes
+
+
+class SeedSteps:
+    """The seed's protocol: Embedding, Linear (one module), Matmul, LMHead; K and V in the TEE."""
+
+    def __init__(self, client: Client, config: ModelConfig, wire_dtype: torch.dtype):
+        self.config, self.call = config, Caller(client, wire_dtype)
+        self.wire_name = self.call.wire_name
+        self.cache: KVCache | None = None
+        self.window = Window(0, 0)
+        self._up: torch.Tensor | None = None  # between gate and down
+
+    def open(self, batch: int, capacity: int) -> None:
+        c = self.config
+        self.cache = KVCache.allocate(c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim)
+
+    def begin(self, window: Window) -> float:
+        self.window = window
+        return 0.0
+
+    def end(self) -> None:
+        self._up = None
+
+    def close(self) -> None:
+        self.cache = None
+
+    def _linear(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
+        expect = rows(x, self.config.out_features(module))
+        return self.call("Linear", x, expect=expect, layer_idx=layer, module_name=module)[0]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.call("Embedding", input_ids, expect=[(*input_ids.shape, self.config.hidden_size)])[0]
+
+    def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+        """The seed's one block: every new query against every key so far."""
+        c, cache = self.config, self.cache
+        assert cache is not None
+        q, k, v = (self._linear(layer, m, x) for m in ("q_proj", "k_proj", "v_proj"))  # [GPU] Q/K/V projections
+        q, k, v = (ops.split_heads(t, c.head_dim) for t in (q, k, v))
+        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)  # [TEE] RoPE
+        keys, _ = cache.update(layer, self.window.start, k, v)
+        b, h, n, _ = q.shape
+        return self.call("Matmul", q, ops.repeat_kv(keys, c.kv_groups).transpose(2, 3),  # [TEE] Repeat KV
+                         expect=[(b, h, n, self.window.end)])  # [GPU] Q·K^T
+
+    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
+        assert self.cache is not None and len(probs) == 1
+        values = ops.repeat_kv(self.cache.values[layer][:, :, : self.window.end], self.config.kv_groups)
+        b, h, n, _ = probs[0].shape
+        out = self.call("Matmul", probs[0], values, expect=[(b, h, n, self.config.head_dim)])[0]  # [GPU] P·V
+        return self._linear(layer, "o_proj", ops.merge_heads(out))  # [GPU] o_proj
+
+    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        gate = self._linear(layer, "gate_proj", x)  # [GPU] gate projection
+        self._up = self._linear(layer, "up_proj", x)  # [GPU] up projection
+        return gate
+
+    def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
+        assert self._up is not None
+        product, self._up = activated * self._up, None  # [TEE] * up
+        return self._linear(layer, "down_proj", product)  # [GPU] down projection
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.call("LMHead", h, expect=rows(h, self.config.vocab_size))[0]
+
+
+class LeanSteps:
+    """Fused calls; K, V and up stay on the server, in this runner's session there."""
+
+    def __init__(self, client: Client, config: ModelConfig, wire_dtype: torch.dtype,
+                 weights: DirectoryWeights | None = None):
+        self.config, self.client, self.call = config, client, Caller(client, wire_dtype)
+        self.weights = weights  # the TEE's own copy: decode steps look their token up here
+        self.wire_name = self.call.wire_name
+        self.session: str | None = None
+        self.capacity = 0
+        self.window = Window(0, 0)
+        self._released = False  # the session's last LMHead freed it already
+
+    def open(self, batch: int, capacity: int) -> None:
+        self.session, self.capacity, self._released = secrets.token_hex(16), capacity, False
+
+    def begin(self, window: Window) -> float:
+        self.window = window
+        return 0.0
+
+    def end(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Free the session's state on the server, unless its last LMHead already did (a failed
+        or unfinished run leaves it there otherwise, until it is evicted)."""
+        session, self.session = self.session, None
+        if session is not None and not self._released:
+            try:
+                self.client.call("Release", session=session)
+            except Exception:  # best effort: the server evicts idle sessions anyway
+                pass
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """A decode step reads its token's row from the TEE's copy, saving a round trip (the
+        server learns the token from the logits anyway); a prefill asks the server, as the seed."""
+        if self.window.start > 0 and self.weights is not None:
+            return self.weights.read_rows("model.embed_tokens.weight", input_ids)
+        return self.call("Embedding", input_ids, expect=[(*input_ids.shape, self.config.hidden_size)])[0]
+
+    def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+        """One call: projections, RoPE and Q·K^T on the server, K and V kept there by position.
+        Only the causal blocks come back, toward half the square."""
+        ends, shapes = causal_blocks(self.window, x, self.config.num_heads)
+        return self.call("QKVScores", x, exact=(cos, sin), expect=shapes, layer_idx=layer, session=self.session,
+                         blocks=ends, start=self.window.start, capacity=self.capacity)
+
+    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
+        b = probs[0].shape[0]
+        return self.call("AttnOut", *probs, expect=[(b, self.window.tokens, self.config.hidden_size)],
+                         layer_idx=layer, session=self.session)[0]
+
+    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.call("Gate", x, expect=rows(x, self.config.intermediate_size), layer_idx=layer,
+                         session=self.session)[0]
+
+    def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
+        return self.call("GatedDown", activated, expect=rows(activated, self.config.hidden_size), layer_idx=layer,
+                         session=self.session)[0]
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """A sequence's last pass frees its session with its LMHead, saving a Release round trip."""
+        expect = rows(h, self.config.vocab_size)
+        if not self.window.final:
+            return self.call("LMHead", h, expect=expect)[0]
+        logits = self.call("LMHead", h, expect=expect, session=self.session)[0]
+        self._released = True
+        return logits
