@@ -1,8 +1,9 @@
-"""Checks for the Gramine manifest templates in gramine/ (no Gramine installation needed).
+"""Checks for the Gramine build in gramine/ (no Gramine installation needed).
 
-The templates are rendered with gramine/render.py, a stand-in for ``gramine-manifest`` that uses
-the same Jinja2 settings (StrictUndefined) and the same globals. Nothing from tee_runner.py,
-server.py or the tsqp package is imported: only the paths in the rendered manifests are checked.
+The TEE side's template is rendered with gramine/render.py, a stand-in for ``gramine-manifest`` that
+uses the same Jinja2 settings (StrictUndefined) and the same globals. Nothing from tee_runner.py or
+server.py is imported: the rendered manifest is checked, and tee_runner.py is run as a process
+with the environment that manifest fixes (the nearest thing to the enclave without SGX).
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import random
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import tomllib
 
 import jinja2
@@ -22,13 +26,14 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GRAMINE_DIR = ROOT / "gramine"
-APPS = ("tee_runner", "server")
+APPS = ("tee_runner",)  # the server runs natively: there is no manifest for it
 
 # Globals gramine-manifest provides (gen_jinja_env.py) and the -D definitions our Makefile passes.
 GRAMINE_GLOBALS = {"gramine", "python", "env", "ldd"}
 REQUIRED_DEFINES = {"entrypoint", "arch_libdir", "app_dir", "model_dir"}
 OPTIONAL_DEFINES = {"log_level", "venv_dir", "enclave_size", "max_threads", "omp_threads",
-                    "edmm", "sgx_debug", "ra_type", "protection", "verify", "shm"}
+                    "blas_threads", "interop_threads", "edmm", "sgx_debug", "ra_type", "protection",
+                    "verify", "shm", "endpoint"}
 PKGLIBDIR = "/usr/lib/x86_64-linux-gnu/gramine"
 
 
@@ -188,9 +193,8 @@ def test_trusted_files_cover_app_and_model(app, defines, model_dir):
     assert f"file:{ROOT}/{app}.py" in uris
     assert f"file:{ROOT}/tsqp/" in uris
     assert covered_by_trusted(ROOT / "tsqp" / "__init__.py", m)
-    # The other entry point is not needed inside this enclave.
-    other = "server" if app == "tee_runner" else "tee_runner"
-    assert not covered_by_trusted(ROOT / f"{other}.py", m)
+    # The server's entry point is not needed inside this enclave.
+    assert not covered_by_trusted(ROOT / "server.py", m)
 
     for name in ("config.json", "model-00001-of-00002.safetensors",
                  "model-00002-of-00002.safetensors", "tokenizer.json", "tokenizer.model",
@@ -250,13 +254,71 @@ def test_tee_command_line_carries_the_guarded_modes(defines):
         render.render_manifest(template("tee_runner"), dict(defines, protection="secret"), **_env_kwargs())
 
 
-def test_server_env_passthrough(defines):
-    m = render.render_manifest(template("server"), defines, **_env_kwargs())
+def thread_budget(omp: int, blas: int, interop: int) -> int:
+    """Threads alive at once in the enclave, counted here on their own (docs/gramine.md, "Threads"):
+    the main thread, OpenMP's workers, OpenBLAS's workers, torch's inter-op pool, ZeroMQ's I/O and
+    reaper, pyzmq's garbage collector and its context's two, Gramine's IPC/async/TLS helpers."""
+    return 1 + (omp - 1) + (blas - 1) + interop + 2 + 3 + GRAMINE_HELPER_THREADS
+
+
+GRAMINE_HELPER_THREADS = 3
+
+
+def test_thread_pools_are_pinned_and_max_threads_covers_them(defines):
+    """Every pool the enclave starts is sized in the measured environment, not by the host's core
+    count, and a max_threads below what they add up to is refused at build time."""
+    m = render.render_manifest(template("tee_runner"), defines, **_env_kwargs())
     env = m["loader"]["env"]
-    for name in ("LLAMA_GPU_DEVICE", "LLAMA_GPU_PORT", "LLAMA_DTYPE", "LLAMA_GPU_HOST"):
-        assert env[name] == {"passthrough": True}, name
-    assert "LLAMA_GPU_ENDPOINT" not in env
-    assert m["sgx"]["remote_attestation"] == "none"
+    assert (env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"], env["OPENBLAS_NUM_THREADS"],
+            env["TSQP_INTEROP_THREADS"]) == ("8", "8", "1", "1")
+    assert m["sgx"]["max_threads"] >= thread_budget(8, 1, 1)
+
+    rng = random.Random(7)
+    for _ in range(6):
+        omp, blas, interop = rng.randint(1, 48), rng.randint(1, 8), rng.randint(1, 8)
+        budget = thread_budget(omp, blas, interop)
+        sizes = {"omp_threads": str(omp), "blas_threads": str(blas), "interop_threads": str(interop)}
+        m = render.render_manifest(template("tee_runner"), {**defines, **sizes, "max_threads": str(budget)},
+                                   **_env_kwargs())
+        env = m["loader"]["env"]
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(omp)
+        assert env["OPENBLAS_NUM_THREADS"] == str(blas)
+        assert env["TSQP_INTEROP_THREADS"] == str(interop)
+        assert m["sgx"]["max_threads"] == budget
+        with pytest.raises(jinja2.UndefinedError,
+                           match=f"max_threads {budget - 1} is below the thread budget of {budget}"):
+            render.render_manifest(template("tee_runner"), {**defines, **sizes, "max_threads": str(budget - 1)},
+                                   **_env_kwargs())
+    for name in ("omp_threads", "blas_threads", "interop_threads"):
+        for bad in ("0", "-3", "many"):
+            with pytest.raises(jinja2.UndefinedError, match="must be positive integers"):
+                render.render_manifest(template("tee_runner"), {**defines, name: bad}, **_env_kwargs())
+
+
+def test_pinned_endpoint_must_be_able_to_leave_the_enclave(defines):
+    """ipc:// never crosses the enclave boundary (Gramine renames UNIX sockets per instance); with
+    shm the server shares this host, so the header channel must be tcp loopback."""
+    m = render.render_manifest(template("tee_runner"), defines, **_env_kwargs())
+    assert m["loader"]["env"]["LLAMA_GPU_ENDPOINT"] == {"passthrough": True}
+    assert m["loader"]["env"]["TSQP_ENCLAVE"] == "gramine"
+
+    rng = random.Random(11)
+    port = rng.randint(1024, 65535)
+    remote = f"tcp://10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}:{port}"
+    for endpoint, shm in ((f"tcp://127.0.0.1:{port}", "1"), (f"localhost:{port}", "1"),
+                          (f"tcp://[::1]:{port}", "1"), (f"tcp://127.{rng.randint(0, 255)}.0.1:{port}", "1"),
+                          (remote, "0"), (f"gpu-host:{port}", "0")):
+        m = render.render_manifest(template("tee_runner"), {**defines, "endpoint": endpoint, "shm": shm},
+                                   **_env_kwargs())
+        assert m["loader"]["env"]["LLAMA_GPU_ENDPOINT"] == endpoint  # pinned: measured, not the host's
+    for endpoint, shm, message in ((f"ipc:///tmp/tsqp-{port}.sock", "0", "ipc:// does not cross the enclave"),
+                                   (f"ipc:///tmp/tsqp-{port}.sock", "1", "ipc:// does not cross the enclave"),
+                                   (f"inproc://tsqp-{port}", "0", "must be tcp"),
+                                   (remote, "1", "must be tcp loopback with shm"),
+                                   (f"gpu-host:{port}", "1", "must be tcp loopback with shm")):
+        with pytest.raises(jinja2.UndefinedError, match=message):
+            render.render_manifest(template("tee_runner"), {**defines, "endpoint": endpoint, "shm": shm},
+                                   **_env_kwargs())
 
 
 @pytest.mark.parametrize("app", APPS)
@@ -382,6 +444,94 @@ def test_cli(tmp_path, defines):
     assert not (tmp_path / "bad").exists()
 
 
+# --------------------------------------------------------------------------- the runner, as the enclave starts it
+
+
+def enclave_environment(manifest: dict, **host: str) -> dict[str, str]:
+    """The environment Gramine gives the enclave: the manifest's fixed values, plus the host's for
+    passed-through names. LD_LIBRARY_PATH is left out: its /lib is Gramine's glibc, only in there."""
+    env = {name: value if isinstance(value, str) else value["value"]
+           for name, value in manifest["loader"]["env"].items() if value != {"passthrough": True}}
+    env.pop("LD_LIBRARY_PATH")
+    for name in host:
+        assert manifest["loader"]["env"][name] == {"passthrough": True}, name
+    return {**env, **host}
+
+
+def run_as_enclave(manifest: dict, timeout: float = 120, **host: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the manifest's fixed command line natively; returns the result and the most threads the
+    process had at once (sampled from /proc: a lower bound of its true peak)."""
+    argv = manifest["loader"]["argv"]
+    process = subprocess.Popen(argv, cwd=manifest["fs"]["start_dir"], env=enclave_environment(manifest, **host),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak, deadline = 0, time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            peak = max(peak, len(os.listdir(f"/proc/{process.pid}/task")))
+        except FileNotFoundError:
+            break
+        time.sleep(0.002)
+    out, err = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+    return subprocess.CompletedProcess(argv, process.returncode, out, err), peak
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_runner_in_the_enclave_environment_stays_within_the_thread_budget(defines, tiny_dir):
+    """A guarded prefill, over the socket and over shared memory with a tcp loopback header channel,
+    started as the manifest starts it: the threads it runs never exceed max_threads less Gramine's
+    own helpers, with max_threads at the bare budget."""
+    from tsqp import api
+
+    server = api.start_server(tiny_dir, device="cpu", shm=True)
+    budget = thread_budget(1, 1, 1)
+    try:
+        for shm in ("0", "1"):
+            settings = {"model_dir": str(tiny_dir), "protection": "private", "verify": "1", "shm": shm,
+                        "omp_threads": "1", "blas_threads": "1", "interop_threads": "1", "max_threads": str(budget)}
+            m = render.render_manifest(template("tee_runner"), {**defines, **settings}, **_env_kwargs())
+            result, peak = run_as_enclave(m, LLAMA_GPU_ENDPOINT=server.endpoint, PREFILL_TOKEN_LENGTH="96")
+            assert result.returncode == 0, result.stderr
+            assert "Logits shape: torch.Size([1, 1, 512])" in result.stdout
+            assert ("shared memory" in result.stdout) == (shm == "1")
+            assert 1 <= peak <= m["sgx"]["max_threads"] - GRAMINE_HELPER_THREADS, (shm, peak)
+    finally:
+        server.stop()
+
+
+def test_runner_sizes_torch_pools_from_the_manifest(defines):
+    """torch reads no variable for its inter-op pool: tee_runner.py sizes it from the manifest's."""
+    rng = random.Random(5)
+    interop = rng.choice([n for n in range(3, 10) if n != os.cpu_count()])  # never torch's own default
+    m = render.render_manifest(template("tee_runner"),
+                               {**defines, "omp_threads": "1", "interop_threads": str(interop)}, **_env_kwargs())
+    code = ("import torch, tee_runner; tee_runner.prepare([]); "
+            "print(torch.get_num_threads(), torch.get_num_interop_threads())")
+    r = subprocess.run([m["libos"]["entrypoint"], "-c", code], cwd=m["fs"]["start_dir"],
+                       env=enclave_environment(m, LLAMA_GPU_ENDPOINT="tcp://127.0.0.1:50051"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", str(interop)]
+
+
+def test_runner_in_the_enclave_refuses_endpoints_that_cannot_leave_it(defines, tiny_dir):
+    """A passed-through endpoint is only known at run time: the runner refuses there, in one line,
+    what the build refuses for a pinned one."""
+    rng = random.Random(13)
+    port = rng.randint(1024, 65535)
+    remote = f"tcp://10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}:{port}"
+    cases = (("0", f"ipc:///tmp/tsqp-{port}.sock", "ipc:// does not cross the enclave boundary"),
+             ("1", f"ipc:///tmp/tsqp-{port}.sock", "ipc:// does not cross the enclave boundary"),
+             ("1", remote, "must be tcp loopback"),
+             ("1", f"gpu-host:{port}", "must be tcp loopback"))
+    for shm, endpoint, message in cases:
+        m = render.render_manifest(template("tee_runner"), {**defines, "model_dir": str(tiny_dir), "shm": shm},
+                                   **_env_kwargs())
+        result, _ = run_as_enclave(m, LLAMA_GPU_ENDPOINT=endpoint, PREFILL_TOKEN_LENGTH="8")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: ") and endpoint in lines[0] and message in lines[0], lines[0]
+
+
 # --------------------------------------------------------------------------- Makefile
 
 
@@ -425,6 +575,7 @@ def test_make_passes_expected_defines(model_dir):
     for app in APPS:
         assert f"{app}.manifest.template {app}.manifest.tmp" in out
         assert f"--manifest {app}.manifest --output {app}.manifest.sgx" in out
+    assert "server.manifest" not in out  # nothing is rendered or signed for the server
     assert f"-Dentrypoint={_entrypoint()}" in out
     assert f"-Dmodel_dir={model_dir}" in out
     assert f"-Dapp_dir={ROOT}" in out
@@ -445,3 +596,73 @@ def test_make_passes_the_guarded_modes_and_refuses_bad_ones(model_dir):
                          ("VERIFY=1 1", "VERIFY must be one of: 0 1")):
         r = dry_run(bad)
         assert r.returncode != 0 and message in r.stderr
+
+
+def make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-C", str(GRAMINE_DIR), *args, f"PYTHON={sys.executable}"],
+                          capture_output=True, text=True, env=env)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_server_refuses_and_says_why():
+    """The server cannot run under Gramine (libzmq's bind needs netlink): nothing is offered for it."""
+    r = make("server")
+    assert r.returncode != 0
+    assert "natively" in r.stderr and "netlink" in r.stderr
+    assert not list(GRAMINE_DIR.glob("server.manifest*"))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_pins_endpoints_and_warns_about_passed_through_ones(tmp_path, model_dir):
+    rng = random.Random(17)
+    port = rng.randint(1024, 65535)
+    base = ["check", f"CHECK_DIR={tmp_path}", f"LLAMA_MODEL_PATH={model_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_GPU_ENDPOINT"}
+
+    def endpoint_in_manifest():
+        return tomllib.loads((tmp_path / "tee_runner.manifest.check").read_text())["loader"]["env"]["LLAMA_GPU_ENDPOINT"]
+
+    r = make(*base, env=env)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    r = make(*base, "SHM=1", f"ENDPOINT=tcp://127.0.0.1:{port}", env=env)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert endpoint_in_manifest() == f"tcp://127.0.0.1:{port}"
+    r = make(*base, "SHM=1", env=env)
+    assert r.returncode == 0 and "warning: SHM=1" in r.stderr and "tcp loopback" in r.stderr, r.stderr
+    assert endpoint_in_manifest() == {"passthrough": True}
+    ipc = f"ipc:///tmp/tsqp-{port}.sock"
+    r = make(*base, env={**env, "LLAMA_GPU_ENDPOINT": ipc})  # the builder's shell names one: say it will fail
+    assert r.returncode == 0 and f"warning: LLAMA_GPU_ENDPOINT={ipc}" in r.stderr, r.stderr
+    assert "does not cross the enclave boundary" in r.stderr
+    r = make(*base, f"ENDPOINT={ipc}", env=env)
+    assert r.returncode != 0 and "does not cross the enclave boundary" in r.stderr, r.stderr
+    r = make(*base, "SHM=1", f"ENDPOINT=tcp://10.0.{rng.randint(0, 255)}.1:{port}", env=env)
+    assert r.returncode != 0 and "must be tcp loopback with shm" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_passes_the_thread_pools_and_refuses_too_few_threads(tmp_path, model_dir):
+    rng = random.Random(19)
+    omp, blas, interop = rng.randint(2, 32), rng.randint(2, 8), rng.randint(2, 8)
+    budget = thread_budget(omp, blas, interop)
+    sizes = [f"OMP_THREADS={omp}", f"BLAS_THREADS={blas}", f"INTEROP_THREADS={interop}"]
+    r = make("-n", "tee_runner", f"LLAMA_MODEL_PATH={model_dir}", "GRAMINE_MANIFEST=true", *sizes)
+    assert r.returncode == 0, r.stderr
+    assert f"-Domp_threads={omp} -Dblas_threads={blas} -Dinterop_threads={interop}" in r.stdout
+    base = ["check", f"CHECK_DIR={tmp_path}", f"LLAMA_MODEL_PATH={model_dir}", *sizes]
+    assert make(*base, f"MAX_THREADS={budget}").returncode == 0
+    m = tomllib.loads((tmp_path / "tee_runner.manifest.check").read_text())
+    assert m["sgx"]["max_threads"] == budget and m["loader"]["env"]["OPENBLAS_NUM_THREADS"] == str(blas)
+    r = make(*base, f"MAX_THREADS={budget - 1}")
+    assert r.returncode != 0 and f"is below the thread budget of {budget}" in r.stderr, r.stderr
+
+
+def test_docs_cover_every_build_setting():
+    """docs/gramine.md names every setting the Makefile takes, and no longer offers a server manifest."""
+    header = re.sub(r"\n#\s*", " ", (GRAMINE_DIR / "Makefile").read_text().split("\n\n", 1)[0])
+    names = re.findall(r"\b[A-Z][A-Z_]+\b", header.split("overridden on the command line:", 1)[1])
+    assert {"MAX_THREADS", "OMP_THREADS", "BLAS_THREADS", "INTEROP_THREADS", "ENDPOINT", "SHM"} <= set(names)
+    docs = (ROOT / "docs" / "gramine.md").read_text()
+    for name in names:
+        assert name in docs, name
+    assert "server.manifest" not in docs and "netlink" in docs
