@@ -1,8 +1,9 @@
-"""Checks for the Gramine manifest templates in gramine/ (no Gramine installation needed).
+"""Checks for the Gramine manifest template in gramine/ (no Gramine installation needed).
 
-The templates are rendered with gramine/render.py, a stand-in for ``gramine-manifest`` that uses
-the same Jinja2 settings (StrictUndefined) and the same globals. Nothing from tee_runner.py,
-server.py or the tsqp package is imported: only the paths in the rendered manifests are checked.
+The TEE side's template is rendered with gramine/render.py, a stand-in for ``gramine-manifest`` that
+uses the same Jinja2 settings (StrictUndefined) and the same globals. Nothing from tee_runner.py,
+server.py or the tsqp package is imported: only the rendered manifest is checked. The Makefile, and
+tee_runner.py run with the manifest's environment, are checked in test_gramine_build.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import random
 import shutil
 import subprocess
 import sys
@@ -22,13 +24,14 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GRAMINE_DIR = ROOT / "gramine"
-APPS = ("tee_runner", "server")
+APPS = ("tee_runner",)  # the server runs natively: there is no manifest for it
 
 # Globals gramine-manifest provides (gen_jinja_env.py) and the -D definitions our Makefile passes.
 GRAMINE_GLOBALS = {"gramine", "python", "env", "ldd"}
 REQUIRED_DEFINES = {"entrypoint", "arch_libdir", "app_dir", "model_dir"}
 OPTIONAL_DEFINES = {"log_level", "venv_dir", "enclave_size", "max_threads", "omp_threads",
-                    "edmm", "sgx_debug", "ra_type", "protection", "verify", "shm"}
+                    "blas_threads", "interop_threads", "edmm", "sgx_debug", "ra_type", "protection",
+                    "verify", "shm", "endpoint"}
 PKGLIBDIR = "/usr/lib/x86_64-linux-gnu/gramine"
 
 
@@ -188,9 +191,8 @@ def test_trusted_files_cover_app_and_model(app, defines, model_dir):
     assert f"file:{ROOT}/{app}.py" in uris
     assert f"file:{ROOT}/tsqp/" in uris
     assert covered_by_trusted(ROOT / "tsqp" / "__init__.py", m)
-    # The other entry point is not needed inside this enclave.
-    other = "server" if app == "tee_runner" else "tee_runner"
-    assert not covered_by_trusted(ROOT / f"{other}.py", m)
+    # The server's entry point is not needed inside this enclave.
+    assert not covered_by_trusted(ROOT / "server.py", m)
 
     for name in ("config.json", "model-00001-of-00002.safetensors",
                  "model-00002-of-00002.safetensors", "tokenizer.json", "tokenizer.model",
@@ -250,13 +252,71 @@ def test_tee_command_line_carries_the_guarded_modes(defines):
         render.render_manifest(template("tee_runner"), dict(defines, protection="secret"), **_env_kwargs())
 
 
-def test_server_env_passthrough(defines):
-    m = render.render_manifest(template("server"), defines, **_env_kwargs())
+def thread_budget(omp: int, blas: int, interop: int) -> int:
+    """Threads alive at once in the enclave, counted here on their own (docs/gramine.md, "Threads"):
+    the main thread, OpenMP's workers, OpenBLAS's workers, torch's inter-op pool, ZeroMQ's I/O and
+    reaper, pyzmq's garbage collector and its context's two, Gramine's IPC/async/TLS helpers."""
+    return 1 + (omp - 1) + (blas - 1) + interop + 2 + 3 + GRAMINE_HELPER_THREADS
+
+
+GRAMINE_HELPER_THREADS = 3
+
+
+def test_thread_pools_are_pinned_and_max_threads_covers_them(defines):
+    """Every pool the enclave starts is sized in the measured environment, not by the host's core
+    count, and a max_threads below what they add up to is refused at build time."""
+    m = render.render_manifest(template("tee_runner"), defines, **_env_kwargs())
     env = m["loader"]["env"]
-    for name in ("LLAMA_GPU_DEVICE", "LLAMA_GPU_PORT", "LLAMA_DTYPE", "LLAMA_GPU_HOST"):
-        assert env[name] == {"passthrough": True}, name
-    assert "LLAMA_GPU_ENDPOINT" not in env
-    assert m["sgx"]["remote_attestation"] == "none"
+    assert (env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"], env["OPENBLAS_NUM_THREADS"],
+            env["TSQP_INTEROP_THREADS"]) == ("8", "8", "1", "1")
+    assert m["sgx"]["max_threads"] >= thread_budget(8, 1, 1)
+
+    rng = random.Random(7)
+    for _ in range(6):
+        omp, blas, interop = rng.randint(1, 48), rng.randint(1, 8), rng.randint(1, 8)
+        budget = thread_budget(omp, blas, interop)
+        sizes = {"omp_threads": str(omp), "blas_threads": str(blas), "interop_threads": str(interop)}
+        m = render.render_manifest(template("tee_runner"), {**defines, **sizes, "max_threads": str(budget)},
+                                   **_env_kwargs())
+        env = m["loader"]["env"]
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(omp)
+        assert env["OPENBLAS_NUM_THREADS"] == str(blas)
+        assert env["TSQP_INTEROP_THREADS"] == str(interop)
+        assert m["sgx"]["max_threads"] == budget
+        with pytest.raises(jinja2.UndefinedError,
+                           match=f"max_threads {budget - 1} is below the thread budget of {budget}"):
+            render.render_manifest(template("tee_runner"), {**defines, **sizes, "max_threads": str(budget - 1)},
+                                   **_env_kwargs())
+    for name in ("omp_threads", "blas_threads", "interop_threads"):
+        for bad in ("0", "-3", "many"):
+            with pytest.raises(jinja2.UndefinedError, match="must be positive integers"):
+                render.render_manifest(template("tee_runner"), {**defines, name: bad}, **_env_kwargs())
+
+
+def test_pinned_endpoint_must_be_able_to_leave_the_enclave(defines):
+    """ipc:// never crosses the enclave boundary (Gramine renames UNIX sockets per instance); with
+    shm the server shares this host, so the header channel must be tcp loopback."""
+    m = render.render_manifest(template("tee_runner"), defines, **_env_kwargs())
+    assert m["loader"]["env"]["LLAMA_GPU_ENDPOINT"] == {"passthrough": True}
+    assert m["loader"]["env"]["TSQP_ENCLAVE"] == "gramine"
+
+    rng = random.Random(11)
+    port = rng.randint(1024, 65535)
+    remote = f"tcp://10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}:{port}"
+    for endpoint, shm in ((f"tcp://127.0.0.1:{port}", "1"), (f"localhost:{port}", "1"),
+                          (f"tcp://[::1]:{port}", "1"), (f"tcp://127.{rng.randint(0, 255)}.0.1:{port}", "1"),
+                          (remote, "0"), (f"gpu-host:{port}", "0")):
+        m = render.render_manifest(template("tee_runner"), {**defines, "endpoint": endpoint, "shm": shm},
+                                   **_env_kwargs())
+        assert m["loader"]["env"]["LLAMA_GPU_ENDPOINT"] == endpoint  # pinned: measured, not the host's
+    for endpoint, shm, message in ((f"ipc:///tmp/tsqp-{port}.sock", "0", "ipc:// does not cross the enclave"),
+                                   (f"ipc:///tmp/tsqp-{port}.sock", "1", "ipc:// does not cross the enclave"),
+                                   (f"inproc://tsqp-{port}", "0", "must be tcp"),
+                                   (remote, "1", "must be tcp loopback with shm"),
+                                   (f"gpu-host:{port}", "1", "must be tcp loopback with shm")):
+        with pytest.raises(jinja2.UndefinedError, match=message):
+            render.render_manifest(template("tee_runner"), {**defines, "endpoint": endpoint, "shm": shm},
+                                   **_env_kwargs())
 
 
 @pytest.mark.parametrize("app", APPS)
@@ -380,68 +440,3 @@ def test_cli(tmp_path, defines):
     assert r.returncode != 0
     assert "model_dir" in r.stderr
     assert not (tmp_path / "bad").exists()
-
-
-# --------------------------------------------------------------------------- Makefile
-
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
-def test_make_check(tmp_path, model_dir):
-    r = subprocess.run(
-        ["make", "-C", str(GRAMINE_DIR), "check", f"PYTHON={sys.executable}",
-         f"CHECK_DIR={tmp_path}", f"LLAMA_MODEL_PATH={model_dir}"],
-        capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    for app in APPS:
-        m = tomllib.loads((tmp_path / f"{app}.manifest.check").read_text())
-        assert os.path.isabs(m["libos"]["entrypoint"])
-        assert m["loader"]["argv"][1] == f"{ROOT}/{app}.py"
-        assert covered_by_trusted(model_dir / "config.json", m)
-        assert m["loader"]["env"]["LLAMA_MODEL_PATH"] == str(model_dir)
-    # `make check` must not leave files in the source tree when CHECK_DIR is elsewhere.
-    assert not list(GRAMINE_DIR.glob("*.manifest.check"))
-
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
-def test_make_without_gramine_fails_friendly(tmp_path, model_dir):
-    r = subprocess.run(
-        ["make", "-C", str(GRAMINE_DIR), "tee_runner", f"PYTHON={sys.executable}",
-         f"LLAMA_MODEL_PATH={model_dir}", "GRAMINE_MANIFEST=tsqp-no-such-gramine-manifest"],
-        capture_output=True, text=True)
-    assert r.returncode != 0
-    assert "not found" in r.stderr and "make check" in r.stderr
-    assert not (GRAMINE_DIR / "tee_runner.manifest").exists()
-
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
-def test_make_passes_expected_defines(model_dir):
-    """Dry run with a fake gramine-manifest: check the command line the Makefile builds."""
-    r = subprocess.run(
-        ["make", "-n", "-C", str(GRAMINE_DIR), "all", "SGX=1", f"PYTHON={sys.executable}",
-         f"LLAMA_MODEL_PATH={model_dir}", "GRAMINE_MANIFEST=true"],
-        capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    out = r.stdout
-    for app in APPS:
-        assert f"{app}.manifest.template {app}.manifest.tmp" in out
-        assert f"--manifest {app}.manifest --output {app}.manifest.sgx" in out
-    assert f"-Dentrypoint={_entrypoint()}" in out
-    assert f"-Dmodel_dir={model_dir}" in out
-    assert f"-Dapp_dir={ROOT}" in out
-    assert f"-Darch_libdir={_arch_libdir()}" in out
-
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
-def test_make_passes_the_guarded_modes_and_refuses_bad_ones(model_dir):
-    def dry_run(*settings: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["make", "-n", "-C", str(GRAMINE_DIR), "tee_runner", f"PYTHON={sys.executable}",
-                               f"LLAMA_MODEL_PATH={model_dir}", "GRAMINE_MANIFEST=true", *settings],
-                              capture_output=True, text=True)
-
-    assert "-Dprotection=none -Dverify=0 -Dshm=0" in dry_run().stdout
-    assert "-Dprotection=private -Dverify=1 -Dshm=1" in dry_run("PROTECTION=private", "VERIFY=1", "SHM=1").stdout
-    for bad, message in (("PROTECTION=secret", "PROTECTION must be one of: none private"),
-                         ("VERIFY=yes", "VERIFY must be one of: 0 1"), ("SHM=", "SHM must be one of: 0 1"),
-                         ("VERIFY=1 1", "VERIFY must be one of: 0 1")):
-        r = dry_run(bad)
-        assert r.returncode != 0 and message in r.stderr
