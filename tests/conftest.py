@@ -72,3 +72,13 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120, script: s
     cmd = [sys.executable, script] if script else [sys.executable, "-m", "tsqp"]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([*cmd, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _forget_refused_servers():
+    """Each test is its own process as far as refusals go: a tampering server in one test must
+    not make a later server on a reused port look refused (tsqp.tee.replies)."""
+    from tsqp.tee import replies
+
+    yield
+    replies._refused.clear()

@@ -20,10 +20,10 @@ from ..errors import InputError, IntegrityError, MaskReuseError
 from ..kv_cache import KVCache
 from ..protocol import DTYPES
 from ..transport import Client
-from .freivalds import freivalds_check
+from .freivalds import ROUNDOFF, freivalds_check
 from .masks import exponent_above, mask_input, vocabulary_exponent
-from .offline import GROUPS, ForwardSecrets, OfflineReport, OneTimePool, precompute
-from .replies import check_finite, check_shapes
+from .offline import GROUPS, CallSecrets, ForwardSecrets, OfflineReport, OneTimePool, precompute
+from .replies import check_finite, check_not_refused, check_shapes, refuse
 from .steps import Window
 
 __all__ = ["GuardedSteps", "IntegrityError", "MaskReuseError"]
@@ -34,17 +34,21 @@ class GuardedSteps:
     outsourced projection with a one-time mask (private) and/or a Freivalds check (verify)."""
 
     def __init__(self, client: Client, config: ModelConfig, weights: DirectoryWeights, private: bool, verify: bool,
-                 wire_name: str = "float32"):
+                 wire_name: str = "float32", verify_dtype: str = "float32"):
         self.client, self.config, self.weights = client, config, weights
         self.private, self.verify = private, verify
-        self.wire_name = "float64" if private else wire_name
-        if verify and self.wire_name not in ("float32", "float64"):
+        if verify_dtype not in ("float32", "float64"):
+            raise InputError(f"--verify-dtype must be float32 or float64, not {verify_dtype}")
+        # Private mode's products are float64 (the mask's headroom); so are verify's, if asked.
+        self.wire_name = "float64" if private or verify_dtype == "float64" else wire_name
+        if verify and self.wire_name != "float64" and wire_name != "float32":
             raise InputError(f"--verify needs the float32 wire, not {wire_name}: a 16-bit wire rounds a product "
                              "by as much as the changes the check must catch")
         if verify and (server_dtype := str(client.ping().get("dtype"))) != "float32":
             # Only ever a reason to refuse: a server that claims float32 and computes in less is caught.
             raise InputError(f"--verify needs a server computing in float32; this one says {server_dtype} "
                              "(start it with --dtype float32)")
+        self.roundoff = ROUNDOFF[DTYPES[self.wire_name]]
         self._vocabulary_exponent = vocabulary_exponent(weights, config) if private else 0
         self.pool = OneTimePool()
         self.current: ForwardSecrets | None = None
@@ -110,21 +114,33 @@ class GuardedSteps:
                 exponent = max(exponent, self._vocabulary_exponent)
             sent, scale = mask_input(flat, secrets.mask, exponent)
         else:
-            sent = flat.to(DTYPES[self.wire_name])
+            sent, scale = flat.to(DTYPES[self.wire_name]), 0.0
         method_args = {"modules": list(modules), "wire_dtype": self.wire_name}
         if layer is not None:
             method_args["layer_idx"] = layer
+        check_not_refused(self.client.endpoint)
         replies = self.client.call("Linears", [sent], **method_args).tensors
-        expected = [(flat.shape[0], self.config.out_features(m)) for m in modules]
-        check_shapes(replies, expected, f"Linears ({where})", IntegrityError)
+        try:
+            return self._outputs(layer, group, x, sent, replies, secrets, scale)
+        except IntegrityError:
+            refuse(self.client.endpoint)
+            raise
+
+    def _outputs(self, layer: int | None, group: str, x: torch.Tensor, sent: torch.Tensor,
+                 replies: list[torch.Tensor], secrets: CallSecrets, scale: float) -> list[torch.Tensor]:
+        """The checked, unmasked results of one call. The check runs on what the server computed
+        (in private mode, the masked product), so its outcome depends on nothing the server does
+        not know but the fresh probes."""
+        modules, where = GROUPS.get(group, ("lm_head",)), f"layer {layer} {group}" if layer is not None else "lm_head"
+        check_shapes(replies, [(sent.shape[0], self.config.out_features(m)) for m in modules], f"Linears ({where})",
+                     IntegrityError)
         outputs = []
-        checked = (flat if self.private else sent).double() if self.verify else None  # once per group
         for i, (module, y) in enumerate(zip(modules, replies)):
+            if self.verify:
+                named = f"layer {layer} {module}" if layer is not None else "lm_head"
+                freivalds_check(sent, y, secrets.checks[i], self.roundoff, named)
             if self.private:
                 y = torch.sub(y.double(), secrets.unmasks[i], alpha=scale)
-            if self.verify:  # on the unmasked result, so the tolerance is relative to y, not to the mask
-                named = f"layer {layer} {module}" if layer is not None else "lm_head"
-                freivalds_check(checked, y, secrets.probes[i], secrets.probe_images[i], secrets.probe_biases[i], named)
             outputs.append(y.float().reshape(*x.shape[:-1], -1))
         check_finite(outputs, f"Linears ({where})", IntegrityError)  # a float64 reply beyond float32's range too
         return outputs

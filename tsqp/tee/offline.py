@@ -16,7 +16,7 @@ import torch
 
 from ..config import DirectoryWeights, ModelConfig
 from ..errors import MaskReuseError
-from .freivalds import PROBES, secure_probes
+from .freivalds import PROBES, ProbeSet, secure_probes
 from .masks import secure_uniform
 
 # float64 elements of a weight converted at once: 2 MB blocks for the probes' images P W, 8 MB
@@ -48,10 +48,13 @@ class CallSecrets:
     """One-time material for one outsourced call (one input, one or more projections)."""
 
     mask: torch.Tensor | None  # r [rows, in], float64 (private)
-    unmasks: list[torch.Tensor]  # r W_m^T [rows, out_m], float64, per module (private)
-    probes: list[torch.Tensor]  # P_m [probes, out_m], float64 (verify)
-    probe_images: list[torch.Tensor]  # P_m W_m [probes, in], float64 (verify)
-    probe_biases: list[torch.Tensor]  # P_m b_m [probes], float64 (verify)
+    unmasks: list[torch.Tensor] = field(default_factory=list)  # r W_m^T [rows, out_m], per module (private)
+    checks: list[ProbeSet] = field(default_factory=list)  # per module (verify)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = ([self.mask] if self.mask is not None else []) + self.unmasks
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(c.nbytes for c in self.checks)
 
 
 @dataclass
@@ -116,10 +119,9 @@ def float64_blocks(weight: torch.Tensor, elements: int) -> Iterator[tuple[slice,
 
 
 def module_secrets(weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
-                   count: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
-                                        torch.Tensor | None]:
+                   count: int) -> tuple[torch.Tensor | None, ProbeSet | None]:
     """For one module: the mask's image r W^T (if masked) and, if `count` > 0, that many
-    Freivalds probes P [count, out] with their images P W and P b."""
+    Freivalds probes P [count, out] with their images P W, P b, (P∘P)(W∘W) and (P∘P)(b∘b)."""
     out, width = weight.shape
     unmask = None
     if mask is not None:
@@ -127,13 +129,16 @@ def module_secrets(weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.
         for rows, block in float64_blocks(weight, MASKED_WEIGHT_BLOCK):
             unmask[:, rows] = mask @ block.T
     if not count:
-        return unmask, None, None, None
+        return unmask, None
     probes = secure_probes(count, out)
+    squared_probes = probes * probes
     images = torch.zeros(count, width, dtype=torch.float64)
+    squares = torch.zeros(count, width, dtype=torch.float64)
     for rows, block in float64_blocks(weight, WEIGHT_BLOCK):  # its own pass: smaller blocks suit it
         images.addmm_(probes[:, rows], block)
-    biases = probes @ bias.double() if bias is not None else torch.zeros(count, dtype=torch.float64)
-    return unmask, probes, images, biases
+        squares.addmm_(squared_probes[:, rows], block.square_())  # the block is not read again
+    b = bias.double() if bias is not None else torch.zeros(out, dtype=torch.float64)
+    return unmask, ProbeSet(probes, images, probes @ b, squares, squared_probes @ (b * b))
 
 
 def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int, int, bool], private: bool,
@@ -152,21 +157,16 @@ def precompute(weights: DirectoryWeights, config: ModelConfig, shape: tuple[int,
         bias_names = [weight_name(config, layer, m, "bias") for m in modules]
         biases = [weights.read(name) if weights.has(name) else None for name in bias_names]
         masks = secure_uniform((count * rows, mats[0].shape[1]), torch.float64) if private else None
-        calls = [CallSecrets(mask=masks[i * rows: (i + 1) * rows] if private else None, unmasks=[], probes=[],
-                             probe_images=[], probe_biases=[]) for i in range(count)]
+        calls = [CallSecrets(mask=masks[i * rows: (i + 1) * rows] if masks is not None else None)
+                 for i in range(count)]
         for weight, bias in zip(mats, biases):
-            unmask, probes, images, probe_biases = module_secrets(weight, bias, masks, count * PROBES if verify else 0)
+            unmask, checks = module_secrets(weight, bias, masks, count * PROBES if verify else 0)
             for i, call in enumerate(calls):
                 if unmask is not None:
                     call.unmasks.append(unmask[i * rows: (i + 1) * rows])
-                if verify:
-                    part = slice(i * PROBES, (i + 1) * PROBES)
-                    call.probes.append(probes[part])
-                    call.probe_images.append(images[part])
-                    call.probe_biases.append(probe_biases[part])
+                if checks is not None:
+                    call.checks.append(checks.part(i, PROBES))
         for i, call in enumerate(calls):
-            kept = ([call.mask] if call.mask is not None else []) + call.unmasks + call.probes + call.probe_images \
-                + call.probe_biases
-            size += sum(t.numel() * t.element_size() for t in kept)
+            size += call.nbytes
             sets[i][(layer, group)] = call
     return [ForwardSecrets(shape=shape, calls=calls) for calls in sets], size

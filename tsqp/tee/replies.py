@@ -7,7 +7,21 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ProtocolError
+from ..errors import IntegrityError, ProtocolError
+
+# Servers whose replies failed an integrity check in this process, refused for the rest of it:
+# each failed run would otherwise be one more try at whatever the server wants to learn or do.
+_refused: set[str] = set()
+
+
+def refuse(endpoint: str) -> None:
+    _refused.add(endpoint)
+
+
+def check_not_refused(endpoint: str) -> None:
+    if endpoint in _refused:
+        raise IntegrityError(f"refusing the GPU server at {endpoint}: it failed an integrity check earlier in "
+                             "this process")
 
 
 def checked_reply(tensors: Sequence[torch.Tensor], expect: Sequence[tuple[int, ...]], what: str,

@@ -23,6 +23,7 @@ from ..config import DirectoryWeights, ModelConfig, NormWeights, ProvidedWeights
 from ..errors import InputError, RemoteError, TsqpError
 from ..protocol import DTYPES, WIRE_DTYPES
 from ..transport import Client, WireStats
+from .replies import check_not_refused
 from .steps import LeanSteps, SeedSteps, Steps, Window
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ class TeeRunner:
     """Runs prefills and generations for one model against one GPU server."""
 
     def __init__(self, client: Client, model_dir: str | Path | None = None, protocol: str = "lean",
-                 wire_dtype: str = "float32", protection: str = "none", verify: bool = False):
+                 wire_dtype: str = "float32", protection: str = "none", verify: bool = False,
+                 verify_dtype: str = "float32"):
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol '{protocol}' (choose from: {', '.join(PROTOCOLS)})")
         if wire_dtype not in WIRE_DTYPES:
@@ -71,6 +73,7 @@ class TeeRunner:
         if guarded and protocol != "lean":
             raise InputError(f"--protocol {protocol} cannot be combined with --protection private or --verify: the "
                              "guarded steps are the lean protocol's, with attention and the embedding in the TEE")
+        check_not_refused(client.endpoint)
         self.client = client
         if model_dir is not None:
             self.config: ModelConfig = load_config(model_dir)
@@ -83,7 +86,7 @@ class TeeRunner:
 
             assert isinstance(self.weights, DirectoryWeights)
             self.steps: Steps = GuardedSteps(client, self.config, self.weights, private=protection == "private",
-                                      verify=verify, wire_name=wire_dtype)
+                                      verify=verify, wire_name=wire_dtype, verify_dtype=verify_dtype)
         elif protocol == "lean":
             weights = self.weights if isinstance(self.weights, DirectoryWeights) else None
             self.steps = LeanSteps(client, self.config, DTYPES[wire_dtype], weights)
