@@ -60,9 +60,7 @@ def start_server(model_dir: str | Path, device: str | None = None, dtype: str = 
                  endpoint: str | None = None, *, keys: ServerKeys | None = None, limits: Limits | None = None,
                  heartbeat_s: float = DEFAULT_HEARTBEAT_S, shm: bool = False) -> ServerThread:
     """A server in a thread of this process (shares the GIL: for tests and notebooks)."""
-    server = GpuServer(model_dir, device, dtype, shm=shm)
-    if limits is not None:
-        server.service.limits = limits
+    server = GpuServer(model_dir, device, dtype, shm=shm, limits=limits)
     return ServerThread(server, endpoint or free_endpoint(), keys=keys, heartbeat_s=heartbeat_s)
 
 
