@@ -174,3 +174,36 @@ def test_release_frees_a_session_and_is_idempotent(servers):
         with pytest.raises(RemoteError) as caught:
             client.call("Release")
         assert caught.value.code == "bad_request" and "session" in str(caught.value)
+
+
+@pytest.mark.parametrize("fail_at", ["AttnOut", "GatedDown", "LMHead"])
+def test_a_failed_lean_prefill_leaves_nothing_on_the_server(fail_at, tiny_dir):
+    with api.start_server(tiny_dir, device="cpu") as server:
+        runner = api.connect(server.endpoint, tiny_dir)
+        original, seen = runner.client.call, []
+
+        def failing(method, tensors=(), **args):
+            seen.append(method)
+            if method == fail_at and seen.count(method) == 2:  # the second layer's, or a second prefill's LMHead
+                raise RemoteError("internal", "injected failure")
+            return original(method, tensors, **args)
+
+        runner.client.call = failing
+        ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+        if fail_at == "LMHead":
+            runner.prefill(ids)  # a whole prefill first: LMHead frees its state, no Release needed
+            assert "Release" not in seen
+        with pytest.raises(RemoteError, match="injected"):
+            runner.prefill(ids)
+        assert seen[-1] == "Release"
+        health = runner.client.ping()
+        assert (health["sessions"], health["session_bytes"]) == (0, 0)
+        runner.client.close()
+
+
+def test_lean_session_ids_are_random_128_bit_hex(servers, tiny_dir):
+    one, two = (api.connect(servers["gqa"].endpoint, tiny_dir) for _ in range(2))
+    ids = {one.steps.session, two.steps.session}
+    assert len(ids) == 2 and all(len(s) == 32 and int(s, 16) >= 0 for s in ids)
+    one.client.close()
+    two.client.close()

@@ -15,8 +15,8 @@ object sends the linear algebra to the GPU server. Two protocols implement `Step
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +115,8 @@ class LeanSteps(SeedSteps):
 
     def __init__(self, client: Client, config: ModelConfig, wire_dtype: torch.dtype):
         super().__init__(client, config, wire_dtype)
-        self.session = uuid.uuid4().hex
+        self.session = secrets.token_hex(16)  # unguessable: on a plaintext socket the id is all that guards it
+        self._held = False  # whether the server may hold this session's V and up
 
     def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """One call: projections, RoPE and Q·K^T on the server, V kept there. Only the causal
@@ -123,6 +124,7 @@ class LeanSteps(SeedSteps):
         b, n, _ = x.shape
         ends = ops.query_blocks(n)
         blocks = [(b, self.config.num_heads, end - start, end) for start, end in zip([0, *ends], ends)]
+        self._held = True
         return self._call("QKVScores", x, exact=(cos, sin), expect=blocks, layer_idx=layer, session=self.session,
                           blocks=ends)
 
@@ -143,7 +145,20 @@ class LeanSteps(SeedSteps):
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """The last call: the server frees what this prefill left there."""
-        return self._call("LMHead", h, expect=self._rows(h, self.config.vocab_size), session=self.session)[0]
+        logits = self._call("LMHead", h, expect=self._rows(h, self.config.vocab_size), session=self.session)[0]
+        self._held = False
+        return logits
+
+    def end(self) -> None:
+        """A prefill that stopped before LMHead left V and up on the server: Release frees them
+        (best effort: a server that cannot be reached drops them when the session goes idle)."""
+        super().end()
+        if self._held:
+            try:
+                self.client.call("Release", session=self.session)
+                self._held = False
+            except TsqpError:
+                pass
 
 
 @dataclass
