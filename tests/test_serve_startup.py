@@ -15,15 +15,11 @@ from tsqp.server import run
 from tsqp.transport import Client
 
 from conftest import run_cli
+from test_cli import one_error_line
 
-def one_error_line(result, *fragments: str) -> str:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
-    assert "Loading model" not in result.stdout  # refused before any work
-    return lines[-1]
+def refused_before_loading(result, *fragments: str) -> None:
+    one_error_line(result, *fragments)
+    assert "Loading model" not in result.stdout
 
 
 BAD_DEVICES = ["gpu", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda:0"])
@@ -32,13 +28,13 @@ BAD_DEVICES = ["gpu", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda:
 @pytest.mark.parametrize("device", BAD_DEVICES)
 def test_a_device_this_machine_lacks_is_one_error_line(tiny_dir, device):
     port = api.free_endpoint().rsplit(":", 1)[1]
-    one_error_line(run_cli("serve", "--model", str(tiny_dir), "--device", device, "--port", port), device)
+    refused_before_loading(run_cli("serve", "--model", str(tiny_dir), "--device", device, "--port", port), device)
 
 
 def test_the_seed_entry_point_refuses_a_missing_device_the_same_way(tiny_dir):
     port = api.free_endpoint().rsplit(":", 1)[1]
     env = {"LLAMA_MODEL_PATH": str(tiny_dir), "LLAMA_GPU_DEVICE": "cuda:99", "LLAMA_GPU_PORT": port}
-    one_error_line(run_cli(env=env, script="server.py"), "cuda:99")
+    refused_before_loading(run_cli(env=env, script="server.py"), "cuda:99")
 
 
 def test_a_busy_port_fails_before_the_model_loads(tiny_dir):
@@ -47,7 +43,7 @@ def test_a_busy_port_fails_before_the_model_loads(tiny_dir):
         busy.listen()
         port = busy.getsockname()[1]
         result = run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", "--port", str(port))
-    one_error_line(result, f"cannot bind tcp://127.0.0.1:{port}")
+    refused_before_loading(result, f"cannot bind tcp://127.0.0.1:{port}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the notice is about a machine without CUDA")
