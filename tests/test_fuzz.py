@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tsqp import api, protocol
-from tsqp.server import METHOD_SPECS, Limits
+from tsqp.server import METHODS, Limits
 
 from conftest import reference_logits, relative_error
 
@@ -41,9 +41,9 @@ arg_values = st.one_of(scalars, st.integers(-2, 3), st.sampled_from(protocol.LIN
                        st.text(min_size=120, max_size=140))
 arg_names = st.sampled_from(["layer_idx", "layer", "module_name", "module", "session", "wire_dtype",
                              "all_positions", "modules", "other"])
-METHODS = tuple(METHOD_SPECS)  # every method the server knows
+METHOD_NAMES = tuple(METHODS)  # every method the server knows
 
-methods = st.one_of(*[st.sampled_from(METHODS)] * 6, st.text(max_size=10), scalars)
+methods = st.one_of(*[st.sampled_from(METHOD_NAMES)] * 6, st.text(max_size=10), scalars)
 
 
 def numel(shape: list) -> int | None:
@@ -81,18 +81,21 @@ H, I, HEADS, KV, D, LAYERS = 64, 176, 4, 2, 16, 2  # the tiny preset
 @st.composite
 def plausible(draw) -> tuple[str, dict, list[dict]]:
     """A request a TEE could send, for a real method with near-right args and shapes."""
-    method = draw(st.sampled_from(METHODS))
+    method = draw(st.sampled_from(METHOD_NAMES))
     b, n, m = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
     x = draw(st.sampled_from([[b, n, H], [b, n, H], [n, H], [b, n, H + 1], [b, n, I]]))
-    args = {"layer_idx": draw(st.integers(-1, LAYERS)), "wire_dtype": draw(st.sampled_from(protocol.WIRE_DTYPES))}
+    args = {"layer_idx": draw(st.integers(-1, LAYERS)),
+            "wire_dtype": draw(st.sampled_from([*protocol.WIRE_DTYPES, "float64"]))}
     shapes = {"Embedding": [[b, n]], "Whole": [[b, n]], "QKVScores": [x, [n, D], [draw(st.sampled_from([n, m])), D]],
               "AttnOut": [[b, HEADS, n, draw(st.sampled_from([n, m]))]], "GatedDown": [[b, n, I]],
-              "Matmul": [[n, m], [m, draw(st.integers(1, 6))]], "Ping": [], "Init": []}.get(method, [x])
+              "Matmul": draw(st.sampled_from([[[b, HEADS, n, D], [b, HEADS, D, n]], [[b, HEADS, n, n], [b, HEADS, n, D]],
+                                              [[b, HEADS, n, D], [b, HEADS, D, m]], [[n, m], [m, 3]]])),
+              "Ping": [], "Init": [], "Release": []}.get(method, [x])
     if method in ("Linear",):
         args["module_name"] = draw(st.sampled_from(protocol.LINEAR_MODULES))
     if method == "QKVScores" and draw(st.booleans()):
         args["blocks"] = draw(st.sampled_from([[n], [1, n], [n, n], [m], "all"]))
-    if method in ("QKVScores", "AttnOut", "Gate", "GatedDown"):
+    if method in ("QKVScores", "AttnOut", "Gate", "GatedDown", "Release"):
         args["session"] = draw(st.sampled_from(["fuzz-a", "fuzz-b", "x" * 130]))
     if method == "Linears":
         args["modules"] = draw(st.lists(st.sampled_from(protocol.LINEAR_MODULES), min_size=1, max_size=3))

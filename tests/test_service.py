@@ -85,8 +85,10 @@ BAD_REQUESTS = [  # (frames, expected code, what the message names)
     ([header("Ping"), *[b"x"] * 9], "too_large", "frames"),
     ([header("LMHead", {}, [{"dtype": "float32", "shape": [2 ** 40, 2 ** 40]}]), b""], "too_large", "elements"),
     ([header("LMHead", {}, [{"dtype": "float32", "shape": [1] * 9}]), bytes(4)], "too_large", "rank"),
+    ([header("Matmul", {}, [{"dtype": "float32", "shape": [1, 4, 100, 16]}, {"dtype": "float32", "shape": [1, 4, 16, 100]}]),
+      bytes(25_600), bytes(25_600)], "too_large", "would produce"),
     ([header("Matmul", {}, [{"dtype": "float32", "shape": [200, 1]}, {"dtype": "float32", "shape": [1, 200]}]),
-      bytes(800), bytes(800)], "too_large", "would produce"),
+      bytes(800), bytes(800)], "bad_request", "attention products"),
     ([header("LMHead", {}, [{"dtype": "float32", "shape": [100, 64]}]), bytes(25_600)], "too_large", "would produce"),
 ]
 
@@ -141,11 +143,11 @@ def test_bad_requests_are_logged_as_such_and_never_as_success(small_limits_serve
 
 
 def test_a_frame_over_the_message_limit_drops_only_its_sender(small_limits_server):
-    with Client(small_limits_server.endpoint, timeout_s=10, retries=0) as client:
+    with Client(small_limits_server.endpoint, timeout_s=600, retries=0) as client:
         start = time.monotonic()
-        with pytest.raises(ServerUnreachable, match="connection was lost"):
+        with pytest.raises(ServerUnreachable, match="connection was lost"):  # not "no reply within 600 s"
             client.call("LMHead", [torch.zeros(1, 5000, 64)])  # 1.3 MB > 1 MiB
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 60
         assert client.ping()["ok"]  # a new connection is served
 
 
@@ -208,7 +210,7 @@ def test_a_server_gone_mid_call_is_noticed_at_once_despite_a_long_timeout():
         start = time.monotonic()
         with pytest.raises(ServerUnreachable, match="after 3 attempts") as caught:
             client.call("Linear", [torch.zeros(2, 2)])
-        assert time.monotonic() - start < 5  # 1 lost + 2 failed reconnects of 1 s, never 600 s
+        assert time.monotonic() - start < 60  # 1 lost + 2 failed reconnects of 1 s, never 600 s
     assert "connection was lost" in str(caught.value) or "could not connect" in str(caught.value)
 
 
@@ -236,9 +238,9 @@ def fake_process(tmp_path, busy_s: float) -> tuple[subprocess.Popen, str]:
 
 
 def test_heartbeats_keep_a_long_call_alive_and_catch_a_frozen_server(tmp_path):
-    busy, endpoint = fake_process(tmp_path, busy_s=2.0)
-    try:  # 2 s of silence > the 1 s heartbeat timeout: still one call, no retry
-        with Client(endpoint, timeout_s=30, heartbeat_s=0.2, retries=0) as client:
+    busy, endpoint = fake_process(tmp_path, busy_s=4.0)
+    try:  # 4 s of silence > the 2.5 s heartbeat timeout: still one call, no retry
+        with Client(endpoint, timeout_s=30, heartbeat_s=0.5, retries=0) as client:
             assert client.call("Ping").header["ok"] and client.stats.retries == 0
     finally:
         busy.kill()
@@ -250,9 +252,9 @@ def test_heartbeats_keep_a_long_call_alive_and_catch_a_frozen_server(tmp_path):
             time.sleep(0.5)
             frozen.send_signal(signal.SIGSTOP)  # no FIN, no heartbeats: a host that vanished
             start = time.monotonic()
-            with pytest.raises(ServerUnreachable, match="connection was lost"):
+            with pytest.raises(ServerUnreachable, match="connection was lost"):  # not "no reply within 600 s"
                 client.call("Ping")
-            assert time.monotonic() - start < 5
+            assert time.monotonic() - start < 60
     finally:
         frozen.send_signal(signal.SIGCONT)
         frozen.kill()
@@ -316,7 +318,7 @@ def test_unreachable_server_is_a_clear_error_within_the_connect_timeout(tiny_dir
     start = time.monotonic()
     with pytest.raises(ServerUnreachable, match="no reply from GPU server .* could not connect within 1 s"):
         api.connect(api.free_endpoint(), tiny_dir, connect_timeout_s=1)
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 30  # not the 600 s reply timeout
 
 
 # -- many clients ------------------------------------------------------------------------------------
@@ -423,7 +425,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_soak_200_prefills_server_memory_growth(tiny_dir, capsys):
-    """200 prefills in a row against a server process; its resident memory must not creep."""
+    """200 prefills in a row against a server process: nothing a prefill leaves may accumulate.
+    The session store is checked exactly; resident memory, which allocators move by a few MB
+    as they please, only against a generous bound."""
     with api.spawn_server(tiny_dir, device="cpu") as server:
         runner = api.connect(server.endpoint, tiny_dir, timeout_s=60)
         g = torch.Generator().manual_seed(9)
@@ -435,10 +439,12 @@ def test_soak_200_prefills_server_memory_growth(tiny_dir, capsys):
             runner.prefill(torch.randint(0, 512, (1, 16 + i % 32), generator=g))
         seconds = time.monotonic() - start
         after = server.rss_bytes()
+        health = runner.client.ping()
         runner.client.close()
+    assert (health["sessions"], health["session_bytes"]) == (0, 0)
     assert before and after
     growth_mb = (after - before) / 2 ** 20
     with capsys.disabled():
         print(f"\nsoak: 200 prefills in {seconds:.1f} s; server RSS {before / 2 ** 20:.1f} MB -> "
               f"{after / 2 ** 20:.1f} MB (growth {growth_mb:+.1f} MB)")
-    assert growth_mb < 50
+    assert growth_mb < 100  # coarse: leaked V or up would be a few MB here, which the session check catches

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ServerUnreachable, TsqpError
+from .config import identity_mismatch, model_identity
+from .errors import ModelError, ServerUnreachable, TsqpError
 from .keys import ClientKeys, ServerKeys
 from .server import GpuServer, Limits, ServerThread
 from .tee.runner import TeeRunner
@@ -44,11 +45,14 @@ def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = 
     of a call after a lost connection. `keys` (CurveZMQ) default to $TSQP_SERVER_PUBLIC_KEY and
     $TSQP_CLIENT_SECRET_KEY when those are set; `ClientKeys.from_files(...)` makes them.
     `protection` and `verify` go to the TeeRunner (private mode, Freivalds checks). `shm` moves
-    tensors through shared memory (same host, a server started with shm; tsqp.shm)."""
+    tensors through shared memory (same host, a server started with shm; tsqp.shm). With a
+    `model_dir`, a server holding another model is refused (ModelError)."""
     client = Client(endpoint, timeout_s=timeout_s, retries=retries, connect_timeout_s=connect_timeout_s, keys=keys,
                     heartbeat_s=heartbeat_s, shm=shm)
     try:
-        client.ping(timeout_s=connect_timeout_s)
+        health = client.ping(timeout_s=connect_timeout_s)
+        if model_dir is not None:
+            check_same_model(model_dir, health, client.endpoint)
         return TeeRunner(client, model_dir, protocol=protocol, wire_dtype=wire_dtype, protection=protection,
                          verify=verify)
     except BaseException:
@@ -56,13 +60,19 @@ def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = 
         raise
 
 
+def check_same_model(model_dir: str | Path, health: dict[str, Any], endpoint: str) -> None:
+    """Refuse a server whose model is not this directory's (a mix-up, not an attack: a lying
+    server can report any identity; --verify is what checks its answers)."""
+    differs = identity_mismatch(model_identity(model_dir), health.get("identity"))
+    if differs is not None:
+        raise ModelError(f"the GPU server at {endpoint} holds another model than {model_dir}: {differs}")
+
+
 def start_server(model_dir: str | Path, device: str | None = None, dtype: str = "float32",
                  endpoint: str | None = None, *, keys: ServerKeys | None = None, limits: Limits | None = None,
                  heartbeat_s: float = DEFAULT_HEARTBEAT_S, shm: bool = False) -> ServerThread:
     """A server in a thread of this process (shares the GIL: for tests and notebooks)."""
-    server = GpuServer(model_dir, device, dtype, shm=shm)
-    if limits is not None:
-        server.service.limits = limits
+    server = GpuServer(model_dir, device, dtype, shm=shm, limits=limits)
     return ServerThread(server, endpoint or free_endpoint(), keys=keys, heartbeat_s=heartbeat_s)
 
 

@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow plaintext on a non-loopback interface (without it, such a bind needs keys)")
     p.add_argument("--max-message-mb", type=float, default=4096, metavar="MB",
                    help="largest frame accepted; a bigger one drops its sender (default: %(default)g)")
+    p.add_argument("--max-reply-mb", type=float, metavar="MB",
+                   help="most one request may produce, in its wire dtype (default: 4 x the model's largest honest "
+                        "reply at full length, at most 4096)")
+    p.add_argument("--session-memory-mb", type=float, default=2048, metavar="MB",
+                   help="memory all sessions' kept tensors (V, up) may take; the least recently used are dropped "
+                        "first (default: %(default)g)")
+    p.add_argument("--session-idle-s", type=float, default=300, metavar="S",
+                   help="drop a session unused this long (default: %(default)g)")
     p.add_argument("--shm", action="store_true",
                    help="also take tensors through shared memory from clients on this host that ask (--shm); "
                         "only for trusted local clients (see tsqp/shm.py)")
@@ -153,8 +161,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if not args.model:
         raise SystemExit("error: no model: pass --model DIR or set LLAMA_MODEL_PATH")
-    if args.max_message_mb <= 0:
-        raise ValueError("--max-message-mb must be positive")
+    for flag in ("max_message_mb", "max_reply_mb", "session_memory_mb", "session_idle_s"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     if args.shm and (args.audit or args.tamper):
         raise ValueError("--audit and --tamper work on the socket's frames: use them without --shm")
     if args.parent_pid is not None and args.parent_pid != os.getppid():
@@ -162,7 +171,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     configure(args.log_level)
     endpoint = args.endpoint or bind_endpoint(args.port, args.host)
     keys = ServerKeys.from_options(args.server_secret_key, args.allow_keys)
-    limits = server.Limits(max_message_bytes=int(args.max_message_mb * (1 << 20)))
+    mib = 1 << 20
+    limits = server.Limits(max_message_bytes=int(args.max_message_mb * mib),
+                           max_reply_bytes=int(args.max_reply_mb * mib) if args.max_reply_mb else None,
+                           session_bytes=int(args.session_memory_mb * mib), session_idle_s=args.session_idle_s)
     stop = threading.Event()
     _install_stop_handlers(stop)
     if args.parent_pid is not None:

@@ -1,0 +1,172 @@
+"""The GPU side's dispatch: check a request, run its method's handler, reply.
+
+The server is untrusted: it sees what it is sent and computes the linear algebra. `handle` never
+raises: every failure, a bad request or a fault of ours, becomes an error reply with a code, and
+the serving loop never dies on a bad request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import protocol
+from ..config import model_identity
+from ..errors import ModelError, ProtocolError
+from ..logs import log_event
+from ..protocol import DTYPES
+from ..shm import Attached, Segment, aligned, footprint
+from ..staging import to_device, to_host
+from ..transport import current_peer
+from . import lean, stateless  # noqa: F401  (their @method rows fill the registry)
+from .checks import Limits, check_request, default_reply_bytes
+from .errors import BadRequest
+from .model import check_finite, load_model, parse_dtype, resolve_device
+from .registry import METHODS
+from .sessions import SessionStore
+
+log = logging.getLogger("tsqp.server")
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@dataclass
+class ServiceState:
+    """Limits and counters of the serving side, for health replies and the stop log line."""
+
+    limits: Limits
+    started: float = field(default_factory=time.monotonic)
+    requests: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class ServerInfo:
+    model_dir: str
+    device: str
+    dtype: str
+    num_layers: int
+    hidden_size: int
+
+
+class GpuServer:
+    """A model on its device, the sessions its clients keep here, and `handle`: request frames
+    to reply frames. The methods themselves are the registry's (stateless.py, lean.py)."""
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, dtype: str = "float32", shm: bool = False,
+                 limits: Limits | None = None):
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(resolve_device(device)[0])
+        self.dtype = parse_dtype(dtype)
+        self.model, self.config = load_model(self.model_dir, str(self.device), self.dtype)
+        self.layers = self.model.model.layers
+        self.identity = model_identity(self.model_dir)  # what Ping reports, for the TEE to compare
+        limits = limits or Limits()
+        if limits.max_reply_bytes is None:
+            limits = replace(limits, max_reply_bytes=default_reply_bytes(self.config))
+        self.service = ServiceState(limits)
+        self.sessions = SessionStore(limits.session_bytes, limits.session_idle_s)
+        self.shared = Attached() if shm else None  # clients' shared-memory segments, when allowed
+        # the registry's handlers bound to this server (one can be replaced here, e.g. by a test's liar)
+        self.handlers = {name: partial(row.handler, self) for name, row in METHODS.items()}
+        self._converted: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def info(self) -> ServerInfo:
+        return ServerInfo(str(self.model_dir), str(self.device), protocol.DTYPE_NAMES[self.dtype],
+                          self.config.num_layers, self.config.hidden_size)
+
+    def health(self) -> dict[str, Any]:
+        """What a Ping reports besides the model: uptime, traffic, errors, live sessions."""
+        state = self.service
+        self.sessions.expire()
+        return {"uptime_s": round(time.monotonic() - state.started, 3), "requests": state.requests,
+                "errors": dict(state.errors), "sessions": len(self.sessions), "session_bytes": self.sessions.nbytes}
+
+    def release(self) -> None:
+        """Free every session and unmap the clients' shared-memory segments (on stop)."""
+        self.sessions.clear()
+        if self.shared is not None:
+            self.shared.close()
+
+    def handle(self, frames: list[Any]) -> list[Any]:
+        """Request frames -> reply frames. Never raises: every failure is an error reply."""
+        state, method, peer = self.service, "?", current_peer.get()
+        state.requests += 1
+        try:
+            request = check_request(frames, self.config, state.limits, self.shared)
+            method = request.method.name
+            self._synchronize()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                tensors = self._on_device(request.tensors)
+                outputs, extra = self.handlers[method](request.args, tensors)
+                wire = DTYPES[request.args.get("wire_dtype", "float32")]  # the row allows it (checks)
+                outputs = to_host([t.to(dtype=wire) if t.is_floating_point() else t for t in outputs])
+            header = {"ok": True, "server_s": time.perf_counter() - start, **extra}
+            log_event(log, logging.DEBUG, "request", method=method, peer=peer, server_s=header["server_s"])
+            return self._reply(header, outputs, request.reply_to)
+        except BadRequest as err:
+            return self._refuse(err.code, str(err), method, peer)
+        except (ProtocolError, ModelError) as err:
+            return self._refuse("bad_request", str(err), method, peer)
+        except _OUT_OF_MEMORY as err:
+            return self._refuse("out_of_memory", str(err).splitlines()[0], method, peer, failed=True)
+        except Exception as err:  # a bug or a device error: report it, keep serving
+            return self._refuse("internal", f"{type(err).__name__}: {err}", method, peer, failed=True)
+
+    def weights_in(self, module: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The module's weight and bias in `dtype`; float64 copies are made once and kept
+        (private mode multiplies in float64 on every call; converting each time costs more)."""
+        if dtype == self.dtype:
+            return module.weight, module.bias
+        key = (id(module), dtype)
+        if key not in self._converted:
+            bias = module.bias.to(dtype) if module.bias is not None else None
+            self._converted[key] = (module.weight.to(dtype), bias)
+        return self._converted[key]
+
+    def _on_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs on the device (one copy), floating-point ones checked finite there: one
+        reduction each and a single wait; only a non-finite result looks at them one by one."""
+        moved = to_device(tensors, self.device)
+        floats = [t for t in moved if t.is_floating_point() and t.numel()]
+        if floats and not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in floats])).all()):
+            for i, t in enumerate(moved):
+                if t.is_floating_point():
+                    check_finite(t, f"input tensor {i}")
+        return moved
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _refuse(self, code: str, message: str, method: str, peer: str, failed: bool = False) -> list[Any]:
+        """An error reply, logged: a bad request as a warning, a failure of ours as an error."""
+        self.service.errors[code] += 1
+        fields = {"code": code, "method": method, "peer": peer, "message": message[:300]}
+        if failed:
+            log.error("request_failed", extra={"fields": fields}, exc_info=True)
+        else:
+            log_event(log, logging.WARNING, "bad_request", **fields)
+        return protocol.encode(protocol.error_header(code, message))
+
+    @staticmethod
+    def _reply(header: dict, outputs: list[torch.Tensor], reply_to: "tuple[Segment, int] | None") -> list[Any]:
+        """Reply frames; with shared memory, the tensors go behind the request's when they fit,
+        else as frames with the room they needed (`shm_room`), so the client can grow."""
+        if reply_to is not None:
+            segment, at = reply_to
+            need = footprint(outputs)
+            if 0 <= at and aligned(at) + need <= segment.size:
+                header["shm"] = {"frames": segment.write(outputs, at)}
+                return [protocol.encode_header(header, outputs)]
+            header["shm_room"] = need
+        return protocol.encode(header, outputs)

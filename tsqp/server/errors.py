@@ -1,0 +1,43 @@
+"""What the server answers instead of a result: each refusal carries the code its error reply gets."""
+
+from __future__ import annotations
+
+from ..errors import TsqpError
+
+
+class BadRequest(Exception):
+    """The request is well-formed on the wire but asks for something invalid."""
+
+    code = "bad_request"
+
+
+class MissingState(BadRequest):
+    """A session call needs state an earlier call left here (V, up), and it is gone: the server
+    restarted, dropped the session (memory budget, idle timeout, Release), or the call skipped
+    its predecessor."""
+
+    code = "missing_state"
+
+
+class UnknownMethod(BadRequest):
+    code = "unknown_method"
+
+
+class TooLarge(BadRequest):
+    """An input, the output it would produce, or a session's state exceeds the server's limits."""
+
+    code = "too_large"
+
+
+class NonFinite(BadRequest):
+    """A floating-point input holds NaN or infinity: no honest TEE sends one."""
+
+    code = "non_finite"
+
+
+class InsecureBind(TsqpError):
+    """Binding a network interface in plaintext without saying so."""
+
+
+class DeviceError(TsqpError):
+    """The device asked for does not exist on this machine."""

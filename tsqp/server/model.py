@@ -1,0 +1,107 @@
+"""The checkpoint on its device, and the lookups every handler shares: layer, module, inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig, load_config
+from ..errors import ModelError
+from ..protocol import DTYPE_NAMES, DTYPES, LINEAR_MODULES, WIRE_DTYPES
+from .errors import BadRequest, DeviceError, NonFinite
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(name: str | None) -> tuple[str, bool]:
+    """The device to serve on and whether it was chosen by default; a device this machine does
+    not have is refused here, before any model loads."""
+    if not name:
+        return default_device(), True
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device '{name}' (choose cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{name}': CUDA is not available on this machine (serve with --device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device '{name}': this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device '{name}' (TSQP serves on cpu or cuda)")
+    return name, False
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"unsupported dtype '{name}' (choose from: {', '.join(WIRE_DTYPES)})")
+    return DTYPES[name]
+
+
+def load_model(model_dir: str | Path, device: str, dtype: torch.dtype) -> tuple[Any, ModelConfig]:
+    """Load a local LLaMA checkpoint with transformers; never touches the network."""
+    config = load_config(model_dir)  # architecture checks with a clear message first
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    except Exception as err:
+        raise ModelError(f"cannot load model from {model_dir}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), config
+
+
+def layer_index(config: ModelConfig, args: dict) -> int:
+    layer = args.get("layer_idx", args.get("layer"))
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < config.num_layers:
+        raise BadRequest(f"layer index {layer!r} out of range (model has {config.num_layers} layers)")
+    return layer
+
+
+def linear_module(layers: Any, layer: int, name: Any) -> torch.nn.Linear:
+    if name not in LINEAR_MODULES:
+        raise BadRequest(f"unknown module {name!r} (choose from: {', '.join(LINEAR_MODULES)})")
+    block = layers[layer]
+    return getattr(block.mlp if name in ("gate_proj", "up_proj", "down_proj") else block.self_attn, name)
+
+
+def float_inputs(tensors: list[torch.Tensor], count: int, names: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """`count` floating-point inputs in the compute dtype (they are already on the device)."""
+    if len(tensors) != count:
+        raise BadRequest(f"expected {count} tensor(s) ({names}), got {len(tensors)}")
+    for t in tensors:
+        if not t.is_floating_point():
+            raise BadRequest(f"expected floating-point tensors ({names}), got {DTYPE_NAMES[t.dtype]}")
+    return [t.to(dtype=dtype) for t in tensors]
+
+
+def check_last_dim(x: torch.Tensor, size: int, what: str) -> None:
+    if x.dim() < 2 or x.shape[-1] != size:
+        raise BadRequest(f"{what} expects [..., {size}] input, got {list(x.shape)}")
+
+
+def apply(module: torch.nn.Linear, x: torch.Tensor, what: str) -> torch.Tensor:
+    check_last_dim(x, module.in_features, what)
+    return module(x)
+
+
+def token_ids(tensors: list[torch.Tensor], vocab_size: int, method: str) -> torch.Tensor:
+    """The one int64 [batch, seq] tensor of ids that Embedding and Whole take, each in the vocabulary."""
+    if len(tensors) != 1 or tensors[0].dtype != torch.int64 or tensors[0].dim() != 2:
+        raise BadRequest(f"{method} expects one int64 tensor of token ids [batch, seq]")
+    ids = tensors[0]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise BadRequest(f"token ids must lie in [0, {vocab_size})")
+    return ids
+
+
+def check_finite(t: torch.Tensor, names: str) -> None:
+    """One reduction on the device; only a non-finite sum (NaN, inf or overflow) looks closer."""
+    if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
+        raise NonFinite(f"non-finite values (NaN or infinity) in {names}")
