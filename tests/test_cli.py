@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -10,9 +12,15 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
+from transformers import AutoTokenizer
 
+import tsqp
 from tsqp import api
+from tsqp.cli import build_parser
+from tsqp.models import make_model
+from tsqp.report import print_report, result_json
 
 from conftest import REPO, reference_logits, relative_error, run_cli
 
@@ -61,8 +69,13 @@ def test_seed_entry_points_with_environment_variables_only(tiny_dir, references)
         # The flags a guarded Gramine manifest bakes into tee_runner.py's command line.
         guarded = run_cli("--protection", "private", "--verify", env=runner_env, script="tee_runner.py")
         assert guarded.returncode == 0, guarded.stderr
-        assert "GPU operations: Linear (private: one-time masks, verify: Freivalds checks)" in guarded.stdout
+        assert "Protocol: lean (wire float64)" in guarded.stdout
+        assert "Protection: private (one-time masks); verify: on (Freivalds checks on every product)" in guarded.stdout
         assert "Logits shape: torch.Size([1, 1, 512])" in guarded.stdout
+        # Without the variable, the seed's knob (PREFILL_TOKEN_LENGTH = 128 in tee_runner.py) sets the length.
+        default = run_cli(env={**runner_env, "PREFILL_TOKEN_LENGTH": ""}, script="tee_runner.py")
+        assert default.returncode == 0, default.stderr
+        assert "Token length: 128\n" in default.stdout
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(20) == 0  # graceful shutdown
@@ -83,11 +96,109 @@ def test_prefill_cli_saves_exact_logits_for_given_ids(servers, model_dirs, refer
     assert figures["round_trips"] == 9 * 2 + 2 and figures["tokens"] == 21 and figures["batch"] == 2
 
 
-def test_prompt_is_tokenized_and_fitted(servers, tiny_dir, tmp_path):
-    result = run_cli("prefill", "--endpoint", servers["gqa"].endpoint, "--model", str(tiny_dir), "--tokens", "40",
-                     "--batch", "2", "--prompt", "a short prompt", "--save-logits", str(tmp_path / "l.npy"))
+def test_prompt_runs_as_tokenized_unless_tokens_is_given(servers, tiny_dir, references, tmp_path):
+    text = "The river keeps the secret of the old king."
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir), local_files_only=True)  # an independent encoder
+    tokenized = tokenizer(text)["input_ids"]
+    assert tokenized[0] == tokenizer.bos_token_id and 5 < len(tokenized) < 40
+    body = tokenized[1:]
+    prefill = ("prefill", "--endpoint", servers["gqa"].endpoint, "--model", str(tiny_dir), "--prompt", text,
+               "--all-positions", "--save-logits", str(tmp_path / "l.npy"), "--json", "-")
+    # $PREFILL_TOKEN_LENGTH (which tee_runner.py always sets) is the random ids' length: not a fit
+    cases = {(): tokenized, ("--tokens", "40", "--batch", "2"): (tokenized[:1] + body * 40)[:40],
+             ("--tokens", "3"): tokenized[:3]}
+    for extra, expected in cases.items():
+        result = run_cli(*prefill, *extra, env={"PREFILL_TOKEN_LENGTH": "32"})
+        assert result.returncode == 0, result.stderr
+        batch = 2 if "--batch" in extra else 1
+        assert json.loads(result.stdout)["tokens"] == len(expected)
+        announced = f"Prompt: {len(tokenized)} tokens as tokenized (the tokenizer added BOS <s> in front)"
+        line = next(line for line in result.stderr.splitlines() if line.startswith("Prompt:"))
+        assert line == announced + {(): "", ("--tokens", "3"): "; fitted to 3 by keeping its first 3"}.get(
+            extra, f"; fitted to 40 by repeating its {len(body)} text tokens after <s>")
+        ids = torch.tensor([expected] * batch)
+        logits = torch.from_numpy(np.load(tmp_path / "l.npy"))  # the ids announced are the ids that ran
+        assert relative_error(logits, reference_logits(references["gqa"], ids)) <= 1e-4
+
+
+def test_options_the_ids_source_does_not_use_are_refused(tiny_dir, tmp_path):
+    np.save(tmp_path / "ids.npy", np.ones((1, 5), dtype=np.int64))
+    base = ("prefill", "--endpoint", api.free_endpoint(), "--model", str(tiny_dir))
+    for extra, fragments in (
+            (("--input-ids", str(tmp_path / "ids.npy"), "--tokens", "5"),
+             ("--tokens cannot be used with --input-ids",)),
+            (("--input-ids", str(tmp_path / "ids.npy"), "--batch", "2", "--seed", "3"), ("--batch and --seed",)),
+            (("--prompt", "hello", "--seed", "3"), ("--seed cannot be used with --prompt",)),
+            (("--tokens", "0",), ("--tokens must be positive",))):
+        one_error_line(run_cli(*base, *extra), *fragments)
+
+
+def test_bad_environment_values_fail_only_the_command_that_reads_them(tiny_dir, tmp_path):
+    bad = {"PREFILL_TOKEN_LENGTH": "abc", "LLAMA_DTYPE": "float8", "TSQP_LOG_LEVEL": "LOUD"}
+    for args in (("--help",), ("prefill", "--help")):
+        assert run_cli(*args, env=bad).returncode == 0, args
+    no_server = ("prefill", "--endpoint", api.free_endpoint(), "--model", str(tiny_dir), "--connect-timeout", "1")
+    one_error_line(run_cli(*no_server, env=bad), "$PREFILL_TOKEN_LENGTH='abc' is not an integer")
+    one_error_line(run_cli(*no_server, env={"PREFILL_TOKEN_LENGTH": "0"}),
+                   "$PREFILL_TOKEN_LENGTH='0' must be at least 1")
+    one_error_line(run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", env=bad),
+                   "$LLAMA_DTYPE='float8' is not one of float32, float16, bfloat16")
+    one_error_line(run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", env=bad),
+                   "$TSQP_LOG_LEVEL='LOUD'")  # a flag overrides its variable; the other one is still checked
+    one_error_line(run_cli("prefill", "--model", str(tiny_dir), env={"LLAMA_GPU_ENDPOINT": "nowhere"}),
+                   "bad endpoint 'nowhere'", "(from $LLAMA_GPU_ENDPOINT)")
+    flag_wins = run_cli("prefill", "--endpoint", "nowhere", "--model", str(tiny_dir),
+                        env={"LLAMA_GPU_ENDPOINT": "nowhere-else"})
+    one_error_line(flag_wins, "bad endpoint 'nowhere'")
+    assert "$LLAMA_GPU_ENDPOINT" not in flag_wins.stderr
+    one_error_line(run_cli("prefill", env={"LLAMA_MODEL_PATH": str(tmp_path / "nope")}),
+                   "model directory not found", "(from $LLAMA_MODEL_PATH)")
+
+
+def test_blame_names_a_variable_only_for_a_value_the_message_quotes():
+    from tsqp.environment import blame
+
+    taken = {"LLAMA_GPU_PORT": "abc", "LLAMA_MODEL_PATH": "/m/x"}
+    assert blame("bad endpoint 'abc'", taken) == "bad endpoint 'abc' (from $LLAMA_GPU_PORT)"
+    assert blame("not found: /m/x", taken) == "not found: /m/x (from $LLAMA_MODEL_PATH)"
+    for unrelated in ("bad endpoint 'abcd'", "not found: /m/x/y", "no such file /m/x.json", "$LLAMA_GPU_PORT='abc'"):
+        assert blame(unrelated, taken) == unrelated
+
+
+def test_json_dash_is_stdout_and_the_report_goes_to_stderr(servers, tiny_dir, tmp_path):
+    result = run_cli("prefill", "--endpoint", servers["gqa"].endpoint, "--model", str(tiny_dir), "--tokens", "9",
+                     "--json", "-")
     assert result.returncode == 0, result.stderr
-    assert np.load(tmp_path / "l.npy").shape == (2, 1, 512)
+    figures = json.loads(result.stdout)  # stdout is the JSON and nothing else
+    assert figures["tokens"] == 9 and figures["protocol"] == "lean" and figures["protection"] == "none"
+    assert "Prefill time:" in result.stderr and "Protocol: lean" in result.stderr
+    assert not (REPO / "-").exists()
+
+
+def test_report_prints_protocol_and_protection_as_two_settings(servers, tiny_dir):
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(2))
+    expected = {("lean", "none", False): ("Protocol: lean (wire float32)", "Protection: none (", "verify: off"),
+                ("seed", "none", False): ("Protocol: seed (wire float32)", "Protection: none (", "verify: off"),
+                ("lean", "private", False): ("Protocol: lean (wire float64)", "Protection: private (one-time masks)",
+                                             "verify: off"),
+                ("lean", "none", True): ("Protocol: lean (wire float32)", "Protection: none (", "verify: on")}
+    for (protocol, protection, verify), fragments in expected.items():
+        runner = api.connect(servers["gqa"].endpoint, tiny_dir, protocol, protection=protection, verify=verify)
+        result = runner.prefill(ids)
+        runner.client.close()
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):  # the report follows stdout wherever it is now
+            print_report(result, runner)
+        lines = captured.getvalue().splitlines()
+        protocol_line = next(line for line in lines if line.startswith("Protocol:"))
+        protection_line = next(line for line in lines if line.startswith("Protection:"))
+        assert protocol_line.startswith(fragments[0]) and "round trips" in protocol_line
+        assert protection_line.startswith(fragments[1]) and protection_line.endswith(
+            fragments[2] + (" (Freivalds checks on every product)" if verify else ""))
+        figures = result_json(result, runner)
+        assert (figures["protocol"], figures["protection"], figures["verify"]) == (protocol, protection, verify)
+    one_error_line(run_cli("prefill", "--endpoint", servers["gqa"].endpoint, "--model", str(tiny_dir), "--tokens", "8",
+                           "--protocol", "seed", "--verify"), "--protocol seed cannot be combined")
 
 
 def test_missing_model_directory(servers, tmp_path):
@@ -128,6 +239,58 @@ def test_bad_endpoint_and_bad_ids_file(tiny_dir, tmp_path):
     np.save(tmp_path / "f.npy", np.zeros((2, 3), dtype=np.float32))
     one_error_line(run_cli("prefill", "--endpoint", api.free_endpoint(), "--model", str(tiny_dir),
                            "--input-ids", str(tmp_path / "f.npy")), "int64")
+    (tmp_path / "ids.txt").write_text("1 2 3\n")
+    np.savez(tmp_path / "ids.npz", ids=np.ones((1, 3), dtype=np.int64))
+    for name in ("ids.txt", "ids.npz"):
+        result = run_cli("prefill", "--endpoint", api.free_endpoint(), "--model", str(tiny_dir),
+                         "--input-ids", str(tmp_path / name))
+        one_error_line(result, f"{tmp_path / name} is not a .npy file", "int64 [batch, seq]", "numpy.save")
+        assert "pickle" not in result.stderr
+
+
+def test_a_file_given_as_the_model_directory(servers):
+    readme = str(REPO / "README.md")
+    for result in (run_cli("prefill", "--endpoint", servers["gqa"].endpoint, "--model", readme),
+                   run_cli("serve", "--model", readme, "--device", "cpu")):
+        one_error_line(result, "not a model directory (a file, not a directory)", readme)
+        assert "not found" not in result.stderr
+
+
+def test_make_model_keeps_an_existing_model_without_force(tmp_path):
+    out = make_model("tiny", tmp_path / "m")
+    config = (out / "config.json").read_text()
+    one_error_line(run_cli("make-model", "--preset", "tiny", "--out", str(out), "--seed", "1"),
+                   "already holds a tsqp model", "--force")
+    assert (out / "config.json").read_text() == config
+    assert json.loads((out / "tsqp-model.json").read_text())["seed"] == 0
+    forced = run_cli("make-model", "--preset", "tiny", "--out", str(out), "--seed", "1", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((out / "tsqp-model.json").read_text())["seed"] == 1
+
+
+def test_keygen_never_imports_torch(tmp_path):
+    result = run_cli("keygen", "--out", str(tmp_path / "k"), "--name", "tee", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "tsqp.keys" in imported and "zmq" in imported  # the profile is there...
+    assert not {"torch", "numpy", "transformers"} & imported  # ...and holds none of the heavy imports
+
+
+def test_version_and_help_on_every_command_and_option():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"tsqp {tsqp.__version__}"
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"]  # one version, tsqp.__version__ (setuptools reads it)
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "tsqp.__version__"}
+    assert pyproject["project"]["license"] == "Apache-2.0"  # the SPDX string: no setuptools warning
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"serve", "prefill", "keygen", "make-model", "demo", "bench"} <= commands.keys()
+    for name, command in commands.items():
+        assert command.description, f"tsqp {name} has no description"
+        for action in command._actions:
+            assert action.help, f"tsqp {name} {'/'.join(action.option_strings)} has no help"
 
 
 def test_shm_without_a_willing_server_and_with_audit(servers, tiny_dir, tmp_path):

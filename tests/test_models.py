@@ -18,6 +18,7 @@ from tsqp.models import (
     build_config,
     cached_model,
     default_model_cache,
+    encode_prompt,
     fit_prompt,
     load_tokenizer,
     make_model,
@@ -182,6 +183,33 @@ def test_fit_prompt_accepts_transformers_tokenizer(tiny):
     assert torch.equal(fit_prompt(hf, "hello", 9, 2), fit_prompt(raw, "hello", 9, 2))
 
 
+def test_encode_prompt_runs_as_tokenized_and_says_how_it_was_fitted(tiny):
+    raw = load_tokenizer(tiny[0])
+    hf = AutoTokenizer.from_pretrained(tiny[0], local_files_only=True)  # the reference encoder
+    rng = random.Random(3)
+    words = "the model keeps a secret key under the old bridge while rain falls".split()
+    for _ in range(5):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        expected = hf(text)["input_ids"]
+        as_is = encode_prompt(raw, text, batch=2)
+        assert as_is.ids.tolist() == [expected, expected] and as_is.tokenized == len(expected)
+        assert as_is.describe() == f"Prompt: {len(expected)} tokens as tokenized (the tokenizer added BOS <s> in front)"
+        n = rng.randint(1, 60)
+        fitted = encode_prompt(raw, text, n)
+        assert torch.equal(fitted.ids, fit_prompt(raw, text, n, 1))
+        how = ("" if n == len(expected) else f"; fitted to {n} by keeping its first {n}" if n < len(expected)
+               else f"; fitted to {n} by repeating its {len(expected) - 1} text tokens after <s>")
+        assert fitted.describe() == as_is.describe() + how
+
+
+def test_encode_prompt_says_when_no_bos_is_added(tiny):
+    plain = tokenizers.Tokenizer.from_file(str(tiny[0] / "tokenizer.json"))
+    plain.post_processor = None  # a tokenizer that adds no special tokens
+    prompt = encode_prompt(plain, "the cat", 5)
+    assert prompt.ids[0, 0].item() != plain.token_to_id("<s>")
+    assert "(no BOS: the tokenizer adds no special token in front); fitted to 5 by repeating its" in prompt.describe()
+
+
 def test_fit_prompt_rejects_empty(tiny):
     tok = load_tokenizer(tiny[0])
     with pytest.raises(InputError):
@@ -214,7 +242,10 @@ def test_refuses_foreign_directory_and_replaces_own(tmp_path):
     empty.mkdir()
     make_model("tiny", empty, seed=0)
     before = weights(empty)
-    make_model("tiny", empty, seed=1)
+    with pytest.raises(ModelError, match="already holds a tsqp model"):
+        make_model("tiny", empty, seed=1)  # a model is replaced only when asked to
+    assert torch.equal(before["model.norm.weight"], weights(empty)["model.norm.weight"])
+    make_model("tiny", empty, seed=1, force=True)
     assert not torch.equal(before["model.norm.weight"], weights(empty)["model.norm.weight"])
     leftovers = {p.name for p in tmp_path.iterdir()}
     assert leftovers == {"foreign", "empty"}  # no temp or old directories left behind

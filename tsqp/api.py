@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import identity_mismatch, model_identity
+from .environment import env  # noqa: F401  (kept here for callers of api.env)
 from .errors import ModelError, ServerUnreachable, TsqpError
 from .keys import ClientKeys, ServerKeys
 from .server import GpuServer, Limits, ServerThread
@@ -161,9 +162,3 @@ class ServerProcess:
 
 def spawn_server(model_dir: str | Path, **kwargs: Any) -> ServerProcess:
     return ServerProcess(model_dir, **kwargs)
-
-
-def env(name: str, default: str | None = None) -> str | None:
-    """An environment variable, treating an empty value as unset."""
-    value = os.environ.get(name)
-    return value if value else default

@@ -19,7 +19,6 @@ server around the device work (synchronized), so time is split into TEE compute,
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,12 +26,17 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported when a benchmark runs, not when `tsqp` builds its parser
+    import torch
 
 MODES = ("split", "split-seed", "whole", "tee-only")
 BREAKDOWN_KEYS = ("tee_compute", "serialization", "transport_wait", "server_compute")
+# In the plot a colour is a mode, in both panels; the parts of a mode's time are shades of grey.
+MODE_COLORS = {"split": "tab:blue", "split-seed": "tab:orange", "whole": "tab:green", "tee-only": "tab:red",
+               "split-private": "tab:purple", "split-verify": "tab:brown", "split-private+verify": "tab:pink"}
+PART_GREYS = dict(zip(BREAKDOWN_KEYS, ("#303030", "#707070", "#a8a8a8", "#dcdcdc")))
 
 
 @dataclass
@@ -71,7 +75,9 @@ class ModeResult:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark split vs seed protocol vs whole model vs TEE-only",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="environment: $TSQP_SERVER_PUBLIC_KEY and $TSQP_CLIENT_SECRET_KEY (CurveZMQ keys "
+                              "of its clients, for --endpoint); $TSQP_CACHE (where --preset models are made)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="local model directory (default: the cached tiny preset)")
     src.add_argument("--preset", help="make (once, cached) and use a preset: tiny, tinyllama-1.1b, llama-3.2-1b")
@@ -83,17 +89,21 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="server weights dtype (default float32)")
     p.add_argument("--tokens", default="128", help="comma-separated prompt lengths (default 128)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences per prefill (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per mode and length (default 3)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the split modes' activations on the wire (split-seed is always float32; "
+                        "default float32)")
     p.add_argument("--protection", choices=("none", "private"), default="none",
                    help="private: also measure split-private (one-time masks, offline phase reported apart)")
     p.add_argument("--verify", action="store_true", help="also measure split-verify (Freivalds checks; float32 only)")
     p.add_argument("--accuracy", action="store_true",
                    help="also measure each wire dtype's logits error against the whole model")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write results as JSON")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot time vs tokens with the breakdown")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="write results as JSON; '-' writes them to stdout (the table then goes to stderr)")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="plot time vs tokens and, per length, each mode's seconds by part (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -120,6 +130,7 @@ def _whole_runner(client) -> Callable[[torch.Tensor], Run]:
 
 
 def _tee_only_runner(model_dir: str) -> Callable[[torch.Tensor], Run]:
+    import torch
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -154,6 +165,7 @@ def measure(runners: dict[str, Callable[[torch.Tensor], Run]], token_counts: lis
     """Warm up each mode, then `repeat` rounds of every mode in turn, for each length. Each round
     starts one mode later than the last, so no mode always follows the same one (a guarded mode's
     offline phase, for one, leaves the caches and memory in a different state)."""
+    import torch
     from tqdm import tqdm
 
     results = []
@@ -210,46 +222,72 @@ def paired_ratios(results: list[ModeResult], baseline: str = "split") -> list[st
 
 
 def plot(results: list[ModeResult], path: Path, title: str) -> None:
+    """Left: median prefill time against prompt length, one line per mode. Right: one panel per
+    length, a bar per mode of its median seconds, stacked by part (same mode colours as the left)."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import NullLocator
 
     modes = list(dict.fromkeys(r.mode for r in results))
     tokens = sorted({r.tokens for r in results})
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    spare = iter(plt.get_cmap("tab10").colors[7:] * len(modes))  # modes this table does not know
+    colors = {mode: MODE_COLORS.get(mode) or next(spare) for mode in modes}
+    fig = plt.figure(figsize=(max(9.0, 2.5 + 0.55 * len(modes) * len(tokens)), 9.5))
+    grid = fig.add_gridspec(2, len(tokens), height_ratios=(1, 1.15))
+    line = fig.add_subplot(grid[0, :])
+    bars = [fig.add_subplot(grid[1, j]) for j in range(len(tokens))]
     for mode in modes:
         points = sorted((r.tokens, r.median_s) for r in results if r.mode == mode)
-        left.plot([t for t, _ in points], [s for _, s in points], marker="o", label=mode)
-    left.set(xlabel="prompt tokens", ylabel="prefill time, median (s)", title="Prefill time", xscale="log",
+        line.plot([t for t, _ in points], [s for _, s in points], marker="o", color=colors[mode], label=mode)
+    line.set(xlabel="prompt tokens", ylabel="prefill time, median (s)", title="Prefill time", xscale="log",
              yscale="log")
-    left.set_xticks(tokens, [str(t) for t in tokens])
-    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    left.legend()
-    width = 0.8 / len(modes)
-    colors = dict(zip(BREAKDOWN_KEYS, ("tab:green", "tab:orange", "tab:red", "tab:blue")))
-    for i, mode in enumerate(modes):
-        cells = {r.tokens: r for r in results if r.mode == mode}
-        for j, n in enumerate(tokens):
+    line.set_xticks(tokens, [str(t) for t in tokens])
+    line.xaxis.set_minor_locator(NullLocator())
+    line.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="mode")
+    for ax, n in zip(bars, tokens):
+        cells = [r for r in results if r.tokens == n]
+        for x, r in enumerate(cells):
             bottom = 0.0
             for key in BREAKDOWN_KEYS:
-                value = cells[n].breakdown_s.get(key, 0.0) / cells[n].median_s if n in cells else 0.0
-                right.bar(j + i * width, value, width, bottom=bottom, color=colors[key],
-                          label=key if i == 0 and j == 0 else None, edgecolor="white")
+                value = r.breakdown_s.get(key, 0.0)
+                ax.bar(x, value, 0.75, bottom=bottom, color=PART_GREYS[key], edgecolor="white", linewidth=0.5)
                 bottom += value
-            right.text(j + i * width, 1.01, mode, rotation=90, ha="center", va="bottom", fontsize=7)
-    right.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(tokens))], [f"{n} tok" for n in tokens])
-    right.set(ylabel="share of median time", title="Where the time goes", ylim=(0, 1.45))
-    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4, fontsize=8)
+            ax.bar(x, bottom, 0.75, fill=False, edgecolor=colors[r.mode], linewidth=2)
+            ax.text(x, bottom, f"{r.median_s:.3g} s", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(cells)), [r.mode for r in cells], rotation=35, ha="right", fontsize=8)
+        for label, r in zip(ax.get_xticklabels(), cells):
+            label.set_color(colors[r.mode])
+        ax.set_title(f"{n} tokens", fontsize=10)
+        ax.margins(y=0.12)
+    bars[0].set_ylabel("where the time goes: seconds, median")
+    parts = [Patch(facecolor=PART_GREYS[key], edgecolor="black", linewidth=0.5, label=key.replace("_", " "))
+             for key in BREAKDOWN_KEYS]
+    fig.legend(handles=parts, loc="lower center", ncol=len(parts), fontsize=8, frameon=False,
+               title="parts of a mode's time (its bar's outline is the mode's colour)", title_fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _check_can_plot() -> None:
+    """--plot needs matplotlib (the `bench` extra): say so before the benchmark, not after it."""
+    from .errors import InputError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise InputError(f"--plot needs matplotlib, which cannot be imported here ({err}); "
+                         "pip install 'tsqp[bench]'") from None
+
+
 def wire_accuracy(endpoint: str, model_dir: str, tokens: int, vocab_size: int) -> list[dict]:
     """Each wire dtype's logits error (all positions) against the whole model on the same server."""
+    import torch
+
     from . import api
     from .transport import Client
 
@@ -267,10 +305,13 @@ def wire_accuracy(endpoint: str, model_dir: str, tokens: int, vocab_size: int) -
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
     from . import api
     from .config import load_config
     from .errors import InputError
     from .models import cached_model
+    from .report import json_to_stdout, write_json
     from .transport import Client
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -287,6 +328,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise InputError(f"--verify checks float32 products: it needs --dtype float32, not {args.dtype}")
     if args.verify and args.wire_dtype != "float32":
         raise InputError(f"--verify checks float32 products: it needs --wire-dtype float32, not {args.wire_dtype}")
+    if args.plot:
+        _check_can_plot()
     model_dir = str(args.model or cached_model(args.preset or "tiny"))
     config = load_config(model_dir)
     if max(token_counts) > config.max_position_embeddings:
@@ -336,14 +379,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "host": {"machine": platform.machine(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
         "results": [asdict(r) for r in results], "wire_accuracy": accuracy,
     }
-    print(markdown_table(results, args.batch))
+    out = sys.stderr if json_to_stdout(args.json) else sys.stdout
+    print(markdown_table(results, args.batch), file=out)
     for line in paired_ratios(results):
-        print(line)
+        print(line, file=out)
     for row in accuracy:
-        print(f"wire {row['wire_dtype']}: logits max|Δ|/max|ref| = {row['rel_error']:.2e} at {row['tokens']} tokens")
+        print(f"wire {row['wire_dtype']}: logits max|Δ|/max|ref| = {row['rel_error']:.2e} at {row['tokens']} tokens",
+              file=out)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.json}", file=sys.stderr)
+        write_json(args.json, report, "results", notes=sys.stderr)
     if args.plot:
         plot(results, args.plot, f"TSQP prefill, {Path(model_dir).name}, server {server_info['device']}")
         print(f"plot written to {args.plot}", file=sys.stderr)

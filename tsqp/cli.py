@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, TextIO
+
+from . import __version__
+from .environment import blame, check_choices, env, env_int, values_from_environment
+from .report import json_to_stdout, print_report, result_json, write_json
 
 # The TEE side and a CPU server often share cores, and take turns: OpenMP workers that spin while
 # their process waits steal cycles from the other one (measured: split 1.18x -> 1.05x of whole).
+# Set before anything imports torch; nothing above does (`tsqp keygen` never loads it).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .api import env  # noqa: E402  (imports torch, after the OpenMP setting)
 
 if TYPE_CHECKING:
     import torch
 
-if TYPE_CHECKING:
     from .keys import ClientKeys
 
-RULE = "=" * 60
+DEFAULT_TOKENS = 128  # the seed's PREFILL_TOKEN_LENGTH
 
 
 def _common_runner_options(p: argparse.ArgumentParser) -> None:
@@ -50,7 +51,9 @@ def _common_runner_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tsqp", description="LLaMA inference split between a TEE (control flow, non-linear ops) and an "
-                                 "untrusted GPU server (linear algebra), over ZeroMQ.")
+                                 "untrusted GPU server (linear algebra), over ZeroMQ.",
+        epilog="Each command has --help; environment variables it reads are named there as [$NAME].")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the GPU server", description="Load a local LLaMA model directory and "
@@ -112,17 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=env("LLAMA_MODEL_PATH"),
                    help="the TEE's local model directory (config, norm weights, tokenizer) [$LLAMA_MODEL_PATH]; "
                         "without it the server's Init is trusted, with a warning")
-    p.add_argument("--tokens", type=int, default=int(env("PREFILL_TOKEN_LENGTH", "128") or 128),
-                   help="prompt length [$PREFILL_TOKEN_LENGTH; default 128]")
-    p.add_argument("--batch", type=int, default=1, help="sequences per prefill (default 1)")
+    # None = not given: a prompt is fitted only to a --tokens the user asked for, and options the
+    # ids' source does not use are refused rather than ignored.
+    p.add_argument("--tokens", type=int, metavar="N",
+                   help=f"length of the random ids [$PREFILL_TOKEN_LENGTH; default {DEFAULT_TOKENS}]; with --prompt, "
+                        "fit the text to N tokens (without it the prompt runs as tokenized)")
+    p.add_argument("--batch", type=int, metavar="B", help="sequences per prefill (default 1; not with --input-ids)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="text, tokenized with the model's tokenizer and fitted to --tokens")
-    src.add_argument("--input-ids", type=Path, metavar="FILE.npy", help="int64 [batch, seq] token ids, used as given")
-    p.add_argument("--seed", type=int, default=0, help="seed for random token ids (default 0)")
+    src.add_argument("--prompt", help="text, tokenized with the model's tokenizer (with the BOS it adds, if any)")
+    src.add_argument("--input-ids", type=Path, metavar="FILE.npy",
+                     help="a .npy file (numpy.save) of int64 [batch, seq] token ids, used as given")
+    p.add_argument("--seed", type=int, help="seed for the random ids (default 0)")
     p.add_argument("--warmup", type=int, default=1, help="untimed prefills before the timed one (default 1)")
     p.add_argument("--save-logits", type=Path, metavar="FILE.npy", help="write float32 logits")
     p.add_argument("--all-positions", action="store_true", help="logits for every position, not only the last")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write the run's figures as JSON")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="write the run's figures as JSON; '-' writes them to stdout (the report then goes to stderr)")
     p.add_argument("--protection", choices=("none", "private"), default="none",
                    help="private: the server never sees token ids, activations or logits in clear (one-time "
                         "masks, attention and embedding in the TEE; docs/security.md). default: none")
@@ -132,21 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
     _common_runner_options(p)
     p.set_defaults(func=cmd_prefill)
 
-    p = sub.add_parser("make-model", help="write a random-weight LLaMA model directory (no network)")
+    p = sub.add_parser("make-model", help="write a random-weight LLaMA model directory (no network)",
+                       description="Write a Hugging Face LLaMA model directory with seeded random weights and a "
+                                   "small locally trained BPE tokenizer: real shapes, no download. Nothing "
+                                   "half-written is ever left at --out.")
     p.add_argument("--preset", required=True, help="tiny, tinyllama-1.1b or llama-3.2-1b")
     p.add_argument("--out", required=True, type=Path, help="directory to create")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights (default 0)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="storage dtype (default: float32 for tiny, bfloat16 for the 1B presets)")
+    p.add_argument("--force", action="store_true", help="replace a tsqp model already at --out")
     p.set_defaults(func=cmd_make_model)
 
-    p = sub.add_parser("demo", help="make the tiny model, serve it, run a split prefill, check it, stop")
-    p.add_argument("--tokens", type=int, default=128)
+    p = sub.add_parser("demo", help="make the tiny model, serve it, run a split prefill, check it, stop",
+                       description="Make (once, cached) the tiny random model, start a server for it in its own "
+                                   "process, run a split prefill of a fixed sentence, check the logits against "
+                                   "transformers' LlamaForCausalLM, and stop the server.",
+                       epilog="environment: $TSQP_CACHE, where the model is cached (default ~/.cache/tsqp)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+                   help="fit the demo's sentence to N tokens (default %(default)s)")
     p.set_defaults(func=cmd_demo)
 
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+    for command in sub.choices.values():  # main() reads each command's own options and variables
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -254,86 +273,75 @@ def _client_options(args: argparse.Namespace) -> dict:
             "keys": ClientKeys.from_options(args.server_public_key, args.client_secret_key), "shm": args.shm}
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def _read_ids_file(path: Path) -> "torch.Tensor":
     import numpy as np
     import torch
 
     from .errors import InputError
 
+    wanted = "an int64 [batch, seq] array written by numpy.save (.npy)"
     try:
-        array = np.load(path)
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+        array = np.load(path, allow_pickle=False) if magic == NPY_MAGIC else None
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read --input-ids {path}: {err}") from None
+    if array is None:
+        raise InputError(f"--input-ids {path} is not a .npy file: it must hold {wanted}")
     if array.dtype != np.int64 or array.ndim != 2 or array.size == 0:
         raise InputError(f"--input-ids must hold int64 [batch, seq], got {array.dtype} {list(array.shape)}")
     return torch.from_numpy(array)
 
 
-def _input_ids(args: argparse.Namespace, vocab_size: int) -> "torch.Tensor":
-    """The prompt: a file of ids, a text fitted to --tokens, or seeded random ids."""
+def _check_ids_options(args: argparse.Namespace) -> None:
+    """Before anything else runs: the options the ids' source takes, and only those. For random
+    ids, --tokens is then set (from $PREFILL_TOKEN_LENGTH or the default when not given)."""
+    from .errors import InputError
+
+    for flag, value in (("--tokens", args.tokens), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be positive, got {value}")
+    if args.input_ids is not None:
+        given = [flag for flag, value in (("--tokens", args.tokens), ("--batch", args.batch), ("--seed", args.seed))
+                 if value is not None]
+        if given:
+            raise InputError(f"{' and '.join(given)} cannot be used with --input-ids: the file's [batch, seq] "
+                             "shape and ids are the prompt")
+    if args.prompt is not None:
+        if args.seed is not None:
+            raise InputError("--seed cannot be used with --prompt: it seeds random ids only")
+        if not args.model:
+            raise InputError("--prompt needs a tokenizer.json in the model directory (--model)")
+    elif args.input_ids is None and args.tokens is None:  # random ids: the variable is read (and checked) now
+        args.tokens = env_int("PREFILL_TOKEN_LENGTH", DEFAULT_TOKENS)
+
+
+def _input_ids(args: argparse.Namespace, vocab_size: int, out: TextIO) -> "torch.Tensor":
+    """The prompt: a file of ids, a text (fitted only to an explicit --tokens, and said so), or
+    seeded random ids (after _check_ids_options)."""
     import torch
 
     from .errors import InputError
 
     if args.input_ids is not None:
         return _read_ids_file(args.input_ids)
-    if args.tokens < 1 or args.batch < 1:
-        raise InputError("--tokens and --batch must be positive")
     if args.prompt is not None:
-        from .models import fit_prompt, load_tokenizer
+        from .models import encode_prompt, load_tokenizer
 
-        tokenizer = load_tokenizer(args.model) if args.model else None
+        tokenizer = load_tokenizer(args.model)
         if tokenizer is None:
-            raise InputError("--prompt needs a tokenizer.json in the model directory (--model)")
-        return fit_prompt(tokenizer, args.prompt, args.tokens, args.batch)
-    generator = torch.Generator().manual_seed(args.seed)
-    return torch.randint(0, vocab_size, (args.batch, args.tokens), generator=generator)
+            raise InputError(f"--prompt needs a tokenizer.json in the model directory, and {args.model} has none")
+        prompt = encode_prompt(tokenizer, args.prompt, args.tokens, args.batch or 1)
+        print(prompt.describe(), file=out)
+        return prompt.ids
+    generator = torch.Generator().manual_seed(args.seed or 0)
+    return torch.randint(0, vocab_size, (args.batch or 1, args.tokens), generator=generator)
 
 
-def print_report(result, runner, offline=None, out=sys.stdout) -> None:
-    w = result.wire
-    print(RULE, "Running Prefill Benchmark", RULE, sep="\n", file=out)
-    print(f"Token length: {result.tokens}" + (f" x batch {result.batch}" if result.batch > 1 else ""), file=out)
-    if runner.guarded:
-        guards = [g for g, on in (("private: one-time masks", runner.protection == "private"),
-                                  ("verify: Freivalds checks", runner.verify)) if on]
-        print("TEE operations: Embedding, Softmax, RMSNorm, RotaryEmbedding, SiLU, Q·K^T, P·V", file=out)
-        print(f"GPU operations: Linear ({', '.join(guards)})", file=out)
-    else:
-        if runner.protocol == "seed":
-            print("TEE operations: Softmax, RMSNorm, RotaryEmbedding, SiLU", file=out)
-            print("GPU operations: Linear, Embedding, Matmul", file=out)
-        else:
-            print("TEE operations: Softmax, RMSNorm, SiLU (and the rotary tables)", file=out)
-            print("GPU operations: Embedding, QKVScores (q/k/v, RoPE, Q·K^T), AttnOut (P·V + o_proj), "
-                  "Gate (gate, up), GatedDown (· up, down_proj), LMHead", file=out)
-    via = ", shared memory" if runner.client.shm else ""
-    print(f"Protocol: {runner.protocol} (wire {runner.wire_dtype}{via}), {w.round_trips} round trips, "
-          f"{w.bytes_sent / 1e6:.2f} MB sent, {w.bytes_received / 1e6:.2f} MB received", file=out)
-    print(RULE, file=out)
-    print(f"Prefill time: {result.seconds:.4f} seconds", file=out)
-    print(f"Throughput: {result.throughput:.2f} tokens/sec", file=out)
-    if offline is not None:
-        print(f"Offline phase (not in the prefill time): {offline.seconds:.4f} seconds, "
-              f"{offline.bytes / 1e6:.1f} MB of one-time material for {offline.prefills} prefill", file=out)
-    parts = ", ".join(f"{k} {v:.4f}" for k, v in result.breakdown_s.items())
-    print(f"Breakdown (s): {parts}", file=out)
-    print(f"Logits shape: {result.logits.shape}", file=out)
-    print(RULE, file=out, flush=True)
-
-
-def result_json(result, runner) -> dict:
-    return {
-        "tokens": result.tokens, "batch": result.batch, "protocol": runner.protocol,
-        "wire_dtype": runner.wire_dtype, "endpoint": runner.client.endpoint,
-        "prefill_s": result.seconds, "throughput_tokens_per_s": result.throughput,
-        "round_trips": result.wire.round_trips, "bytes_sent": result.wire.bytes_sent,
-        "bytes_received": result.wire.bytes_received, "breakdown_s": result.breakdown_s,
-        "logits_shape": list(result.logits.shape), "protection": runner.protection, "verify": runner.verify,
-    }
-
-
-def run_prefill(args: argparse.Namespace, runner, input_ids: "torch.Tensor") -> None:
+def run_prefill(args: argparse.Namespace, runner, input_ids: "torch.Tensor", out: TextIO) -> None:
     import numpy as np
 
     runner.check_input(input_ids)
@@ -341,26 +349,29 @@ def run_prefill(args: argparse.Namespace, runner, input_ids: "torch.Tensor") -> 
         runner.prefill(input_ids, all_positions=args.all_positions)
     offline = runner.prepare(*input_ids.shape, all_positions=args.all_positions) if runner.guarded else None
     result = runner.prefill(input_ids, all_positions=args.all_positions)
-    print_report(result, runner, offline)
+    print_report(result, runner, offline, out=out)
     if args.save_logits:
         np.save(args.save_logits, result.logits.float().numpy())
-        print(f"logits written to {args.save_logits}")
+        print(f"logits written to {args.save_logits}", file=out)
     if args.json:
         figures = {**result_json(result, runner), "offline_s": offline.seconds if offline else 0.0}
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"figures written to {args.json}")
+        write_json(args.json, figures, "figures", notes=out)
 
 
 def cmd_prefill(args: argparse.Namespace) -> None:
-    from . import api
-    from .config import load_config
     from .errors import InputError
 
+    out = sys.stderr if json_to_stdout(args.json) else sys.stdout
     if args.warmup < 0:
         raise InputError("--warmup must be >= 0")
+    _check_ids_options(args)  # before torch is even imported
+
+    from . import api
+    from .config import load_config
+
     # Everything local is checked before the server is contacted.
     config = load_config(args.model) if args.model else None
-    input_ids = _input_ids(args, config.vocab_size) if config else None
+    input_ids = _input_ids(args, config.vocab_size, out) if config else None
     if config and input_ids.shape[1] > config.max_position_embeddings:
         raise InputError(f"{input_ids.shape[1]} tokens exceed the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")
@@ -368,18 +379,18 @@ def cmd_prefill(args: argparse.Namespace) -> None:
         warnings.simplefilter("always")
         runner = api.connect(args.endpoint, args.model, args.protocol, args.wire_dtype, protection=args.protection,
                              verify=args.verify, **_client_options(args))
-    print(f"✓ Connected to GPU server at {args.endpoint}")
+    print(f"✓ Connected to GPU server at {args.endpoint}", file=out)
     if args.model:
-        print(f"Read model config and norm weights from {args.model} (TEE-local, not from the server)")
+        print(f"Read model config and norm weights from {args.model} (TEE-local, not from the server)", file=out)
     else:
-        print("Initializing model from GPU server...")
+        print("Initializing model from GPU server...", file=out)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    print(f"✓ TEE model initialized: {runner.config.num_layers} layers\n", flush=True)
+    print(f"✓ TEE model initialized: {runner.config.num_layers} layers\n", file=out, flush=True)
     try:
         if input_ids is None:
-            input_ids = _input_ids(args, runner.config.vocab_size)
-        run_prefill(args, runner, input_ids)
+            input_ids = _input_ids(args, runner.config.vocab_size, out)
+        run_prefill(args, runner, input_ids, out)
     finally:
         runner.client.close()
 
@@ -389,7 +400,7 @@ def cmd_make_model(args: argparse.Namespace) -> None:
 
     dtype = args.dtype or ("float32" if args.preset == "tiny" else "bfloat16")
     print(f"Making preset '{args.preset}' (seed {args.seed}, {dtype}) in {args.out} ...", flush=True)
-    path = make_model(args.preset, args.out, seed=args.seed, dtype=dtype)
+    path = make_model(args.preset, args.out, seed=args.seed, dtype=dtype, force=args.force)
     print(f"✓ model written to {path}")
 
 
@@ -413,18 +424,19 @@ def _demo_keys(key_dir: Path) -> tuple[dict, "ClientKeys | None"]:
 
 
 def _demo_prefill(runner, model_dir: Path, tokens: int):
-    from .models import fit_prompt, load_tokenizer
+    from .models import encode_prompt, load_tokenizer
 
     print(f"✓ TEE model initialized from {model_dir}: {runner.config.num_layers} layers\n")
-    prompt = "The enclave keeps the softmax; the server does the matrix work."
-    input_ids = fit_prompt(load_tokenizer(model_dir), prompt, tokens, 1)
+    prompt = encode_prompt(load_tokenizer(model_dir), "The enclave keeps the softmax; the server does the matrix work.",
+                           tokens)
+    print(prompt.describe())
     try:
-        runner.prefill(input_ids)  # warm-up
-        result = runner.prefill(input_ids)
+        runner.prefill(prompt.ids)  # warm-up
+        result = runner.prefill(prompt.ids)
     finally:
         runner.client.close()
     print_report(result, runner)
-    return result, input_ids
+    return result, prompt.ids
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -465,10 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import TsqpError
 
     handler: Callable[[argparse.Namespace], None] = args.func
+    taken = values_from_environment(args.command_parser, args)
     try:
+        check_choices(args.command_parser, args)
         handler(args)
-    except (TsqpError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (TsqpError, ValueError, OSError) as err:  # OSError: a file the user named (--json, --out...)
+        print(f"error: {blame(str(err), taken)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

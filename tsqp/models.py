@@ -17,6 +17,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
@@ -93,18 +94,19 @@ def make_model(
     overrides: dict | None = None,
     dtype: str = "float32",
     progress: Progress | None = None,
+    force: bool = False,
 ) -> Path:
     """Write a random model + tokenizer directory at `out` and return its path.
 
     The directory is built next to `out` and renamed into place once complete, so a crash
     never leaves something that looks like a finished model. An existing tsqp model at
-    `out` is replaced; any other non-empty path is refused.
+    `out` is replaced only with `force`; any other non-empty path is always refused.
     """
     say = progress or (lambda _msg: None)
     out = Path(out).expanduser().absolute()
     config = build_config(preset, overrides)
     torch_dtype = _torch_dtype(dtype)
-    _check_target(out)
+    _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -123,7 +125,7 @@ def make_model(
                   "overrides": overrides or {}, "format": MODEL_FORMAT, "tsqp": __version__}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         _apply_umask(tmp)
-        _swap_into_place(tmp, out)
+        _swap_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,14 +172,16 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _check_target(out: Path) -> None:
-    """Refuse to clobber anything that is not empty or a previous tsqp model."""
+def _check_target(out: Path, force: bool) -> None:
+    """Refuse to clobber anything that is not empty, and a previous tsqp model unless `force`."""
     if not out.exists():
         return
     if not out.is_dir():
         raise ModelError(f"{out} exists and is not a directory")
     if any(out.iterdir()) and not (out / MARKER).is_file():
         raise ModelError(f"{out} is not empty and is not a tsqp model; refusing to overwrite it")
+    if (out / MARKER).is_file() and not force:
+        raise ModelError(f"{out} already holds a tsqp model (pass --force to replace it)")
 
 
 def _apply_umask(directory: Path) -> None:
@@ -190,9 +194,9 @@ def _apply_umask(directory: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished `tmp` to `out`, moving an old model aside first."""
-    _check_target(out)  # re-check: building took a while
+    _check_target(out, force)  # re-check: building took a while
     old = None
     if out.exists():
         if any(out.iterdir()):
@@ -328,24 +332,58 @@ def load_tokenizer(model_dir: str | Path) -> tokenizers.Tokenizer | None:
         raise ModelError(f"cannot read {path}: {exc}") from exc
 
 
-def fit_prompt(tokenizer, text: str, n_tokens: int, batch: int) -> torch.LongTensor:
-    """Encode `text` to exactly `n_tokens` ids per row, shape [batch, n_tokens].
+@dataclass(frozen=True)
+class Prompt:
+    """A text's token ids, [batch, n], and how they came from it: what the user is told."""
 
-    Benchmarks need a fixed prompt length whatever the text, so the text's tokens are
-    repeated cyclically (or cut) after the leading special tokens the tokenizer adds (BOS).
-    Accepts a `tokenizers.Tokenizer` or a transformers fast tokenizer.
-    """
-    if n_tokens < 1 or batch < 1:
+    ids: torch.LongTensor
+    tokenized: int  # tokens as the tokenizer gave them, the special tokens it added included
+    text_tokens: int  # of those, the text's own
+    added: tuple[str, ...]  # special tokens the tokenizer put in front (BOS); kept first when fitting
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.shape[1]
+
+    def describe(self) -> str:
+        """One line: how many tokens the text gave, whether a BOS was added, and any fitting."""
+        if not self.added:
+            added = "no BOS: the tokenizer adds no special token in front"
+        else:
+            added = f"the tokenizer added {'BOS ' if len(self.added) == 1 else ''}{' '.join(self.added)} in front"
+        line = f"Prompt: {self.tokenized} tokens as tokenized ({added})"
+        if self.tokens > self.tokenized:
+            after = f" after {' '.join(self.added)}" if self.added else ""
+            return f"{line}; fitted to {self.tokens} by repeating its {self.text_tokens} text tokens{after}"
+        if self.tokens < self.tokenized:
+            return f"{line}; fitted to {self.tokens} by keeping its first {self.tokens}"
+        return line
+
+
+def encode_prompt(tokenizer, text: str, n_tokens: int | None = None, batch: int = 1) -> Prompt:
+    """Encode `text` with the tokenizer's own special tokens (BOS); with `n_tokens`, fit it to
+    exactly that many ids per row: its text tokens repeated cyclically after the leading special
+    tokens, or cut. Benchmarks want a fixed length whatever the text; a user's prompt runs as
+    tokenized. Accepts a `tokenizers.Tokenizer` or a transformers fast tokenizer."""
+    if (n_tokens is not None and n_tokens < 1) or batch < 1:
         raise InputError(f"need n_tokens >= 1 and batch >= 1, got {n_tokens} and {batch}")
     tok = getattr(tokenizer, "backend_tokenizer", tokenizer)
     enc = tok.encode(text, add_special_tokens=True)
-    prefix = list(itertools.takewhile(lambda p: p[1] == 1, zip(enc.ids, enc.special_tokens_mask)))
+    prefix = [i for i, _ in itertools.takewhile(lambda p: p[1] == 1, zip(enc.ids, enc.special_tokens_mask))]
     body = [i for i, special in zip(enc.ids, enc.special_tokens_mask) if not special]
     if not body:
         raise InputError(f"the prompt {text!r} encodes to no tokens")
-    ids = [i for i, _ in prefix] + list(itertools.islice(itertools.cycle(body), n_tokens))
-    row = torch.tensor(ids[:n_tokens], dtype=torch.long)
-    return row.unsqueeze(0).repeat(batch, 1)
+    if n_tokens is None:
+        ids = list(enc.ids)
+    else:
+        ids = (prefix + list(itertools.islice(itertools.cycle(body), n_tokens)))[:n_tokens]
+    row = torch.tensor(ids, dtype=torch.long)
+    return Prompt(row.unsqueeze(0).repeat(batch, 1), len(enc.ids), len(body), tuple(tok.id_to_token(i) for i in prefix))
+
+
+def fit_prompt(tokenizer, text: str, n_tokens: int, batch: int) -> torch.LongTensor:
+    """`text` fitted to exactly `n_tokens` ids per row, shape [batch, n_tokens] (encode_prompt)."""
+    return encode_prompt(tokenizer, text, n_tokens, batch).ids
 
 
 # ---------------------------------------------------------------------------- cache
@@ -375,7 +413,7 @@ def cached_model(preset: str = "tiny", seed: int = 0) -> Path:
             return out
         if out.exists() and not (out / MARKER).is_file():
             shutil.rmtree(out)  # our own cache slot, but no complete model in it
-        return make_model(preset, out, seed)
+        return make_model(preset, out, seed, force=True)  # an older format in our own slot
 
 
 def _marker_matches(model_dir: Path, preset: str, seed: int) -> bool:

@@ -1,0 +1,80 @@
+"""What `tsqp prefill` (and the demo) tell the user about a run, as text and as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+RULE = "=" * 60
+
+# Which side runs what, by the steps a runner uses: the protocol's, or the guarded ones (which
+# --protection private and --verify share; the protocol is then lean and adds nothing).
+OPERATIONS = {
+    "seed": ("Softmax, RMSNorm, RotaryEmbedding, SiLU", "Linear, Embedding, Matmul"),
+    "lean": ("Softmax, RMSNorm, SiLU (and the rotary tables)",
+             "Embedding, QKVScores (q/k/v, RoPE, Q·K^T), AttnOut (P·V + o_proj), Gate (gate, up), "
+             "GatedDown (· up, down_proj), LMHead"),
+    "guarded": ("Embedding, Softmax, RMSNorm, RotaryEmbedding, SiLU, Q·K^T, P·V",
+                "Linears (the projections and the LM head)"),
+}
+PROTECTIONS = {"none": "none (the server sees ids, activations and logits)", "private": "private (one-time masks)"}
+
+
+def protection_line(runner) -> str:
+    verify = "on (Freivalds checks on every product)" if runner.verify else "off"
+    return f"Protection: {PROTECTIONS[runner.protection]}; verify: {verify}"
+
+
+def print_report(result, runner, offline=None, out: TextIO | None = None) -> None:
+    """The seed's report, with the protocol and the protection as two settings."""
+    out = out or sys.stdout  # looked up per call: whoever redirects stdout gets the report
+    w = result.wire
+    tee_ops, gpu_ops = OPERATIONS["guarded" if runner.guarded else runner.protocol]
+    via = ", shared memory" if runner.client.shm else ""
+    lines = [
+        RULE, "Running Prefill Benchmark", RULE,
+        f"Token length: {result.tokens}" + (f" x batch {result.batch}" if result.batch > 1 else ""),
+        f"TEE operations: {tee_ops}",
+        f"GPU operations: {gpu_ops}",
+        f"Protocol: {runner.protocol} (wire {runner.wire_dtype}{via}), {w.round_trips} round trips, "
+        f"{w.bytes_sent / 1e6:.2f} MB sent, {w.bytes_received / 1e6:.2f} MB received",
+        protection_line(runner),
+        RULE,
+        f"Prefill time: {result.seconds:.4f} seconds",
+        f"Throughput: {result.throughput:.2f} tokens/sec",
+    ]
+    if offline is not None:
+        lines.append(f"Offline phase (not in the prefill time): {offline.seconds:.4f} seconds, "
+                     f"{offline.bytes / 1e6:.1f} MB of one-time material for {offline.prefills} prefill")
+    lines += [f"Breakdown (s): {', '.join(f'{k} {v:.4f}' for k, v in result.breakdown_s.items())}",
+              f"Logits shape: {result.logits.shape}", RULE]
+    print(*lines, sep="\n", file=out, flush=True)
+
+
+def result_json(result, runner) -> dict[str, Any]:
+    return {
+        "tokens": result.tokens, "batch": result.batch, "protocol": runner.protocol,
+        "wire_dtype": runner.wire_dtype, "endpoint": runner.client.endpoint,
+        "prefill_s": result.seconds, "throughput_tokens_per_s": result.throughput,
+        "round_trips": result.wire.round_trips, "bytes_sent": result.wire.bytes_sent,
+        "bytes_received": result.wire.bytes_received, "breakdown_s": result.breakdown_s,
+        "logits_shape": list(result.logits.shape), "protection": runner.protection, "verify": runner.verify,
+    }
+
+
+def json_to_stdout(path: Path | None) -> bool:
+    """`--json -`: the JSON is the command's stdout, so everything else goes to stderr."""
+    return path is not None and str(path) == "-"
+
+
+def write_json(path: Path, document: dict[str, Any], what: str, notes: TextIO) -> None:
+    """Write `document` to `path`, or to stdout for `-` (then nothing else goes there)."""
+    text = json.dumps(document, indent=2) + "\n"
+    if json_to_stdout(path):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    path.write_text(text)
+    print(f"{what} written to {path}", file=notes)
