@@ -203,6 +203,8 @@ def test_a_failed_lean_prefill_leaves_nothing_on_the_server(fail_at, tiny_dir):
 
 def test_lean_session_ids_are_random_128_bit_hex(servers, tiny_dir):
     one, two = (api.connect(servers["gqa"].endpoint, tiny_dir) for _ in range(2))
+    for runner in (one, two):
+        runner.steps.open(1, 8)  # each batch of sequences gets its own session
     ids = {one.steps.session, two.steps.session}
     assert len(ids) == 2 and all(len(s) == 32 and int(s, 16) >= 0 for s in ids)
     one.client.close()
