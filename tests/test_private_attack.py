@@ -171,3 +171,31 @@ def test_a_non_finite_activation_is_refused_not_masked():
     with pytest.raises(masks.MaskError, match="non-finite activation at layer 3 qkv"):
         masks.exponent_above(torch.tensor(float("inf")), "layer 3 qkv")
     assert masks.exponent_above(torch.tensor(1e300, dtype=torch.float64)) == 997
+
+
+def received_decode_inputs(model_dir, ids: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A private generation's layer-0 q/k/v inputs as the server received them at each decode
+    step (one row each), and the tokens they stand for (each step feeds back the last one made)."""
+    log = AuditLog()
+    server = GpuServer(model_dir, "cpu")
+    server.handle = audited(server.handle, log)
+    with ServerThread(server, api.free_endpoint()) as thread:
+        runner = TeeRunner(Client(thread.endpoint, timeout_s=60), model_dir, protection="private")
+        tokens = runner.generate(ids, new, ignore_eos=True).run().tokens
+        runner.client.close()
+    layer0 = [r.tensors[0] for r in log.requests if r.method == "Linears" and r.args.get("layer_idx") == 0
+              and r.args["modules"][0] == "q_proj"]
+    return torch.cat(layer0[1:]), tokens[0, :-1]  # the prefill's call first, then one per decode step
+
+
+@pytest.mark.parametrize("reverted", [False, True])
+def test_the_low_bits_attack_against_decode_steps(wide_dir, monkeypatch, reverted):
+    """Each decode step sends one masked row of layer 0's input: the token fed back. The attack
+    must recover none of them, and all of them against the flawed masking."""
+    if reverted:
+        monkeypatch.setattr(masks, "quantize_to_grid", lambda x, grid: x)
+    candidates = layer0_candidates(wide_dir)
+    sent, fed_back = received_decode_inputs(wide_dir, prompt(candidates.shape[0], seed=4)[:1, :6], 8)
+    guesses = torch.tensor([low_bits_attack(row[None], candidates)[0] for row in sent])
+    recovered = int((guesses == fed_back).sum())
+    assert recovered == (len(fed_back) if reverted else 0), f"recovered {recovered} of {len(fed_back)}"

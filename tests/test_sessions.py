@@ -106,7 +106,7 @@ def attn_out(client: Client, session: str, n: int = 8) -> torch.Tensor:
     return client.call("AttnOut", [probs], layer_idx=0, session=session).tensors[0]
 
 
-V_BYTES = 1 * 8 * KV * D * 4  # V of one layer for 8 positions
+V_BYTES = 2 * 2 * 8 * KV * D * 4  # a session's KV cache: K and V, both layers, 8 positions
 
 
 @pytest.fixture()

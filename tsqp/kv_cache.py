@@ -37,6 +37,10 @@ class KVCache:
         return self.keys[0].shape[2]
 
     @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 

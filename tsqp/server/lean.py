@@ -1,8 +1,11 @@
-"""The session methods: the lean protocol's fused calls, which keep V and up here between calls,
-and Release, which frees them.
+"""The session methods: the lean protocol's fused calls, which keep K, V and up here between
+calls, and Release, which frees them.
 
-A lean prefill's session keeps V for every layer (each layer's AttnOut needs its own) and the
-latest layer's up (GatedDown follows its Gate); LMHead or Release frees them.
+A session holds one KV cache for its batch of sequences, allocated for the capacity the client
+states when it starts them (QKVScores at position 0) and written at explicit positions, so that
+a resent call changes nothing; and the latest layer's up (GatedDown follows its Gate). A decode
+step is a QKVScores at the next position: its queries see every key kept so far. LMHead with
+the session, or Release, frees it.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import ModelConfig
+from ..kv_cache import KVCache
 from ..ops import apply_rope  # the same rotation the TEE applies in the seed protocol
 from .errors import BadRequest, MissingState
 from .model import check_last_dim, float_inputs, layer_index
 from .registry import LAYER, LAYER_ARGS, SESSION, SESSION_ARGS, Result, method
-from .sessions import current_owner
+from .sessions import Session, current_owner
 from .stateless import rows
 
 if TYPE_CHECKING:
@@ -25,28 +29,61 @@ if TYPE_CHECKING:
 LAYER_SESSION = {**LAYER_ARGS, **SESSION_ARGS}
 
 
-def _kept(server: "GpuServer", args: dict, name: str, layer: int, maker: str) -> torch.Tensor:
-    """A tensor an earlier call of this session left; the same answer whether the session is
-    gone, never existed, or belongs to another client."""
+def _kept(server: "GpuServer", args: dict, name: str, layer: int | None, maker: str) -> Any:
+    """What an earlier call of this session left (under `name`, or (name, layer)); the same
+    answer whether the session is gone, never existed, or belongs to another client."""
     session = server.sessions.find(current_owner(), args["session"])
-    t = session.tensors.get((name, layer)) if session is not None else None
-    if t is None:
-        raise MissingState(f"no {name} for session {args['session']!r} layer {layer}: call {maker} first")
-    return t
+    key = name if layer is None else (name, layer)
+    kept = session.tensors.get(key) if session is not None else None
+    if kept is None:
+        where = "" if layer is None else f" layer {layer}"
+        raise MissingState(f"no {name} for session {args['session']!r}{where}: call {maker} first")
+    return kept
+
+
+def _window(c: ModelConfig, args: dict, n: int) -> tuple[int, int]:
+    """The positions a QKVScores writes, [start, start + n), and the cache capacity it needs."""
+    start, capacity = args.get("start", 0), args.get("capacity", args.get("start", 0) + n)
+    if start < 0 or capacity < start + n or capacity > c.max_position_embeddings:
+        raise BadRequest(f"QKVScores at positions [{start}, {start + n}) needs 0 <= start and start + n <= capacity "
+                         f"<= max_position_embeddings ({c.max_position_embeddings}); got capacity {capacity}")
+    return start, capacity
 
 
 def _qkv_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
     b, n, _ = shapes[0]
-    return b * c.num_heads * n * n  # at most: the whole n x n square
+    start, _ = _window(c, args, n)
+    return b * c.num_heads * n * (start + n)  # at most: every new query against every key so far
 
 
-@method("QKVScores", tensors=3, ranks=(3, 2, 2), args={**LAYER_SESSION, "blocks": (list,)},
+def _cache(server: "GpuServer", session: Session, b: int, start: int, n: int, capacity: int, layer: int) -> KVCache:
+    """The session's KV cache, allocated (after the budget says yes) when a batch of sequences
+    starts at position 0 with a shape the session does not hold yet."""
+    c, cache = server.config, session.tensors.get("kv")
+    if start == 0 and (cache is None or (cache.batch, cache.capacity) != (b, capacity)):
+        server.sessions.reserve(session, "kv", KVCache.nbytes_for(c.num_layers, b, c.num_kv_heads, capacity,
+                                                                  c.head_dim, server.dtype.itemsize))
+        cache = KVCache.allocate(c.num_layers, b, c.num_kv_heads, capacity, c.head_dim, server.dtype, server.device)
+        server.sessions.keep(session, "kv", cache)
+    if cache is None:
+        raise MissingState(f"no KV cache for session {session.id!r}: start its sequences at position 0 first")
+    if cache.batch != b:
+        raise BadRequest(f"session {session.id!r} holds {cache.batch} sequences, this call sends {b}")
+    problem = cache.check_room(layer, start, n)
+    if problem is not None:
+        raise (MissingState if start > cache.filled[layer] else BadRequest)(f"layer {layer} QKVScores: {problem}")
+    return cache
+
+
+@method("QKVScores", tensors=3, ranks=(3, 2, 2),
+        args={**LAYER_SESSION, "blocks": (list,), "start": (int,), "capacity": (int,)},
         required=(LAYER, SESSION), output=_qkv_output)
 def qkv_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
-    """q, k, v from one input, RoPE with the TEE's cos/sin tables, then Q @ K^T with K
-    un-expanded (each group of query heads shares its key head), cut into causal query blocks:
-    block i holds queries [end_(i-1), end_i) against keys [0, end_i). q and k never cross the
-    wire; V is kept for AttnOut. x is [b, n, hidden], cos and sin [n, head_dim]."""
+    """q, k, v of the tokens at positions [start, start + n), RoPE with the TEE's cos/sin tables
+    for those positions, K and V written into the session's cache there, then Q @ K^T against
+    every key so far with K un-expanded (each group of query heads shares its key head), cut
+    into causal query blocks: block i holds the new queries [end_(i-1), end_i) against keys
+    [0, start + end_i). q and k never cross the wire. x is [b, n, hidden], cos and sin [n, head_dim]."""
     c, layer = server.config, layer_index(server.config, args)
     x, cos, sin = float_inputs(tensors, 3, "hidden_states [b, n, hidden], cos [n, d], sin [n, d]", server.dtype)
     check_last_dim(x, c.hidden_size, f"layer {layer} QKVScores")
@@ -55,18 +92,18 @@ def qkv_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> 
         raise BadRequest(f"QKVScores expects cos and sin [{n}, {c.head_dim}] for {n} positions, got "
                          f"{list(cos.shape)} and {list(sin.shape)}")
     ends = _block_ends(args.get("blocks", [n]), n, server.service.limits.max_tensors)
-    session = server.sessions.open(current_owner(), args["session"])
-    server.sessions.reserve(session, ("v", layer), b * n * c.num_kv_heads * c.head_dim * x.element_size())
+    start, capacity = _window(c, args, n)
+    cache = _cache(server, server.sessions.open(current_owner(), args["session"]), b, start, n, capacity, layer)
     attn = server.layers[layer].self_attn
     q = attn.q_proj(x).view(b, n, c.num_heads, c.head_dim).transpose(1, 2)  # [b, heads, n, d]
     k = attn.k_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [b, kv, n, d]
     v = attn.v_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
-    server.sessions.keep(session, ("v", layer), v)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, _ = cache.update(layer, start, k, v)
     grouped = q.view(b, c.num_kv_heads, c.kv_groups, n, c.head_dim)
-    keys = k.unsqueeze(2).transpose(-1, -2)  # [b, kv, 1, d, n]
-    return [(grouped[..., start:end, :] @ keys[..., :end]).reshape(b, c.num_heads, end - start, end)
-            for start, end in zip([0, *ends], ends)], {}
+    keys = keys.unsqueeze(2).transpose(-1, -2)  # [b, kv, 1, d, start + n]
+    return [(grouped[..., a:e, :] @ keys[..., : start + e]).reshape(b, c.num_heads, e - a, start + e)
+            for a, e in zip([0, *ends], ends)], {}
 
 
 def _block_ends(ends: Any, n: int, max_tensors: int) -> list[int]:
@@ -86,25 +123,27 @@ def _attn_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
 @method("AttnOut", tensors=1, ranks=(4,), variadic=True, args=LAYER_SESSION, required=(LAYER, SESSION),
         output=_attn_output)
 def attn_out(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
-    """P @ V with the V kept from QKVScores, then o_proj: one round trip instead of two. The
-    probabilities come as the causal query blocks that QKVScores produced, one tensor each."""
+    """P @ V with the V kept in the session's cache, then o_proj: one round trip instead of two.
+    The probabilities come as the causal query blocks that QKVScores produced, one tensor each:
+    block i is [b, heads, n_i, start + end_i], end_i the running total of the n_i."""
     c, layer = server.config, layer_index(server.config, args)
-    probs = float_inputs(tensors, len(tensors), "probs [b, heads, n_i, end_i] per causal block",
+    probs = float_inputs(tensors, len(tensors), "probs [b, heads, n_i, start + end_i] per causal block",
                          server.dtype)
-    v = _kept(server, args, "v", layer, "QKVScores")
-    b, kv, m, d = v.shape
-    start, outs = 0, []
+    cache = _kept(server, args, "kv", None, "QKVScores")
+    n = sum(p.shape[2] for p in probs)
+    start = probs[-1].shape[3] - n
+    values, b, d = cache.values[layer], cache.batch, c.head_dim
+    outs, end = [], start
     for p in probs:
-        end = start + (p.shape[2] if p.dim() == 4 else 0)
-        if p.dim() != 4 or p.shape[0] != b or p.shape[1] != c.num_heads or p.shape[3] != end or end > m:
-            raise BadRequest(f"AttnOut expects causal blocks of probs [{b}, {c.num_heads}, n_i, end_i] with "
-                             f"end_i the running total of n_i, up to {m}; got {[list(t.shape) for t in probs]}")
-        n_i = end - start
-        outs.append(p.view(b, kv, c.kv_groups, n_i, end) @ v[:, :, None, :end])  # [b, kv, g, n_i, d]
-        start = end
-    if start != m:
-        raise BadRequest(f"AttnOut blocks cover {start} queries, V has {m} positions")
-    out = torch.cat(outs, dim=3).view(b, c.num_heads, m, d).transpose(1, 2).reshape(b, m, c.num_heads * d)
+        end += p.shape[2]
+        if p.shape[0] != b or p.shape[1] != c.num_heads or p.shape[3] != end or start < 0 \
+                or end > cache.filled[layer]:
+            raise BadRequest(f"AttnOut expects causal blocks of probs [{b}, {c.num_heads}, n_i, start + end_i] over "
+                             f"the {cache.filled[layer]} positions layer {layer} holds; got "
+                             f"{[list(t.shape) for t in probs]}")
+        n_i = p.shape[2]
+        outs.append(p.view(b, c.num_kv_heads, c.kv_groups, n_i, end) @ values[:, :, None, :end])  # [b, kv, g, n_i, d]
+    out = torch.cat(outs, dim=3).view(b, c.num_heads, n, d).transpose(1, 2).reshape(b, n, c.num_heads * d)
     return [server.layers[layer].self_attn.o_proj(out)], {}
 
 

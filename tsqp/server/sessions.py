@@ -3,9 +3,9 @@
 A session is named by its client and belongs to whoever opened it: under CurveZMQ the client's
 authenticated key, on a plaintext socket nobody in particular (there the id, 128 random bits
 from the TEE, is all that keeps it apart). The store holds each session's tensors under keys
-the methods choose (("v", layer), ("up", layer); a KV cache would be ("k", layer) tensors
-allocated once and written at positions), counts their bytes against one budget, drops the least
-recently used sessions to make room, and drops sessions left idle too long.
+the methods choose (the KV cache, allocated once for the session's capacity and written at
+positions; ("up", layer)), counts their bytes against one budget, drops the least recently used
+sessions to make room, and drops sessions left idle too long.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable, Hashable
 
 import torch
 
+from ..kv_cache import KVCache
 from ..logs import log_event
 from ..transport import current_peer
 from .errors import TooLarge
@@ -33,16 +34,16 @@ def current_owner() -> str:
     return peer if peer.startswith("key:") else ""
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    """What keeping `t` holds in memory: its whole storage, not only the view's elements."""
-    return t.untyped_storage().nbytes()
+def tensor_bytes(t: "torch.Tensor | KVCache") -> int:
+    """What keeping `t` holds in memory: a tensor's whole storage, not only the view's elements."""
+    return t.untyped_storage().nbytes() if isinstance(t, torch.Tensor) else t.nbytes
 
 
 @dataclass
 class Session:
     owner: str
     id: str
-    tensors: dict[Hashable, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[Hashable, "torch.Tensor | KVCache"] = field(default_factory=dict)
     nbytes: int = 0
     used: float = 0.0  # the store's clock at the last request that named it
 

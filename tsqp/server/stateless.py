@@ -26,10 +26,15 @@ def rows(shapes: list[list[int]]) -> int:
     return math.prod(shapes[0][:-1])
 
 
+# What a client may rely on beyond the seed's methods; "decode": lean sessions keep K and V by position.
+FEATURES = ["decode"]
+
+
 @method("Ping")
 def ping(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
     """Health, and which model this server holds (the TEE compares it with its own copy's)."""
-    return [], {"server": "tsqp", **server.info.__dict__, "identity": server.identity, **server.health()}
+    return [], {"server": "tsqp", **server.info.__dict__, "identity": server.identity, "features": FEATURES,
+                **server.health()}
 
 
 @method("Init")
@@ -74,18 +79,21 @@ def linear(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Resu
 
 
 def seed_product(c: ModelConfig, a: list[int], b: list[int]) -> int:
-    """Elements of a·b if it is one of the seed's attention products, Q·Kᵀ [b, H, n, D] @
-    [b, H, D, n] or P·V [b, H, n, n] @ [b, H, n, D]: anything else lets a small request ask for
-    a huge reply ([n, 1] @ [1, n])."""
-    h, d = c.num_heads, c.head_dim
-    batch, n = (a[0], a[2]) if len(a) == 4 else (0, 0)
-    scores = a == [batch, h, n, d] and b == [batch, h, d, n]
-    values = a == [batch, h, n, n] and b == [batch, h, n, d]
-    if not (scores or values) or n > c.max_position_embeddings:
-        raise BadRequest(f"Matmul takes the seed's attention products only, Q·Kᵀ [b, {h}, n, {d}] @ [b, {h}, {d}, n] "
-                         f"or P·V [b, {h}, n, n] @ [b, {h}, n, {d}] with n ≤ {c.max_position_embeddings}; "
+    """Elements of a·b if it is one of the seed's attention products for n new queries against
+    m >= n keys, Q·Kᵀ [b, H, n, D] @ [b, H, D, m] or P·V [b, H, n, m] @ [b, H, m, D]: anything
+    else lets a small request ask for a huge reply ([n, 1] @ [1, n])."""
+    h, d, keys, out = c.num_heads, c.head_dim, -1, 0
+    if len(a) == 4 and len(b) == 4:
+        batch, n = a[0], a[2]
+        if a == [batch, h, n, d] and b[:3] == [batch, h, d]:  # Q·Kᵀ
+            keys, out = b[3], b[3]
+        elif a[:3] == [batch, h, n] and b == [batch, h, a[3], d]:  # P·V
+            keys, out = a[3], d
+    if keys < 0 or not a[2] <= keys <= c.max_position_embeddings:
+        raise BadRequest(f"Matmul takes the seed's attention products only, Q·Kᵀ [b, {h}, n, {d}] @ [b, {h}, {d}, m] "
+                         f"or P·V [b, {h}, n, m] @ [b, {h}, m, {d}] with n <= m <= {c.max_position_embeddings}; "
                          f"got {a} @ {b}")
-    return batch * h * n * (n if scores else d)
+    return a[0] * h * a[2] * out
 
 
 @method("Matmul", tensors=2, output=lambda c, args, shapes: seed_product(c, *shapes))

@@ -26,6 +26,17 @@ if TYPE_CHECKING:
 DECODE_CHUNK = 16  # decode steps whose one-time material (guarded modes) is made in one pass over the weights
 
 
+def as_batch(input_ids: "torch.Tensor | list[list[int]]") -> torch.Tensor:
+    """Prompts as an int64 [batch, prompt] tensor; prompts of unequal length are refused."""
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids
+    lengths = sorted({len(ids) for ids in input_ids})
+    if len(lengths) > 1:
+        raise InputError(f"prompts of unequal length ({', '.join(map(str, lengths))} tokens): a batch is "
+                         "generated from prompts of one length for now")
+    return torch.tensor(input_ids, dtype=torch.int64)
+
+
 class GenerationStopped(TsqpError):
     """Generation ended early on an error; says how many tokens were made."""
 
@@ -86,14 +97,18 @@ class GenerationResult:
 class Generation:
     """An iterator over each step's new tokens [batch]; `.result` once it is exhausted."""
 
-    def __init__(self, runner: "TeeRunner", input_ids: torch.Tensor, max_new_tokens: int, *,
+    def __init__(self, runner: "TeeRunner", input_ids: "torch.Tensor | list[list[int]]", max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, ignore_eos: bool = False, keep_logits: bool = False):
         if max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         self.runner, self.max_new = runner, max_new_tokens
-        self.prompt = runner.check_input(input_ids, max_new_tokens)
+        self.prompt = runner.check_input(as_batch(input_ids), max_new_tokens)
         self.sampling = Sampling(temperature, top_k, top_p, seed)
+        if runner.protocol == "lean" and not runner.guarded and \
+                "decode" not in runner.client.ping().get("features", ()):
+            raise InputError("this GPU server cannot decode (its lean sessions keep no KV cache): update it, or "
+                             "use --protocol seed")
         self.eos = () if ignore_eos else runner.config.eos_token_ids
         self.keep_logits = keep_logits
         self.result: GenerationResult | None = None
@@ -130,13 +145,14 @@ class Generation:
                 if bool(finished.all()):
                     stopped = "eos"
                     break
+            decode_wire = stats.since(before)  # the session's release below is no token's cost
         except TsqpError as err:
             raise GenerationStopped(len(self._made), self.max_new, err) from err
         finally:
             runner.steps.close()
         self.result = GenerationResult(
             tokens=torch.stack(self._made, dim=1), prompt_tokens=prompt, ttft_s=ttft, token_s=times,
-            prefill_wire=prefill_wire, decode_wire=stats.since(before), offline_s=offline, stopped=stopped,
+            prefill_wire=prefill_wire, decode_wire=decode_wire, offline_s=offline, stopped=stopped,
             replays=self._replays, logits=torch.stack(kept, dim=1) if kept else None)
 
     def run(self) -> GenerationResult:

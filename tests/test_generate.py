@@ -1,0 +1,97 @@
+"""Generation across the boundary equals transformers' greedy decoding, in every mode, and
+survives a server that loses its state mid-generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsqp import api
+from tsqp.errors import InputError
+
+from conftest import VARIANTS, relative_error
+
+NEW = 12
+MODES = {"lean": {}, "seed": {"protocol": "seed"}, "private": {"protection": "private"}, "verify": {"verify": True},
+         "private+verify": {"protection": "private", "verify": True}}
+
+
+def reference_greedy(model, ids: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' model run whole at every step (no cache), argmax: tokens [b, new] and the
+    logits each was chosen from [b, new, vocab]. Computed independently of our code."""
+    seq, logits = ids.clone(), []
+    with torch.inference_mode():
+        for _ in range(new):
+            last = model(input_ids=seq, use_cache=False).logits[:, -1].float()
+            logits.append(last)
+            seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
+    return seq[:, ids.shape[1]:], torch.stack(logits, dim=1)
+
+
+def prompt(vocab: int, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    length = int(torch.randint(5, 20, (1,), generator=g))
+    return torch.randint(3, vocab, (batch, length), generator=g)  # 0-2 are special; EOS would stop early
+
+
+CASES = [(variant, mode, batch) for variant in VARIANTS for mode in ("lean", "seed") for batch in (1, 2)]
+CASES += [(variant, mode, 1 + i % 2) for i, variant in enumerate(VARIANTS) for mode in
+          ("private", "verify", "private+verify")]
+
+
+@pytest.mark.parametrize("variant, mode, batch", CASES)
+def test_greedy_generation_matches_transformers(variant, mode, batch, servers, model_dirs, references):
+    runner = api.connect(servers[variant].endpoint, model_dirs[variant], **MODES[mode])
+    ids = prompt(runner.config.vocab_size, batch, seed=sum(map(ord, variant + mode)) + batch)
+    want, want_logits = reference_greedy(references[variant], ids, NEW)
+    result = runner.generate(ids, NEW, ignore_eos=True, keep_logits=True).run()
+    runner.client.close()
+    assert torch.equal(result.tokens, want)
+    tolerance = 1e-3 if "private" in mode else 1e-4
+    for step in range(NEW):
+        assert relative_error(result.logits[:, step], want_logits[:, step]) <= tolerance
+    per_token = result.decode_wire.round_trips / (NEW - 1)
+    layers = runner.config.num_layers
+    assert per_token == {"lean": 4 * layers + 1, "seed": 9 * layers + 2}.get(mode, 4 * layers + 1)
+
+
+def test_tokens_stream_as_they_are_made(servers, tiny_dir):
+    runner = api.connect(servers["gqa"].endpoint, tiny_dir)
+    generation = runner.generate(prompt(512, 1, seed=1), 5, ignore_eos=True)
+    streamed = [token.clone() for token in generation]
+    assert len(streamed) == 5 and all(t.shape == (1,) for t in streamed)
+    assert torch.equal(torch.stack(streamed, dim=1), generation.result.tokens)
+    r = generation.result
+    assert r.ttft_s > 0 and len(r.token_s) == 4 and r.itl_median_s > 0 and r.tokens_per_s > 0
+
+
+def test_generation_stops_at_the_models_eos_unless_told_not_to(servers, tiny_dir, references):
+    """tiny's EOS is id 2 (config and generation_config): force it to be the greedy choice by
+    finding a prompt whose greedy continuation reaches it, then check both behaviours."""
+    runner = api.connect(servers["gqa"].endpoint, tiny_dir)
+    assert runner.config.eos_token_ids == (2,)
+    for seed in range(400):
+        ids = prompt(512, 1, seed=seed)
+        want, _ = reference_greedy(references["gqa"], ids, 16)
+        if 2 in want[0].tolist():
+            break
+    else:
+        pytest.skip("no prompt of 400 reaches EOS greedily on this model")
+    stop = want[0].tolist().index(2)
+    ended = runner.generate(ids, 16).run()
+    assert ended.stopped == "eos" and ended.tokens[0].tolist() == want[0, : stop + 1].tolist()
+    assert torch.equal(runner.generate(ids, 16, ignore_eos=True).run().tokens, want)
+
+
+def test_bad_generation_requests_are_refused_before_any_work(servers, tiny_dir):
+    runner = api.connect(servers["gqa"].endpoint, tiny_dir)
+    before = runner.client.stats.round_trips
+    with pytest.raises(InputError, match="--max-new-tokens must be >= 1"):
+        runner.generate(prompt(512, 1, seed=2), 0)
+    with pytest.raises(InputError, match=r"500 prompt \+ 13 new tokens exceed the model's max_position_embeddings"):
+        runner.generate(torch.randint(3, 512, (1, 500)), 13)
+    with pytest.raises(InputError, match="unequal length"):
+        runner.generate([[5, 6, 7], [8, 9]], 4)
+    with pytest.raises(InputError, match="--temperature must be >= 0"):
+        runner.generate(prompt(512, 1, seed=2), 4, temperature=-1.0)
+    assert runner.client.stats.round_trips == before
