@@ -18,11 +18,9 @@ from tsqp.models import (
     build_config,
     cached_model,
     default_model_cache,
-    encode_prompt,
-    fit_prompt,
-    load_tokenizer,
     make_model,
 )
+from tsqp.text import encode_prompt, fit_prompt, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,14 @@ def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = 
             timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, *,
             retries: int = DEFAULT_RETRIES, keys: ClientKeys | None = None,
             heartbeat_s: float = DEFAULT_HEARTBEAT_S, protection: str = "none", verify: bool = False,
-            shm: bool = False) -> TeeRunner:
+            verify_dtype: str = "float32", shm: bool = False) -> TeeRunner:
     """A TEE runner for the server at `endpoint`; fails fast if the server does not answer.
 
     `timeout_s` bounds one reply, `connect_timeout_s` each (re)connection, `retries` the resends
     of a call after a lost connection. `keys` (CurveZMQ) default to $TSQP_SERVER_PUBLIC_KEY and
     $TSQP_CLIENT_SECRET_KEY when those are set; `ClientKeys.from_files(...)` makes them.
-    `protection` and `verify` go to the TeeRunner (private mode, Freivalds checks). `shm` moves
+    `protection`, `verify` and `verify_dtype` go to the TeeRunner (private mode, Freivalds checks
+    of float32 or float64 products). `shm` moves
     tensors through shared memory (same host, a server started with shm; tsqp.shm). With a
     `model_dir`, a server holding another model is refused (ModelError)."""
     client = Client(endpoint, timeout_s=timeout_s, retries=retries, connect_timeout_s=connect_timeout_s, keys=keys,
@@ -55,7 +56,7 @@ def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = 
         if model_dir is not None:
             check_same_model(model_dir, health, client.endpoint)
         return TeeRunner(client, model_dir, protocol=protocol, wire_dtype=wire_dtype, protection=protection,
-                         verify=verify)
+                         verify=verify, verify_dtype=verify_dtype)
     except BaseException:
         client.close()
         raise

@@ -1,4 +1,4 @@
-"""`tsqp`: serve a model, run a split prefill, make local models, demo, benchmark."""
+"""`tsqp`: serve a model, run a split prefill or a generation, make local models, demo, benchmark."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import os
 import signal
 import sys
 import threading
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
-from .environment import blame, check_choices, env, env_int, values_from_environment
-from .report import json_to_stdout, print_report, result_json, write_json
+from .environment import blame, check_choices, env, values_from_environment
+from .report import print_generation, print_report
+from .tee_commands import DEFAULT_TOKENS
 
 # The TEE side and a CPU server often share cores, and take turns: OpenMP workers that spin while
 # their process waits steal cycles from the other one (measured: split 1.18x -> 1.05x of whole).
@@ -21,31 +21,7 @@ from .report import json_to_stdout, print_report, result_json, write_json
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if TYPE_CHECKING:
-    import torch
-
     from .keys import ClientKeys
-
-DEFAULT_TOKENS = 128  # the seed's PREFILL_TOKEN_LENGTH
-
-
-def _common_runner_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--protocol", choices=("lean", "seed"), default="lean",
-                   help="lean: fused calls, 4 round trips per layer (default); seed: the seed's 9 per layer "
-                        "(lean only with --protection private / --verify)")
-    p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="dtype of activations on the wire (float32 is exact; default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                   help="seconds to wait for any one server reply on a live connection (default: %(default)s)")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
-                   help="seconds to (re)connect to the server, handshake included (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=3, metavar="N",
-                   help="resends of a call after a lost connection or a timeout (default: %(default)s)")
-    p.add_argument("--shm", action="store_true",
-                   help="move tensors through shared memory instead of the socket (same host; the server needs --shm)")
-    p.add_argument("--server-public-key", metavar="FILE", default=env("TSQP_SERVER_PUBLIC_KEY"),
-                   help="CurveZMQ: the server's public key file (pinned) [$TSQP_SERVER_PUBLIC_KEY]")
-    p.add_argument("--client-secret-key", metavar="FILE", default=env("TSQP_CLIENT_SECRET_KEY"),
-                   help="CurveZMQ: this client's NAME.key_secret file [$TSQP_CLIENT_SECRET_KEY]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,38 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("prefill", help="run one split prefill against a server and report it",
-                       description="The TEE side: reads config, norm weights and rope parameters from its own copy "
-                                   "of the model directory, sends the linear algebra to the server.")
-    p.add_argument("--endpoint", default=env("LLAMA_GPU_ENDPOINT", "localhost:50051"),
-                   help="server address, host:port or ipc://path [$LLAMA_GPU_ENDPOINT; default localhost:50051]")
-    p.add_argument("--model", default=env("LLAMA_MODEL_PATH"),
-                   help="the TEE's local model directory (config, norm weights, tokenizer) [$LLAMA_MODEL_PATH]; "
-                        "without it the server's Init is trusted, with a warning")
-    # None = not given: a prompt is fitted only to a --tokens the user asked for, and options the
-    # ids' source does not use are refused rather than ignored.
-    p.add_argument("--tokens", type=int, metavar="N",
-                   help=f"length of the random ids [$PREFILL_TOKEN_LENGTH; default {DEFAULT_TOKENS}]; with --prompt, "
-                        "fit the text to N tokens (without it the prompt runs as tokenized)")
-    p.add_argument("--batch", type=int, metavar="B", help="sequences per prefill (default 1; not with --input-ids)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="text, tokenized with the model's tokenizer (with the BOS it adds, if any)")
-    src.add_argument("--input-ids", type=Path, metavar="FILE.npy",
-                     help="a .npy file (numpy.save) of int64 [batch, seq] token ids, used as given")
-    p.add_argument("--seed", type=int, help="seed for the random ids (default 0)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed prefills before the timed one (default 1)")
-    p.add_argument("--save-logits", type=Path, metavar="FILE.npy", help="write float32 logits")
-    p.add_argument("--all-positions", action="store_true", help="logits for every position, not only the last")
-    p.add_argument("--json", type=Path, metavar="FILE",
-                   help="write the run's figures as JSON; '-' writes them to stdout (the report then goes to stderr)")
-    p.add_argument("--protection", choices=("none", "private"), default="none",
-                   help="private: the server never sees token ids, activations or logits in clear (one-time "
-                        "masks, attention and embedding in the TEE; docs/security.md). default: none")
-    p.add_argument("--verify", action="store_true",
-                   help="check every outsourced product with Freivalds' algorithm; stop on a wrong result "
-                        "(float32 products only: a float32 server and wire)")
-    _common_runner_options(p)
-    p.set_defaults(func=cmd_prefill)
+    from .tee_commands import add_tee_parsers
+
+    add_tee_parsers(sub)
 
     p = sub.add_parser("make-model", help="write a random-weight LLaMA model directory (no network)",
                        description="Write a Hugging Face LLaMA model directory with seeded random weights and a "
@@ -152,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a tsqp model already at --out")
     p.set_defaults(func=cmd_make_model)
 
-    p = sub.add_parser("demo", help="make the tiny model, serve it, run a split prefill, check it, stop",
+    p = sub.add_parser("demo", help="make the tiny model, serve it, run a split prefill and a generation, check "
+                                    "them, stop",
                        description="Make (once, cached) the tiny random model, start a server for it in its own "
-                                   "process, run a split prefill of a fixed sentence, check the logits against "
-                                   "transformers' LlamaForCausalLM, and stop the server.",
+                                   "process, run a split prefill of a fixed sentence and generate a few tokens from "
+                                   "it, check the logits and the tokens against transformers' LlamaForCausalLM, "
+                                   "and stop the server.",
                        epilog="environment: $TSQP_CACHE, where the model is cached (default ~/.cache/tsqp)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
                    help="fit the demo's sentence to N tokens (default %(default)s)")
@@ -263,138 +212,6 @@ def cmd_keygen(args: argparse.Namespace) -> None:
     print(f"secret key: {secret}  (mode 0600: keep it on this host)")
 
 
-def _client_options(args: argparse.Namespace) -> dict:
-    """api.connect keywords from the runner options: timeouts, retries, CurveZMQ keys, shm."""
-    from .keys import ClientKeys
-
-    if args.retries < 0 or args.timeout <= 0 or args.connect_timeout <= 0:
-        raise ValueError("--timeout and --connect-timeout must be positive, --retries >= 0")
-    return {"timeout_s": args.timeout, "connect_timeout_s": args.connect_timeout, "retries": args.retries,
-            "keys": ClientKeys.from_options(args.server_public_key, args.client_secret_key), "shm": args.shm}
-
-
-NPY_MAGIC = b"\x93NUMPY"
-
-
-def _read_ids_file(path: Path) -> "torch.Tensor":
-    import numpy as np
-    import torch
-
-    from .errors import InputError
-
-    wanted = "an int64 [batch, seq] array written by numpy.save (.npy)"
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(len(NPY_MAGIC))
-        array = np.load(path, allow_pickle=False) if magic == NPY_MAGIC else None
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read --input-ids {path}: {err}") from None
-    if array is None:
-        raise InputError(f"--input-ids {path} is not a .npy file: it must hold {wanted}")
-    if array.dtype != np.int64 or array.ndim != 2 or array.size == 0:
-        raise InputError(f"--input-ids must hold int64 [batch, seq], got {array.dtype} {list(array.shape)}")
-    return torch.from_numpy(array)
-
-
-def _check_ids_options(args: argparse.Namespace) -> None:
-    """Before anything else runs: the options the ids' source takes, and only those. For random
-    ids, --tokens is then set (from $PREFILL_TOKEN_LENGTH or the default when not given)."""
-    from .errors import InputError
-
-    for flag, value in (("--tokens", args.tokens), ("--batch", args.batch)):
-        if value is not None and value < 1:
-            raise InputError(f"{flag} must be positive, got {value}")
-    if args.input_ids is not None:
-        given = [flag for flag, value in (("--tokens", args.tokens), ("--batch", args.batch), ("--seed", args.seed))
-                 if value is not None]
-        if given:
-            raise InputError(f"{' and '.join(given)} cannot be used with --input-ids: the file's [batch, seq] "
-                             "shape and ids are the prompt")
-    if args.prompt is not None:
-        if args.seed is not None:
-            raise InputError("--seed cannot be used with --prompt: it seeds random ids only")
-        if not args.model:
-            raise InputError("--prompt needs a tokenizer.json in the model directory (--model)")
-    elif args.input_ids is None and args.tokens is None:  # random ids: the variable is read (and checked) now
-        args.tokens = env_int("PREFILL_TOKEN_LENGTH", DEFAULT_TOKENS)
-
-
-def _input_ids(args: argparse.Namespace, vocab_size: int, out: TextIO) -> "torch.Tensor":
-    """The prompt: a file of ids, a text (fitted only to an explicit --tokens, and said so), or
-    seeded random ids (after _check_ids_options)."""
-    import torch
-
-    from .errors import InputError
-
-    if args.input_ids is not None:
-        return _read_ids_file(args.input_ids)
-    if args.prompt is not None:
-        from .models import encode_prompt, load_tokenizer
-
-        tokenizer = load_tokenizer(args.model)
-        if tokenizer is None:
-            raise InputError(f"--prompt needs a tokenizer.json in the model directory, and {args.model} has none")
-        prompt = encode_prompt(tokenizer, args.prompt, args.tokens, args.batch or 1)
-        print(prompt.describe(), file=out)
-        return prompt.ids
-    generator = torch.Generator().manual_seed(args.seed or 0)
-    return torch.randint(0, vocab_size, (args.batch or 1, args.tokens), generator=generator)
-
-
-def run_prefill(args: argparse.Namespace, runner, input_ids: "torch.Tensor", out: TextIO) -> None:
-    import numpy as np
-
-    runner.check_input(input_ids)
-    for _ in range(args.warmup):
-        runner.prefill(input_ids, all_positions=args.all_positions)
-    offline = runner.prepare(*input_ids.shape, all_positions=args.all_positions) if runner.guarded else None
-    result = runner.prefill(input_ids, all_positions=args.all_positions)
-    print_report(result, runner, offline, out=out)
-    if args.save_logits:
-        np.save(args.save_logits, result.logits.float().numpy())
-        print(f"logits written to {args.save_logits}", file=out)
-    if args.json:
-        figures = {**result_json(result, runner), "offline_s": offline.seconds if offline else 0.0}
-        write_json(args.json, figures, "figures", notes=out)
-
-
-def cmd_prefill(args: argparse.Namespace) -> None:
-    from .errors import InputError
-
-    out = sys.stderr if json_to_stdout(args.json) else sys.stdout
-    if args.warmup < 0:
-        raise InputError("--warmup must be >= 0")
-    _check_ids_options(args)  # before torch is even imported
-
-    from . import api
-    from .config import load_config
-
-    # Everything local is checked before the server is contacted.
-    config = load_config(args.model) if args.model else None
-    input_ids = _input_ids(args, config.vocab_size, out) if config else None
-    if config and input_ids.shape[1] > config.max_position_embeddings:
-        raise InputError(f"{input_ids.shape[1]} tokens exceed the model's max_position_embeddings "
-                         f"({config.max_position_embeddings})")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        runner = api.connect(args.endpoint, args.model, args.protocol, args.wire_dtype, protection=args.protection,
-                             verify=args.verify, **_client_options(args))
-    print(f"✓ Connected to GPU server at {args.endpoint}", file=out)
-    if args.model:
-        print(f"Read model config and norm weights from {args.model} (TEE-local, not from the server)", file=out)
-    else:
-        print("Initializing model from GPU server...", file=out)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    print(f"✓ TEE model initialized: {runner.config.num_layers} layers\n", file=out, flush=True)
-    try:
-        if input_ids is None:
-            input_ids = _input_ids(args, runner.config.vocab_size, out)
-        run_prefill(args, runner, input_ids, out)
-    finally:
-        runner.client.close()
-
-
 def cmd_make_model(args: argparse.Namespace) -> None:
     from .models import make_model
 
@@ -423,20 +240,29 @@ def _demo_keys(key_dir: Path) -> tuple[dict, "ClientKeys | None"]:
     return {"server_secret_key": server_secret, "allow_keys": allowed, "client_keys": keys}, keys
 
 
-def _demo_prefill(runner, model_dir: Path, tokens: int):
-    from .models import encode_prompt, load_tokenizer
+DEMO_PROMPT = "The enclave keeps the softmax; the server does the matrix work."
+DEMO_NEW_TOKENS = 12
+
+
+def _demo_run(runner, model_dir: Path, tokens: int):
+    """A warm prefill of the demo's sentence, then a short greedy generation from it."""
+    from .tee_commands import _stream
+    from .text import encode_prompt, load_tokenizer
 
     print(f"✓ TEE model initialized from {model_dir}: {runner.config.num_layers} layers\n")
-    prompt = encode_prompt(load_tokenizer(model_dir), "The enclave keeps the softmax; the server does the matrix work.",
-                           tokens)
+    prompt = encode_prompt(load_tokenizer(model_dir), DEMO_PROMPT, tokens)
     print(prompt.describe())
     try:
         runner.prefill(prompt.ids)  # warm-up
         result = runner.prefill(prompt.ids)
+        print_report(result, runner)
+        print(f"\nGenerating {DEMO_NEW_TOKENS} tokens (greedy; the model's weights are random, so is its text):")
+        generation = runner.generate(prompt.ids, DEMO_NEW_TOKENS, ignore_eos=True)
+        _stream(generation, model_dir, 1, sys.stdout)
     finally:
         runner.client.close()
-    print_report(result, runner)
-    return result, prompt.ids
+    print_generation(generation.result, runner)
+    return result, prompt.ids, generation.result.tokens
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -455,7 +281,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             channel = "CurveZMQ, ephemeral keys" if keys else "plaintext: this libzmq has no CurveZMQ"
             print(f"✓ GPU server started at {server.endpoint} (pid {server.process.pid}; {channel})")
             runner = api.connect(server.endpoint, model_dir=model_dir, keys=keys)
-            result, input_ids = _demo_prefill(runner, model_dir, args.tokens)
+            result, input_ids, generated = _demo_run(runner, model_dir, args.tokens)
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -463,11 +289,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     reference = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
     with torch.inference_mode():
         expected = reference(input_ids, logits_to_keep=1).logits
+        greedy = reference.generate(input_ids, max_new_tokens=DEMO_NEW_TOKENS, do_sample=False, min_new_tokens=
+                                    DEMO_NEW_TOKENS, pad_token_id=0)[:, input_ids.shape[1]:]
     error = ((result.logits - expected).abs().max() / expected.abs().max()).item()
+    same = torch.equal(generated, greedy)
     print(f"Check against transformers' LlamaForCausalLM: max|Δ|/max|ref| = {error:.2e} "
-          f"({'OK' if error <= 1e-4 else 'MISMATCH'})")
+          f"({'OK' if error <= 1e-4 else 'MISMATCH'}); generated tokens {'the same' if same else 'DIFFERENT'} "
+          f"as its greedy decoding ({'OK' if same else 'MISMATCH'})")
     print("✓ server stopped")
-    if error > 1e-4:
+    if error > 1e-4 or not same:
         raise SystemExit(1)
 
 

@@ -10,21 +10,19 @@ from __future__ import annotations
 import copy
 import fcntl
 import inspect
-import itertools
 import json
 import os
 import random
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import tokenizers
 import torch
 
 from tsqp import __version__
-from tsqp.errors import InputError, ModelError
+from tsqp.errors import ModelError
 
 # LlamaConfig kwargs. RoPE uses the transformers-5 native `rope_parameters` (which carries
 # rope_theta); make_model also accepts the legacy `rope_theta` / `rope_scaling` overrides.
@@ -320,72 +318,6 @@ def _build_tokenizer(config):
     )
 
 
-def load_tokenizer(model_dir: str | Path) -> tokenizers.Tokenizer | None:
-    """The directory's tokenizer.json as a plain `tokenizers.Tokenizer` (no transformers
-    import, so the TEE side stays light), or None when the model ships no tokenizer."""
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        return None
-    try:
-        return tokenizers.Tokenizer.from_file(str(path))
-    except Exception as exc:  # the Rust side raises plain Exception on a corrupt file
-        raise ModelError(f"cannot read {path}: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A text's token ids, [batch, n], and how they came from it: what the user is told."""
-
-    ids: torch.LongTensor
-    tokenized: int  # tokens as the tokenizer gave them, the special tokens it added included
-    text_tokens: int  # of those, the text's own
-    added: tuple[str, ...]  # special tokens the tokenizer put in front (BOS); kept first when fitting
-
-    @property
-    def tokens(self) -> int:
-        return self.ids.shape[1]
-
-    def describe(self) -> str:
-        """One line: how many tokens the text gave, whether a BOS was added, and any fitting."""
-        if not self.added:
-            added = "no BOS: the tokenizer adds no special token in front"
-        else:
-            added = f"the tokenizer added {'BOS ' if len(self.added) == 1 else ''}{' '.join(self.added)} in front"
-        line = f"Prompt: {self.tokenized} tokens as tokenized ({added})"
-        if self.tokens > self.tokenized:
-            after = f" after {' '.join(self.added)}" if self.added else ""
-            return f"{line}; fitted to {self.tokens} by repeating its {self.text_tokens} text tokens{after}"
-        if self.tokens < self.tokenized:
-            return f"{line}; fitted to {self.tokens} by keeping its first {self.tokens}"
-        return line
-
-
-def encode_prompt(tokenizer, text: str, n_tokens: int | None = None, batch: int = 1) -> Prompt:
-    """Encode `text` with the tokenizer's own special tokens (BOS); with `n_tokens`, fit it to
-    exactly that many ids per row: its text tokens repeated cyclically after the leading special
-    tokens, or cut. Benchmarks want a fixed length whatever the text; a user's prompt runs as
-    tokenized. Accepts a `tokenizers.Tokenizer` or a transformers fast tokenizer."""
-    if (n_tokens is not None and n_tokens < 1) or batch < 1:
-        raise InputError(f"need n_tokens >= 1 and batch >= 1, got {n_tokens} and {batch}")
-    tok = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    enc = tok.encode(text, add_special_tokens=True)
-    prefix = [i for i, _ in itertools.takewhile(lambda p: p[1] == 1, zip(enc.ids, enc.special_tokens_mask))]
-    body = [i for i, special in zip(enc.ids, enc.special_tokens_mask) if not special]
-    if not body:
-        raise InputError(f"the prompt {text!r} encodes to no tokens")
-    if n_tokens is None:
-        ids = list(enc.ids)
-    else:
-        ids = (prefix + list(itertools.islice(itertools.cycle(body), n_tokens)))[:n_tokens]
-    row = torch.tensor(ids, dtype=torch.long)
-    return Prompt(row.unsqueeze(0).repeat(batch, 1), len(enc.ids), len(body), tuple(tok.id_to_token(i) for i in prefix))
-
-
-def fit_prompt(tokenizer, text: str, n_tokens: int, batch: int) -> torch.LongTensor:
-    """`text` fitted to exactly `n_tokens` ids per row, shape [batch, n_tokens] (encode_prompt)."""
-    return encode_prompt(tokenizer, text, n_tokens, batch).ids
-
-
 # ---------------------------------------------------------------------------- cache
 
 
@@ -424,3 +356,4 @@ def _marker_matches(model_dir: Path, preset: str, seed: int) -> bool:
     wanted = {"preset": preset, "seed": seed, "format": MODEL_FORMAT, "dtype": "float32",
               "overrides": {}}
     return all(marker.get(key) == value for key, value in wanted.items())
+

@@ -1,4 +1,4 @@
-"""What `tsqp prefill` (and the demo) tell the user about a run, as text and as JSON."""
+"""What `tsqp prefill`, `tsqp generate` and the demo tell the user about a run, as text and as JSON."""
 
 from __future__ import annotations
 
@@ -78,3 +78,44 @@ def write_json(path: Path, document: dict[str, Any], what: str, notes: TextIO) -
         return
     path.write_text(text)
     print(f"{what} written to {path}", file=notes)
+
+
+def print_generation(result, runner, out: TextIO | None = None) -> None:
+    """What a generation cost: time to the first token, then per token."""
+    out = out or sys.stdout
+    decode = result.decode_wire
+    steps = max(len(result.token_s), 1)
+    via = ", shared memory" if runner.client.shm else ""
+    stopped = "at the end-of-sequence token" if result.stopped == "eos" else "at --max-new-tokens"
+    lines = [
+        RULE, "Generation", RULE,
+        f"Prompt tokens: {result.prompt_tokens}" + (f" x batch {result.batch}" if result.batch > 1 else ""),
+        f"New tokens: {result.new_tokens} per sequence (stopped {stopped})",
+        f"Time to first token: {result.ttft_s:.4f} seconds",
+        f"Inter-token latency: median {result.itl_median_s:.4f} s, p90 {result.itl_p90_s:.4f} s",
+        f"Throughput: {result.tokens_per_s:.2f} tokens/sec (decode, every sequence)",
+        f"Protocol: {runner.protocol} (wire {runner.wire_dtype}{via}), {decode.round_trips / steps:.1f} round trips "
+        f"and {(decode.bytes_sent + decode.bytes_received) / steps / 1e3:.1f} kB per token",
+        protection_line(runner),
+    ]
+    if result.offline_s:
+        lines.append(f"Offline phase (not in the times above): {result.offline_s:.4f} seconds, "
+                     f"{result.offline_s / result.new_tokens:.4f} per token")
+    if result.replays:
+        lines.append(f"The server lost the session {result.replays} time(s): the prompt and the tokens so far "
+                     "were replayed")
+    print(*lines, RULE, sep="\n", file=out, flush=True)
+
+
+def generation_json(result) -> dict[str, Any]:
+    steps = max(len(result.token_s), 1)
+    decode = result.decode_wire
+    return {
+        "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens, "batch": result.batch,
+        "stopped": result.stopped, "ttft_s": result.ttft_s, "token_s": result.token_s,
+        "itl_median_s": result.itl_median_s, "itl_p90_s": result.itl_p90_s, "tokens_per_s": result.tokens_per_s,
+        "round_trips_per_token": decode.round_trips / steps,
+        "bytes_per_token": (decode.bytes_sent + decode.bytes_received) / steps,
+        "offline_s": result.offline_s, "replays": result.replays, "tokens": result.tokens.tolist(),
+        "prefill_wire": result.prefill_wire.as_dict(), "decode_wire": decode.as_dict(),
+    }
