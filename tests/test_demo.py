@@ -43,7 +43,7 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
     # The plot is drawn where matplotlib (an optional extra) is installed; the rest runs everywhere.
     plot = ("--plot", str(tmp_path / "bench.png")) if HAVE_MATPLOTLIB else ()
     result = run_cli("bench", "--model", str(tiny_dir), "--tokens", "8,16", "--repeat", "2", "--json", "-", *plot,
-                     "--protection", "private", "--verify", timeout=300)
+                     "--protection", "private", "--verify", "--decode", "3", timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # `--json -`: stdout is the JSON, the table goes to stderr
     assert report.keys() == {"device", "model", "dtype", "wire_dtype", "batch", "repeat", "transport", "host",
@@ -52,10 +52,24 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
     modes = {r["mode"] for r in report["results"]}
     assert modes == {"split", "split-seed", "whole", "tee-only", "split-private", "split-verify",
                      "split-private+verify"}
+    assert {r["phase"] for r in report["results"]} == {"prefill", "decode"}
     for r in report["results"]:
         assert {"mode", "tokens", "median_s", "runs_s", "round_trips", "bytes_sent", "bytes_received",
-                "breakdown_s"} <= r.keys()
+                "breakdown_s", "phase"} <= r.keys()
         assert len(r["runs_s"]) == 2 and r["median_s"] > 0
+        if r["mode"].startswith("split"):  # (split - whole) / round trips, prefill and decode
+            whole = next(w for w in report["results"] if (w["mode"], w["tokens"], w["phase"]) ==
+                         ("whole", r["tokens"], r["phase"]))
+            unit = (r["median_s"], whole["median_s"], r["round_trips"]) if r["phase"] == "prefill" else \
+                (r["ms_per_token"] / 1e3, whole["ms_per_token"] / 1e3, r["round_trips_per_token"])
+            assert r["overhead_per_round_trip_s"] == pytest.approx((unit[0] - unit[1]) / unit[2])
+        if r["phase"] == "decode":
+            assert r["new_tokens"] == 3 and r["ms_per_token"] > 0 and r["bytes_per_token"] >= 0
+            per_token = {"split": 4 * 2 + 1, "split-seed": 9 * 2 + 2, "whole": 0, "tee-only": 0}
+            assert r["round_trips_per_token"] == per_token.get(r["mode"], 4 * 2 + 1)
+            if r["mode"] in ("split-private", "split-verify", "split-private+verify"):
+                assert r["offline_s_per_token"] > 0
+            continue
         if r["mode"] == "split":
             assert r["round_trips"] == 4 * 2 + 2
         if r["mode"] == "split-seed":
@@ -63,10 +77,11 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
         if r["mode"].startswith("split-p") or r["mode"] == "split-verify":
             assert r["offline_s"] > 0 and r["round_trips"] == 4 * 2 + 1
     assert not plot or (tmp_path / "bench.png").stat().st_size > 10_000
-    assert "| split |" in result.stderr
+    assert "| split |" in result.stderr and "| ms/token |" in result.stderr
+    assert "split-private decode, 8 tokens: " in result.stderr and " ms offline = " in result.stderr
     for row in report["results"]:  # the round-by-round ratios are the runs' own
-        if row["mode"] == "split-verify" and row["tokens"] == 16:
-            split = next(r for r in report["results"] if r["mode"] == "split" and r["tokens"] == 16)
+        if row["mode"] == "split-verify" and row["tokens"] == 16 and row["phase"] == "prefill":
+            split = next(r for r in report["results"] if (r["mode"], r["tokens"], r["phase"]) == ("split", 16, "prefill"))
             ratios = sorted(a / b for a, b in zip(row["runs_s"], split["runs_s"]))
             assert (f"split-verify, 16 tokens: {sum(ratios) / 2:.3f} × split round by round "
                     f"({ratios[0]:.3f}–{ratios[1]:.3f})") in result.stderr

@@ -103,7 +103,7 @@ class GpuServer:
         try:
             request = check_request(frames, self.config, state.limits, self.shared)
             method = request.method.name
-            self._synchronize()
+            self.synchronize()
             start = time.perf_counter()
             with torch.inference_mode():
                 tensors = self._on_device(request.tensors)
@@ -144,7 +144,7 @@ class GpuServer:
                     check_finite(t, f"input tensor {i}")
         return moved
 
-    def _synchronize(self) -> None:
+    def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -11,6 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from ..protocol import LINEAR_MODULES, WIRE_DTYPES
+from ..reference import greedy_step_seconds
 from .errors import BadRequest
 from .model import apply, check_last_dim, float_inputs, layer_index, linear_module, token_ids
 from .sessions import current_owner
@@ -156,3 +157,20 @@ def whole(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Resul
     ids = token_ids(tensors, server.config.vocab_size, "Whole")
     keep = 0 if args.get("all_positions") else 1
     return [server.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits], {}
+
+
+def _whole_decode_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
+    steps = args.get("steps", 0)
+    if steps < 1 or shapes[0][1] + steps > c.max_position_embeddings:
+        raise BadRequest(f"WholeDecode needs 1 <= steps and prompt + steps <= max_position_embeddings "
+                         f"({c.max_position_embeddings}); got {shapes[0][1]} + {steps}")
+    return 0  # the reply is the steps' seconds, in its header
+
+
+@method("WholeDecode", tensors=1, dtypes=IDS, ranks=(2,), args={"steps": (int,)}, required=(("steps",),),
+        output=_whole_decode_output)
+def whole_decode(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
+    """transformers' own greedy decoding with its KV cache on this device: the speed of light
+    for a decode step. Replies with each step's seconds (synchronized)."""
+    ids = token_ids(tensors, server.config.vocab_size, "WholeDecode")
+    return [], {"step_s": greedy_step_seconds(server.model, ids, args["steps"], server.synchronize)}
