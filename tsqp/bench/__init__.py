@@ -61,6 +61,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--tokens", default="128", help="comma-separated prompt lengths (default 128)")
     p.add_argument("--batch", type=int, default=1, help="sequences per prefill (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per mode and length (default 3)")
+    p.add_argument("--rtt", action="store_true",
+                   help="only the transport: an Echo of 0 B, 8 KiB, 1 MiB and 16 MiB over tcp, ipc and ipc+shm, "
+                        "median and p99 per round trip (tsqp/bench/rtt.py); --repeat scales the calls")
     p.add_argument("--decode", type=int, default=0, metavar="N",
                    help="also time N decode steps after each prompt, per mode (default 0: prefill only)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
@@ -111,6 +114,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from ..report import json_to_stdout, write_json
     from ..transport import Client
 
+    if args.rtt:
+        return _cmd_rtt(args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not modes:
@@ -204,3 +209,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
         what = "prefill and decode" if steps else "prefill"
         plot(results, args.plot, f"TSQP {what}, {Path(model_dir).name}, server {server_info['device']}")
         print(f"plot written to {args.plot}", file=sys.stderr)
+
+
+def _cmd_rtt(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..models import cached_model
+    from ..report import json_to_stdout, write_json
+    from .rtt import measure_rtt, rtt_table
+
+    model_dir = str(args.model or cached_model(args.preset or "tiny"))
+    print(f"Round trips of Echo through a server for {model_dir} (no model work), {args.repeat / 3:g} x the "
+          "default calls per payload", file=sys.stderr)
+    rows = measure_rtt(model_dir, args.device, scale=args.repeat / 3)
+    out = sys.stderr if json_to_stdout(args.json) else sys.stdout
+    print(rtt_table(rows), file=out)
+    if args.json:
+        report = {"model": model_dir, "host": {"machine": platform.machine(), "cpus": __import__("os").cpu_count(),
+                                               "torch": torch.__version__}, "rtt": rows}
+        write_json(args.json, report, "results", notes=sys.stderr)

@@ -174,3 +174,10 @@ def whole_decode(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -
     for a decode step. Replies with each step's seconds (synchronized)."""
     ids = token_ids(tensors, server.config.vocab_size, "WholeDecode")
     return [], {"step_s": greedy_step_seconds(server.model, ids, args["steps"], server.synchronize)}
+
+
+@method("Echo", tensors=1, output=lambda c, args, shapes: math.prod(shapes[0]))
+def echo(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
+    """Its one tensor back, through the device: a round trip of the transport and staging alone
+    (`tsqp bench --rtt`). No larger than what it was sent."""
+    return [tensors[0]], {}
