@@ -59,3 +59,28 @@ def test_identity_names_what_differs(tmp_path, tiny_dir):
     assert identity_mismatch(mine, model_identity(other_seed)).startswith("weights differ: ")
     assert identity_mismatch(mine, model_identity(wider)) == "config intermediate_size: 176 here, 192 on the server"
     assert identity_mismatch(mine, {"config": {}}) == "the server did not say which model it holds"
+
+
+def test_the_tee_never_maps_a_weights_file(tiny_dir, monkeypatch):
+    """Under Gramine a mapping of a trusted file is read and verified whole, once per open: the
+    TEE's weights reader must use byte ranges only, and the config must touch no weights."""
+    import mmap
+
+    import safetensors
+
+    from tsqp.config import load_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weights file was mapped")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    opened = []
+    real_open = __import__("os").open
+    monkeypatch.setattr("os.open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    load_config(tiny_dir)
+    assert not [p for p in opened if p.endswith(".safetensors")]  # the config path reads config.json only
+    weights = DirectoryWeights(tiny_dir)
+    weights.input_norm(0), weights.read("model.layers.1.mlp.down_proj.weight")
+    weights.rows("model.embed_tokens.weight", torch.tensor([[3, 4]]))
+    assert len([p for p in opened if p.endswith(".safetensors")]) == 1  # one handle per file, for every read

@@ -16,7 +16,7 @@ from .report import print_generation, print_report
 from .tee_commands import DEFAULT_TOKENS
 
 # The TEE side and a CPU server often share cores, and take turns: OpenMP workers that spin while
-# their process waits steal cycles from the other one (measured: split 1.18x -> 1.05x of whole).
+# their process waits steal cycles from the other one (docs/benchmarks.md).
 # Set before anything imports torch; nothing above does (`tsqp keygen` never loads it).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

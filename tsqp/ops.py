@@ -84,8 +84,8 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def query_blocks(n: int, block: int = 32, max_blocks: int = 8) -> list[int]:
     """Ends of the query blocks that causal attention is cut into. Block i needs keys [0, end_i)
     only, so scores and probabilities shrink toward half the n x n square as blocks get finer
-    (8 blocks: 9/16 of it). At most 8 blocks of at least 32 queries: finer ones saved no time on
-    the 1B preset at 128 tokens (docs/benchmarks.md)."""
+    (8 blocks: 9/16 of it). At most 8 blocks of at least 32 queries: finer ones cost more calls'
+    worth than they save (docs/benchmarks.md)."""
     count = min(max_blocks, max(1, n // block))
     return [round(n * (i + 1) / count) for i in range(count)]
 
