@@ -447,12 +447,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread: a client unwinds as on ^C and removes its shared memory."""
+
+
+def _on_sigterm(signum: int, _frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .errors import TsqpError
 
     handler: Callable[[argparse.Namespace], None] = args.func
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # serve installs its own
     try:
         handler(args)
     except (TsqpError, ValueError) as err:
@@ -461,4 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -26,7 +26,7 @@ from .config import ModelConfig, load_config
 from .errors import ModelError, ProtocolError, TsqpError
 from .logs import log_event
 from .protocol import DTYPES, LINEAR_MODULES, WIRE_DTYPES
-from .shm import Attached, Segment, aligned, footprint
+from .shm import Attached, ReplyTo
 from .staging import to_device, to_host
 from .ops import apply_rope  # the same rotation the TEE applies in the seed protocol
 from .transport import DEFAULT_HEARTBEAT_S, Handler, current_peer, is_loopback, serve_forever
@@ -134,7 +134,7 @@ class Request:
     method: str
     args: dict[str, Any]
     tensors: list[torch.Tensor]
-    reply_to: "tuple[Segment, int] | None" = None  # the client's shared memory and where the reply may go
+    reply_to: ReplyTo | None = None  # the client's shared memory and where the reply may go
 
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -306,7 +306,7 @@ class GpuServer:
         message = protocol.decode_payloads(header, payloads, limits.max_elements)  # payload bytes against shapes
         return Request(method, args, message.tensors, reply_to)
 
-    def _payloads(self, header: dict, frames: list[Any]) -> tuple[list[Any], "tuple[Segment, int] | None"]:
+    def _payloads(self, header: dict, frames: list[Any]) -> tuple[list[Any], ReplyTo | None]:
         """The header frame and the payload buffers: the frames that came, or locations in the
         client's shared memory (tsqp.shm) when the request says so and this server allows it."""
         shared = header.get("shm")
@@ -314,25 +314,18 @@ class GpuServer:
             return frames, None
         if self.shared is None:
             raise BadRequest("this server does not take payloads in shared memory (start it with --shm)")
-        if not isinstance(shared, dict) or len(frames) != 1 or type(shared.get("reply_at")) is not int:
-            raise BadRequest("'shm' must be {name, frames, reply_at}, with no payload frames")
-        segment = self.shared.get(shared.get("name"))
-        views = segment.views(shared.get("frames"))
+        if not isinstance(shared, dict) or len(frames) != 1:
+            raise BadRequest("'shm' must be {name, key, frames, reply_at}, with no payload frames")
+        views, reply_to = self.shared.request(shared)  # the segment's key first, then every location
         if len(views) > self.service.limits.max_tensors:
             raise TooLarge(f"{len(views)} payloads (limit {self.service.limits.max_tensors})")
-        return [frames[0], *views], (segment, shared["reply_at"])
+        return [frames[0], *views], reply_to
 
     @staticmethod
-    def _reply(header: dict, outputs: list[torch.Tensor], reply_to: "tuple[Segment, int] | None") -> list[Any]:
-        """Reply frames; with shared memory, the tensors go behind the request's when they fit,
-        else as frames with the room they needed (`shm_room`), so the client can grow."""
+    def _reply(header: dict, outputs: list[torch.Tensor], reply_to: ReplyTo | None) -> list[Any]:
+        """Reply frames; with shared memory, the tensors go behind the request's when they fit (tsqp.shm)."""
         if reply_to is not None:
-            segment, at = reply_to
-            need = footprint(outputs)
-            if 0 <= at and aligned(at) + need <= segment.size:
-                header["shm"] = {"frames": segment.write(outputs, at)}
-                return [protocol.encode_header(header, outputs)]
-            header["shm_room"] = need
+            return reply_to.encode(header, outputs)
         return protocol.encode(header, outputs)
 
     def _check_args(self, method: str, args: dict) -> None:

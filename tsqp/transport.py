@@ -25,7 +25,7 @@ from .errors import ProtocolError, RemoteError, ServerUnreachable
 from .keys import AuthenticationFailed, ClientKeys
 from .logs import log_event
 from .protocol import Message, decode, encode, frames_nbytes
-from .shm import Segment, decode_reply, encode_request, footprint, reply_room
+from .shm import DATA_START, Segment, decode_reply, encode_request, footprint, reply_room
 
 if TYPE_CHECKING:
     from .keys import ServerKeys
@@ -263,7 +263,7 @@ class Client:
     def _shared_segment(self, tensors: Sequence[torch.Tensor]) -> Segment:
         """This client's segment, made (again) large enough for the request and the reply room."""
         room = footprint(tensors) + self._reply_room
-        if self._segment is None or self._segment.size < room:
+        if self._segment is None or self._segment.size - DATA_START < room:
             self._drop_segment()
             self._segment = Segment.create(room + room // 4 + (1 << 20))
         return self._segment
