@@ -1,0 +1,321 @@
+"""The serving loop: requests handled one at a time, status queries answered meanwhile.
+
+A client that has waited a second for its reply asks whether its request is still queued or
+running (a status query, tsqp.transport), and a server that answers neither within seconds
+counts as lost: so a reply dropped on the way, or a frozen server, is noticed in seconds, and a
+long computation is never mistaken for either. The handler runs on the loop's own thread (a
+thread switch per call would add to every small call's round trip); when a request has run
+for STAND_IN_AFTER_S, a stand-in thread takes the socket (one owner at a time, by a lock),
+answers status queries and queues new requests until the handler returns. The loop also sees
+every reply leave: it follows each large reply frame until ZeroMQ has released it, and refuses
+requests from a peer whose unread replies pin more than a bound, so a peer that never reads
+cannot pin the server's memory.
+
+Plain REQ clients (the seed's) are served as before: they never send status queries.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgpack
+import zmq
+
+from . import protocol
+from .errors import ProtocolError
+from .logs import log_event
+
+if TYPE_CHECKING:
+    from .keys import AllowList, ServerKeys
+
+DEFAULT_HEARTBEAT_S = 1.0  # ZMTP ping interval; a peer silent for 5 intervals is dropped
+DEFAULT_MAX_UNREAD_BYTES = 64 << 20  # reply bytes a peer may leave unread before its requests are refused
+MAX_PENDING_PER_PEER = 4  # our clients have one request in flight per connection; more is a flood
+SEND_HWM = 64  # messages queued per peer: bounds the small (copied, untracked) replies a non-reader pins
+TRACK_MIN_BYTES = zmq.COPY_THRESHOLD  # frames pyzmq sends without copying, and so can follow to release
+NOTICE_BYTES = 16 << 20  # a reply this large is announced first: the client allows for its transfer time
+UNREAD_GRACE_S = 0.1  # pyzmq marks a frame released from its own thread, a moment after libzmq did
+STAND_IN_AFTER_S = 0.2  # a request running this long gets the stand-in answering status queries
+STAND_IN_POLL_S = 0.05
+
+# Status frames are msgpack arrays; every TSQP header is a map, so the two never mix.
+STATUS_QUERY = msgpack.packb(["status"])
+STATUS_PENDING = msgpack.packb(["pending"])  # the request is queued or running
+STATUS_UNKNOWN = msgpack.packb(["unknown"])  # not here: answered already (the reply was lost), or never came
+
+Handler = Callable[[list[Any]], list[Any]]
+# Who sent the request being handled (socket identity, or `key:…` under CurveZMQ), for the logs.
+current_peer: contextvars.ContextVar[str] = contextvars.ContextVar("tsqp_peer", default="-")
+
+log = logging.getLogger("tsqp.server")
+
+
+def set_heartbeat(sock: zmq.Socket, heartbeat_s: float) -> None:
+    if heartbeat_s > 0:
+        ivl = max(int(heartbeat_s * 1000), 10)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 5 * ivl)
+
+
+def sending_notice(nbytes: int) -> bytes:
+    """Sent before a reply of `nbytes` >= NOTICE_BYTES: its transfer is not a silent server."""
+    return msgpack.packb(["sending", nbytes])
+
+
+def _peer_name(envelope: list[zmq.Frame], user: str | None) -> str:
+    """Who sent a request, for the logs: the authenticated key if any, else the socket identity."""
+    if user:
+        return f"key:{user}"
+    return envelope[0].bytes.hex() if envelope else "-"
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:
+        return None
+
+
+@dataclass
+class _Job:
+    key: tuple[bytes, ...]  # the envelope's bytes: whom to answer, and what status queries name
+    envelope: list[zmq.Frame]
+    body: list[zmq.Frame]
+    peer: str
+    started: float = 0.0
+
+
+@dataclass
+class _Peer:
+    """One connection's (envelope's) requests in progress and replies it has not read yet."""
+
+    pending: int = 0
+    unread: list[tuple[zmq.MessageTracker, int]] = field(default_factory=list)
+    refusing: bool = False  # over its bound since the last check: refuse again without the grace wait
+
+    def unread_bytes(self) -> int:
+        self.unread = [(tracker, n) for tracker, n in self.unread if not tracker.done]
+        return sum(n for _, n in self.unread)
+
+    def idle(self) -> bool:
+        return not self.pending and not self.unread_bytes()
+
+
+class _Loop:
+    """The serving loop. Whoever holds `owner` may use the socket: the loop, except while a
+    long request runs, when the stand-in thread may take it to answer status queries."""
+
+    def __init__(self, sock: zmq.Socket, handle: Handler, allow: "AllowList | None", max_unread_bytes: int):
+        self.sock, self.handle, self.allow, self.max_unread = sock, handle, allow, max_unread_bytes
+        self.peers: dict[tuple[bytes, ...], _Peer] = {}
+        self.backlog: deque[_Job] = deque()  # received, not yet handled
+        self.running: _Job | None = None
+        self.owner = threading.Lock()
+        self._closing = threading.Event()
+        self._wake_read, self._wake_write = os.pipe()  # the loop asks the stand-in for the socket back
+        os.set_blocking(self._wake_read, False)
+        self._swept = time.monotonic()
+
+    def run(self, stop: threading.Event) -> None:
+        self.owner.acquire()
+        stand_in = threading.Thread(target=self._stand_in, name="tsqp-status", daemon=True)
+        stand_in.start()
+        try:
+            while not stop.is_set():
+                if self.backlog:
+                    self._serve(self.backlog.popleft())
+                elif self.sock.poll(100, zmq.POLLIN):
+                    self._receive()
+                else:
+                    self._sweep()
+        finally:  # the request in progress was answered; queued ones are dropped (their clients resend)
+            self._closing.set()
+            self.owner.release()
+            stand_in.join()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+
+    def _serve(self, job: _Job) -> None:
+        current_peer.set(job.peer)
+        job.started = time.monotonic()
+        self.running = job
+        self.owner.release()
+        try:
+            reply = self.handle(job.body)
+        except Exception as err:  # handlers must not raise; if one does, the client still gets an answer
+            log.error("handler_raised", extra={"fields": {"error": repr(err)[:300]}}, exc_info=True)
+            reply = protocol.encode(protocol.error_header("internal", f"{type(err).__name__}: {err}"))
+        finally:
+            self.running = None
+            if not self.owner.acquire(blocking=False):
+                os.write(self._wake_write, b"\0")  # the stand-in has the socket: hand it back now
+                self.owner.acquire()
+        self._send_reply(job, reply)
+
+    def _stand_in(self) -> None:
+        """Hold the socket while a request runs long: answer status queries, queue requests."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        while not self._closing.wait(STAND_IN_POLL_S):
+            job = self.running
+            if job is None or time.monotonic() - job.started < STAND_IN_AFTER_S:
+                continue
+            with self.owner:
+                while self.running is job and not self._closing.is_set():
+                    ready = dict(poller.poll(100))
+                    if self._wake_read in ready:
+                        try:
+                            os.read(self._wake_read, 1 << 16)
+                        except BlockingIOError:
+                            pass
+                    if self.sock in ready and self.running is job:
+                        self._receive()
+
+    def _receive(self) -> None:
+        """Route what the socket holds (it polled readable), up to a batch: then the loop serves it."""
+        for _ in range(256):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            # [identity, (more routing frames,) empty delimiter, header, *payloads]
+            split = next((i for i, f in enumerate(frames) if len(f) == 0), None)
+            if split is not None:
+                self._route(frames[: split + 1], frames[split + 1:])
+            else:  # not a REQ envelope: nobody to answer
+                log_event(log, logging.DEBUG, "ignored", reason="no envelope delimiter", frames=len(frames))
+            if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a receive that fails
+                return
+
+    def _route(self, envelope: list[zmq.Frame], body: list[zmq.Frame]) -> None:
+        key = tuple(f.bytes for f in envelope)
+        if len(body) == 1 and len(body[0]) == len(STATUS_QUERY) and body[0].bytes == STATUS_QUERY:
+            peer = self.peers.get(key)
+            self._send(envelope, [STATUS_PENDING if peer is not None and peer.pending else STATUS_UNKNOWN])
+            return
+        user = _user_id(body[0]) if self.allow is not None and body else None
+        name = _peer_name(envelope, user)
+        peer = self.peers.get(key) or self.peers.setdefault(key, _Peer())
+        if self.allow is not None and not (user and self.allow.admits(user.encode())):
+            self._refuse(envelope, peer, name, "unauthorized", "this client's key is no longer on the server's "
+                         "allow-list")
+        elif peer.pending >= MAX_PENDING_PER_PEER:
+            self._refuse(envelope, peer, name, "busy", f"{peer.pending} requests of this connection are already "
+                         "queued or running: wait for their replies")
+        elif self._over_unread(peer):
+            self._refuse(envelope, peer, name, "unread_replies", f"{peer.unread_bytes() / 2**20:.0f} MiB of replies "
+                         f"to this connection are unread (limit {self.max_unread / 2**20:.0f} MiB): read them first")
+        else:
+            peer.pending += 1
+            self.backlog.append(_Job(key, envelope, body, name))
+
+    def _over_unread(self, peer: _Peer) -> bool:
+        if peer.unread_bytes() <= self.max_unread:
+            peer.refusing = False
+            return False
+        if not peer.refusing:  # a reply just read may not be marked released yet: wait a moment, once
+            deadline = time.monotonic() + UNREAD_GRACE_S
+            for tracker, _ in peer.unread:
+                try:
+                    tracker.wait(max(deadline - time.monotonic(), 0.001))
+                except zmq.NotDone:
+                    break
+        peer.refusing = peer.unread_bytes() > self.max_unread
+        return peer.refusing
+
+    def _refuse(self, envelope: list[zmq.Frame], peer: _Peer, name: str, code: str, message: str) -> None:
+        log_event(log, logging.WARNING, "refused", code=code, peer=name, message=message)
+        self._send(envelope, protocol.encode(protocol.error_header(code, message)))
+        self._forget_if_idle(tuple(f.bytes for f in envelope), peer)
+
+    def _send_reply(self, job: _Job, reply: list[Any]) -> None:
+        peer = self.peers.get(job.key) or self.peers.setdefault(job.key, _Peer())
+        peer.pending -= 1
+        frames, tracked = _tracked(reply)
+        nbytes = sum(n for _, n in tracked)
+        if nbytes >= NOTICE_BYTES:
+            self._send(job.envelope, [sending_notice(nbytes)])
+        if self._send(job.envelope, frames):
+            peer.unread.extend(tracked)
+        self._forget_if_idle(job.key, peer)
+
+    def _send(self, envelope: list[zmq.Frame], frames: list[Any]) -> bool:
+        try:
+            self.sock.send_multipart([*envelope, *frames], copy=False)
+            return True
+        except zmq.ZMQError as err:  # the peer is gone: its reply has nowhere to go
+            log_event(log, logging.WARNING, "reply_dropped", error=str(err))
+            return False
+
+    def _forget_if_idle(self, key: tuple[bytes, ...], peer: _Peer) -> None:
+        if peer.idle():
+            self.peers.pop(key, None)
+
+    def _sweep(self, every_s: float = 5.0) -> None:
+        """Forget peers whose replies were all released (read, or dropped with their connection)."""
+        now = time.monotonic()
+        if now - self._swept >= every_s:
+            self._swept = now
+            for key in [k for k, p in self.peers.items() if p.idle()]:
+                del self.peers[key]
+
+
+def _tracked(reply: list[Any]) -> tuple[list[Any], list[tuple[zmq.MessageTracker, int]]]:
+    """The reply's frames, the large ones wrapped so that ZeroMQ's release of them can be seen."""
+    frames, tracked = [], []
+    for part in reply:
+        nbytes = part.nbytes if isinstance(part, memoryview) else len(part)
+        if nbytes >= TRACK_MIN_BYTES and not isinstance(part, zmq.Frame):
+            part = zmq.Frame(part, track=True, copy=False)
+            tracked.append((part.tracker, nbytes))
+        frames.append(part)
+    return frames, tracked
+
+
+def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_ready: Callable[[], None] | None = None,
+                  context: zmq.Context | None = None, *, keys: "ServerKeys | None" = None,
+                  max_message_bytes: int | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+                  max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES) -> None:
+    """Answer requests on a ROUTER socket until `stop` is set; the request in progress is answered first.
+
+    `handle(frames)` maps request frames to reply frames (one request at a time, on this
+    thread) and must not raise; `current_peer` names the sender meanwhile. Requests from many clients
+    interleave; each reply goes back to the identity that sent the request. A frame over
+    `max_message_bytes` makes ZeroMQ drop its sender. With `keys`, only CurveZMQ clients on the
+    allow-list get in (a ZAP handler on a context of this server's own), and every request's
+    key is checked again, so a key removed from the list stops working on open connections too."""
+    own_context = context is None
+    context = context or zmq.Context()
+    allow = keys.allow_list() if keys is not None else None
+    auth = keys.start_authenticator(context, allow) if keys is not None else None
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+    set_heartbeat(sock, heartbeat_s)
+    if max_message_bytes:
+        sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
+    if keys is not None:
+        keys.apply(sock)
+    try:
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as err:
+            raise ProtocolError(f"cannot bind {endpoint}: {err}") from None
+        if on_ready is not None:
+            on_ready()
+        _Loop(sock, handle, allow, max_unread_bytes).run(stop)
+    finally:
+        sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
+        if own_context:
+            context.term()
