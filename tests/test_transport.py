@@ -234,3 +234,25 @@ def test_a_peer_that_never_reads_cannot_pin_the_servers_memory(tiny_dir):
     print(f"\nnon-reader: 12 x 64 MiB replies asked, server RSS growth {growth_mib:+.0f} MiB; replies {codes}")
     assert codes[0] == "ok" and codes.count("unread_replies") >= 8, codes
     assert growth_mib < 400, f"{growth_mib:.0f} MiB"
+
+
+def test_the_timeout_bounds_the_work_and_a_flood_on_one_connection_is_refused(tiny_dir):
+    server, seen = _slow_server(tiny_dir, seconds=2.0)
+    with ServerThread(server, api.free_endpoint()) as thread:
+        with Client(thread.endpoint, timeout_s=1.2, retries=0, liveness=QUICK) as client:
+            start = time.monotonic()  # the server keeps saying 'running': only the timeout ends the wait
+            with pytest.raises(ServerUnreachable, match="no reply within 1.2 s"):
+                linear(client, torch.randn(1, 2, 64))
+            assert 1.2 <= time.monotonic() - start < 5
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(thread.endpoint)
+        request = protocol.encode({"method": "Linear", "args": {"layer_idx": 0, "module_name": "q_proj"}},
+                                  [torch.randn(1, 2, 64)])
+        for _ in range(8):  # all at once, on one connection
+            sock.send_multipart([b"", *request], copy=False)
+        codes = []
+        while len(codes) < 8 and sock.poll(30_000):
+            header = msgpack.unpackb(sock.recv_multipart()[1])
+            codes.append("ok" if header["ok"] else header["error"]["code"])
+        sock.close(linger=0)
+    assert sorted(codes) == ["busy"] * 4 + ["ok"] * 4, codes
