@@ -139,6 +139,7 @@ def test_a_long_honest_computation_is_not_cut_off_and_others_wait_their_turn(tin
         x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(3))
         with Client(thread.endpoint, timeout_s=60, retries=0, liveness=QUICK) as client:
             client.ping()
+            time.sleep(1.5)  # a quiet server: its stand-in sleeps until the next request starts
             replies: dict[str, object] = {}
 
             def old_style_ping() -> None:  # a REQ socket, as the seed's client has

@@ -43,7 +43,8 @@ TRACK_MIN_BYTES = zmq.COPY_THRESHOLD  # frames pyzmq sends without copying, and 
 NOTICE_BYTES = 16 << 20  # a reply this large is announced first: the client allows for its transfer time
 UNREAD_GRACE_S = 0.1  # pyzmq marks a frame released from its own thread, a moment after libzmq did
 STAND_IN_AFTER_S = 0.2  # a request running this long gets the stand-in answering status queries
-STAND_IN_POLL_S = 0.05
+STAND_IN_POLL_S = 0.05  # how often the stand-in looks while requests run; an idle server wakes it never
+STAND_IN_IDLE_S = 1.0  # no request for this long: the stand-in sleeps until the next one
 
 # Status frames are msgpack arrays; every TSQP header is a map, so the two never mix.
 STATUS_QUERY = msgpack.packb(["status"])
@@ -120,6 +121,7 @@ class _Loop:
         self.running: _Job | None = None
         self.owner = threading.Lock()
         self._closing = threading.Event()
+        self._busy = threading.Event()  # set when a request starts after a quiet spell: wakes the stand-in
         self._wake_read, self._wake_write = os.pipe()  # the loop asks the stand-in for the socket back
         os.set_blocking(self._wake_read, False)
         self._swept = time.monotonic()
@@ -138,6 +140,7 @@ class _Loop:
                     self._sweep()
         finally:  # the request in progress was answered; queued ones are dropped (their clients resend)
             self._closing.set()
+            self._busy.set()
             self.owner.release()
             stand_in.join()
             os.close(self._wake_read)
@@ -147,6 +150,8 @@ class _Loop:
         current_peer.set(job.peer)
         job.started = time.monotonic()
         self.running = job
+        if not self._busy.is_set():  # once per busy spell, not per request
+            self._busy.set()
         self.owner.release()
         try:
             reply = self.handle(job.body)
@@ -165,9 +170,21 @@ class _Loop:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
+        quiet_since = time.monotonic()
         while not self._closing.wait(STAND_IN_POLL_S):
-            job = self.running
-            if job is None or time.monotonic() - job.started < STAND_IN_AFTER_S:
+            if not self._busy.is_set():  # a quiet server: sleep until a request starts
+                self._busy.wait()
+                quiet_since = time.monotonic()
+                continue
+            job, now = self.running, time.monotonic()
+            if job is None:
+                if now - quiet_since >= STAND_IN_IDLE_S:
+                    self._busy.clear()
+                    if self.running is not None:  # a request started meanwhile and saw the event still set
+                        self._busy.set()
+                continue
+            quiet_since = now
+            if now - job.started < STAND_IN_AFTER_S:
                 continue
             with self.owner:
                 while self.running is job and not self._closing.is_set():
