@@ -85,9 +85,12 @@ def _user_id(frame: zmq.Frame) -> str | None:
         return None
 
 
-@dataclass
+Key = tuple[bytes, ...]  # a request's envelope: whom to answer, and what a status query names
+
+
+@dataclass(slots=True)
 class _Job:
-    key: tuple[bytes, ...]  # the envelope's bytes: whom to answer, and what status queries name
+    key: Key
     envelope: list[zmq.Frame]
     body: list[zmq.Frame]
     peer: str
@@ -95,19 +98,15 @@ class _Job:
 
 
 @dataclass
-class _Peer:
-    """One connection's (envelope's) requests in progress and replies it has not read yet."""
+class _Unread:
+    """Large reply frames sent to one connection that ZeroMQ still holds: it has not read them."""
 
-    pending: int = 0
-    unread: list[tuple[zmq.MessageTracker, int]] = field(default_factory=list)
-    refusing: bool = False  # over its bound since the last check: refuse again without the grace wait
+    frames: list[tuple[zmq.MessageTracker, int]] = field(default_factory=list)
+    refusing: bool = False  # over the bound at the last check: refuse again without the grace wait
 
-    def unread_bytes(self) -> int:
-        self.unread = [(tracker, n) for tracker, n in self.unread if not tracker.done]
-        return sum(n for _, n in self.unread)
-
-    def idle(self) -> bool:
-        return not self.pending and not self.unread_bytes()
+    def nbytes(self) -> int:
+        self.frames = [(tracker, n) for tracker, n in self.frames if not tracker.done]
+        return sum(n for _, n in self.frames)
 
 
 class _Loop:
@@ -116,7 +115,8 @@ class _Loop:
 
     def __init__(self, sock: zmq.Socket, handle: Handler, allow: "AllowList | None", max_unread_bytes: int):
         self.sock, self.handle, self.allow, self.max_unread = sock, handle, allow, max_unread_bytes
-        self.peers: dict[tuple[bytes, ...], _Peer] = {}
+        self.pending: dict[Key, int] = {}  # requests queued or running, per connection
+        self.unread: dict[Key, _Unread] = {}
         self.backlog: deque[_Job] = deque()  # received, not yet handled
         self.running: _Job | None = None
         self.owner = threading.Lock()
@@ -216,54 +216,55 @@ class _Loop:
     def _route(self, envelope: list[zmq.Frame], body: list[zmq.Frame]) -> None:
         key = tuple(f.bytes for f in envelope)
         if len(body) == 1 and len(body[0]) == len(STATUS_QUERY) and body[0].bytes == STATUS_QUERY:
-            peer = self.peers.get(key)
-            self._send(envelope, [STATUS_PENDING if peer is not None and peer.pending else STATUS_UNKNOWN])
+            self._send(envelope, [STATUS_PENDING if key in self.pending else STATUS_UNKNOWN])
             return
         user = _user_id(body[0]) if self.allow is not None and body else None
-        name = _peer_name(envelope, user)
-        peer = self.peers.get(key) or self.peers.setdefault(key, _Peer())
+        name, pending = _peer_name(envelope, user), self.pending.get(key, 0)
         if self.allow is not None and not (user and self.allow.admits(user.encode())):
-            self._refuse(envelope, peer, name, "unauthorized", "this client's key is no longer on the server's "
-                         "allow-list")
-        elif peer.pending >= MAX_PENDING_PER_PEER:
-            self._refuse(envelope, peer, name, "busy", f"{peer.pending} requests of this connection are already "
-                         "queued or running: wait for their replies")
-        elif self._over_unread(peer):
-            self._refuse(envelope, peer, name, "unread_replies", f"{peer.unread_bytes() / 2**20:.0f} MiB of replies "
-                         f"to this connection are unread (limit {self.max_unread / 2**20:.0f} MiB): read them first")
+            self._refuse(envelope, name, "unauthorized", "this client's key is no longer on the server's allow-list")
+        elif pending >= MAX_PENDING_PER_PEER:
+            self._refuse(envelope, name, "busy", f"{pending} requests of this connection are already queued or "
+                         "running: wait for their replies")
+        elif key in self.unread and self._over_unread(key):
+            self._refuse(envelope, name, "unread_replies", f"{self.unread[key].nbytes() / 2**20:.0f} MiB of "
+                         f"replies to this connection are unread (limit {self.max_unread / 2**20:.0f} MiB): "
+                         "read them first")
         else:
-            peer.pending += 1
+            self.pending[key] = pending + 1
             self.backlog.append(_Job(key, envelope, body, name))
 
-    def _over_unread(self, peer: _Peer) -> bool:
-        if peer.unread_bytes() <= self.max_unread:
-            peer.refusing = False
+    def _over_unread(self, key: Key) -> bool:
+        unread = self.unread[key]
+        if unread.nbytes() <= self.max_unread:
+            unread.refusing = False
             return False
-        if not peer.refusing:  # a reply just read may not be marked released yet: wait a moment, once
+        if not unread.refusing:  # a reply just read may not be marked released yet: wait a moment, once
             deadline = time.monotonic() + UNREAD_GRACE_S
-            for tracker, _ in peer.unread:
+            for tracker, _ in unread.frames:
                 try:
                     tracker.wait(max(deadline - time.monotonic(), 0.001))
                 except zmq.NotDone:
                     break
-        peer.refusing = peer.unread_bytes() > self.max_unread
-        return peer.refusing
+        unread.refusing = unread.nbytes() > self.max_unread
+        return unread.refusing
 
-    def _refuse(self, envelope: list[zmq.Frame], peer: _Peer, name: str, code: str, message: str) -> None:
+    def _refuse(self, envelope: list[zmq.Frame], name: str, code: str, message: str) -> None:
         log_event(log, logging.WARNING, "refused", code=code, peer=name, message=message)
         self._send(envelope, protocol.encode(protocol.error_header(code, message)))
-        self._forget_if_idle(tuple(f.bytes for f in envelope), peer)
 
     def _send_reply(self, job: _Job, reply: list[Any]) -> None:
-        peer = self.peers.get(job.key) or self.peers.setdefault(job.key, _Peer())
-        peer.pending -= 1
+        left = self.pending.pop(job.key) - 1
+        if left:
+            self.pending[job.key] = left
         frames, tracked = _tracked(reply)
+        if not tracked:
+            self._send(job.envelope, frames)
+            return
         nbytes = sum(n for _, n in tracked)
         if nbytes >= NOTICE_BYTES:
             self._send(job.envelope, [sending_notice(nbytes)])
         if self._send(job.envelope, frames):
-            peer.unread.extend(tracked)
-        self._forget_if_idle(job.key, peer)
+            self.unread.setdefault(job.key, _Unread()).frames.extend(tracked)
 
     def _send(self, envelope: list[zmq.Frame], frames: list[Any]) -> bool:
         try:
@@ -273,17 +274,13 @@ class _Loop:
             log_event(log, logging.WARNING, "reply_dropped", error=str(err))
             return False
 
-    def _forget_if_idle(self, key: tuple[bytes, ...], peer: _Peer) -> None:
-        if peer.idle():
-            self.peers.pop(key, None)
-
     def _sweep(self, every_s: float = 5.0) -> None:
-        """Forget peers whose replies were all released (read, or dropped with their connection)."""
+        """Forget connections whose replies were all released (read, or dropped with the connection)."""
         now = time.monotonic()
         if now - self._swept >= every_s:
             self._swept = now
-            for key in [k for k, p in self.peers.items() if p.idle()]:
-                del self.peers[key]
+            for key in [k for k, unread in self.unread.items() if not unread.nbytes()]:
+                del self.unread[key]
 
 
 def _tracked(reply: list[Any]) -> tuple[list[Any], list[tuple[zmq.MessageTracker, int]]]:

@@ -220,12 +220,9 @@ class _Link:
         self.sock.send_multipart([b"", *frames], copy=False)
 
     def read_events(self) -> None:
-        """Apply every pending monitor event (non-blocking)."""
-        while True:
-            try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+        """Apply every pending monitor event (non-blocking; asking first is cheaper than a failed receive)."""
+        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             self._apply(event["event"], event["value"])
 
     def _apply(self, event: int, value: int) -> None:
@@ -257,29 +254,36 @@ class _Link:
         answering status queries (`liveness`), ends the wait early."""
         start = time.monotonic()
         reply_deadline, connect_deadline = start + timeout_s, start + connect_timeout_s
-        watch: _Watch | None = None  # made once the connection is up: the request leaves then
+        up_at = start if self.connected else None  # the request leaves once the connection is up
+        watch: _Watch | None = None  # made when the reply is late: most calls never need one
         while True:
             now = time.monotonic()
             deadline = reply_deadline if self.connected else min(reply_deadline, connect_deadline)
             if now >= deadline:
                 break
             if self.connected:
-                watch = watch or _Watch(liveness, request_bytes, now)
-                action, wake = watch.step(now)
-                if action == "lost":
-                    return _Failure(watch.silence())
-                if action == "ask":
-                    self.sock.send_multipart([b"", STATUS_QUERY])
-                deadline = min(deadline, wake)
+                up_at = now if up_at is None else up_at
+                if watch is None and now - up_at < liveness.interval_s:
+                    deadline = min(deadline, up_at + liveness.interval_s)
+                else:
+                    watch = watch or _Watch(liveness, request_bytes, up_at)
+                    action, wake = watch.step(now)
+                    if action == "lost":
+                        return _Failure(watch.silence())
+                    if action == "ask":
+                        self.sock.send_multipart([b"", STATUS_QUERY])
+                    deadline = min(deadline, wake)
             ready = dict(self.poller.poll(max((deadline - now) * 1000, 1)))
             if self.sock in ready:
                 body = self._receive()
                 answer = status_answer(body) if body is not None else None
-                if answer is not None and watch is not None:
-                    failure = watch.answered(answer, time.monotonic())
+                if answer is not None:  # a status answer, or the notice of a large reply (which may come early)
+                    now = time.monotonic()
+                    watch = watch or _Watch(liveness, request_bytes, now if up_at is None else up_at)
+                    failure = watch.answered(answer, now)
                     if failure is not None:
                         return failure
-                elif body is not None and answer is None:
+                elif body is not None:
                     return body
             if self.monitor in ready:
                 self.read_events()
