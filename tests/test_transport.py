@@ -257,3 +257,41 @@ def test_the_timeout_bounds_the_work_and_a_flood_on_one_connection_is_refused(ti
             codes.append("ok" if header["ok"] else header["error"]["code"])
         sock.close(linger=0)
     assert sorted(codes) == ["busy"] * 4 + ["ok"] * 4, codes
+
+
+def test_a_status_answer_that_comes_after_its_reply_is_not_taken_for_the_next_call():
+    """The server may answer a status query after it has sent the reply (the query crossed the
+    reply on the way): that 'unknown' belongs to the finished call, not to the next one."""
+    endpoint = api.free_endpoint()
+    ok = msgpack.packb({"ok": True, "tensors": []})
+    bound = threading.Event()
+
+    def serve() -> None:  # the socket lives and dies in this thread
+        router = zmq.Context.instance().socket(zmq.ROUTER)
+        router.bind(endpoint)
+        bound.set()
+
+        def receive() -> list[bytes] | None:
+            return router.recv_multipart() if router.poll(10_000) else None
+
+        try:
+            first = receive()  # the first call: [identity, b"", header]
+            query = receive()  # wait for its status query, then answer in the worst order
+            if first is None or query is None:
+                return
+            router.send_multipart([*first[:2], ok])
+            router.send_multipart([*query[:2], msgpack.packb(["unknown", msgpack.unpackb(query[2])[1]])])
+            second = receive()
+            if second is not None:
+                router.send_multipart([*second[:2], ok])
+        finally:
+            router.close(linger=1000)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert bound.wait(10)
+    with Client(endpoint, timeout_s=30, retries=0, liveness=QUICK) as client:
+        assert client.call("Ping").header["ok"]
+        time.sleep(0.2)  # the late answer is in the socket by now
+        assert client.call("Ping").header["ok"] and client.stats.retries == 0
+    thread.join(15)

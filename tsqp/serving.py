@@ -46,10 +46,12 @@ STAND_IN_AFTER_S = 0.2  # a request running this long gets the stand-in answerin
 STAND_IN_POLL_S = 0.05  # how often the stand-in looks while requests run; an idle server wakes it never
 STAND_IN_IDLE_S = 1.0  # no request for this long: the stand-in sleeps until the next one
 
-# Status frames are msgpack arrays; every TSQP header is a map, so the two never mix.
-STATUS_QUERY = msgpack.packb(["status"])
-STATUS_PENDING = msgpack.packb(["pending"])  # the request is queued or running
-STATUS_UNKNOWN = msgpack.packb(["unknown"])  # not here: answered already (the reply was lost), or never came
+# Status frames are short msgpack arrays; every TSQP header is a map, so the two never mix. A query
+# is ["status", n] and its answer [state, n]: "pending" (the connection's request is queued or
+# running) or "unknown" (not here: answered already, so the reply was lost, or it never came).
+# The client numbers its queries, so an answer that comes after its call's reply is not taken
+# for the next call's.
+STATUS_MAX_BYTES = 24
 
 Handler = Callable[[list[Any]], list[Any]]
 # Who sent the request being handled (socket identity, or `key:…` under CurveZMQ), for the logs.
@@ -64,6 +66,21 @@ def set_heartbeat(sock: zmq.Socket, heartbeat_s: float) -> None:
         sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * ivl)
         sock.setsockopt(zmq.HEARTBEAT_TTL, 5 * ivl)
+
+
+def status_query(number: int) -> bytes:
+    return msgpack.packb(["status", number])
+
+
+def _status_number(frame: zmq.Frame) -> int | None:
+    """The number of a status query, else None (any request header is a longer map)."""
+    if len(frame) > STATUS_MAX_BYTES or not len(frame) or frame.buffer[0] != 0x92:  # a 2-element array
+        return None
+    try:
+        query = msgpack.unpackb(frame.bytes)
+    except ValueError:
+        return None
+    return query[1] if query[0] == "status" and type(query[1]) is int else None
 
 
 def sending_notice(nbytes: int) -> bytes:
@@ -215,8 +232,9 @@ class _Loop:
 
     def _route(self, envelope: list[zmq.Frame], body: list[zmq.Frame]) -> None:
         key = tuple(f.bytes for f in envelope)
-        if len(body) == 1 and len(body[0]) == len(STATUS_QUERY) and body[0].bytes == STATUS_QUERY:
-            self._send(envelope, [STATUS_PENDING if key in self.pending else STATUS_UNKNOWN])
+        number = _status_number(body[0]) if len(body) == 1 else None
+        if number is not None:
+            self._send(envelope, [msgpack.packb(["pending" if key in self.pending else "unknown", number])])
             return
         user = _user_id(body[0]) if self.allow is not None and body else None
         name, pending = _peer_name(envelope, user), self.pending.get(key, 0)

@@ -1,8 +1,8 @@
 """ZeroMQ plumbing: endpoints, and a request client that survives lost servers and lost replies.
 
 The client is the Lazy Pirate pattern with a socket monitor and application heartbeats (in the
-Paranoid Pirate style): every call has a timeout; a lost connection (the server died, or ZMTP
-heartbeats stopped) is noticed at once; a reply that has not come within a second makes the
+Paranoid Pirate style): every call has a timeout; a dropped connection is noticed at once, a
+dead host when ZMTP heartbeats stop (5 s); a reply that has not come within a second makes the
 client ask whether its request is still queued or running there, and a server that answers
 neither the call nor that question within a few seconds (a reply dropped on the way, a stuck
 serving loop) counts as lost too. Then the socket is rebuilt and the call resent (every TSQP
@@ -30,16 +30,16 @@ from .errors import RemoteError, ServerUnreachable
 from .keys import AuthenticationFailed, ClientKeys
 from .logs import log_event
 from .protocol import Message, decode, encode, frames_nbytes
-from .serving import DEFAULT_HEARTBEAT_S, STATUS_QUERY, set_heartbeat
+from .serving import DEFAULT_HEARTBEAT_S, set_heartbeat, status_query
 from .serving import Handler, current_peer, serve_forever  # noqa: F401  (re-exported: the server's side)
 from .shm import DATA_START, Segment, decode_reply, encode_request, footprint, reply_room
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # to (re)connect and finish the handshake
-DEFAULT_TIMEOUT_S = 600.0  # for one reply on a live connection: a long prompt on a CPU is slow
+DEFAULT_TIMEOUT_S = 600.0  # for the work of one call: a long prompt on a CPU is slow
 DEFAULT_RETRIES = 3  # resends of a call after a lost connection or a timeout
 DEFAULT_STATUS_INTERVAL_S = 1.0  # without a reply for this long, ask whether the request is still in progress
 DEFAULT_STATUS_TIMEOUT_S = 5.0  # a server silent for this long (no reply, no status answer) is lost
-SLOWEST_TRANSFER_BYTES_S = 10e6  # what an announced large reply is allowed to take on the way (100 Mbit/s)
+SLOWEST_TRANSFER_BYTES_S = 10e6  # the link speed (100 Mbit/s) a large request or announced reply is allowed
 
 client_log = logging.getLogger("tsqp.client")
 
@@ -152,8 +152,9 @@ class _Watch:
     `timeout_s` with neither a reply nor a status answer, plus the time a large message may
     take on a slow link (the request until the server first answers; then an announced reply)."""
 
-    def __init__(self, liveness: Liveness, request_bytes: int, now: float):
+    def __init__(self, liveness: Liveness, request_bytes: int, now: float, first_query: int):
         self.liveness = liveness
+        self.first_query = first_query  # answers to queries numbered below it are about earlier calls
         self.heard = now  # the last sign that the server has the call (or the time it was sent)
         self.grace = request_bytes / SLOWEST_TRANSFER_BYTES_S  # the server cannot answer before it has it all
         self.asked = -math.inf
@@ -170,11 +171,15 @@ class _Watch:
         return None, min(ask_at, lost_at)
 
     def answered(self, answer: list, now: float) -> _Failure | None:
+        if len(answer) != 2 or type(answer[1]) is not int:
+            return None
+        if answer[0] == "sending" and answer[1] > 0:
+            self.heard, self.grace = now, answer[1] / SLOWEST_TRANSFER_BYTES_S
+            return None
+        if answer[1] < self.first_query:
+            return None  # an answer about an earlier call, come after its reply
         self.heard, self.grace = now, 0.0
         if answer[0] == "pending":
-            return None
-        if answer[0] == "sending" and len(answer) == 2 and type(answer[1]) is int and answer[1] > 0:
-            self.grace = answer[1] / SLOWEST_TRANSFER_BYTES_S
             return None
         return _Failure("the server has no record of this call: its reply (or the request) was lost on the way")
 
@@ -204,6 +209,7 @@ class _Link:
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self.connected = self.lost = False
+        self.queries = 0  # status queries sent on this socket, numbered from 0
         self.refused: str | None = None  # the server said no (ZAP): final
         self.handshake_error: str | None = None  # the handshake failed: wrong keys, or a mismatch
         self.sock.connect(endpoint)
@@ -266,12 +272,13 @@ class _Link:
                 if watch is None and now - up_at < liveness.interval_s:
                     deadline = min(deadline, up_at + liveness.interval_s)
                 else:
-                    watch = watch or _Watch(liveness, request_bytes, up_at)
+                    watch = watch or _Watch(liveness, request_bytes, up_at, self.queries)
                     action, wake = watch.step(now)
                     if action == "lost":
                         return _Failure(watch.silence())
                     if action == "ask":
-                        self.sock.send_multipart([b"", STATUS_QUERY])
+                        self.sock.send_multipart([b"", status_query(self.queries)])
+                        self.queries += 1
                     deadline = min(deadline, wake)
             ready = dict(self.poller.poll(max((deadline - now) * 1000, 1)))
             if self.sock in ready:
@@ -279,7 +286,7 @@ class _Link:
                 answer = status_answer(body) if body is not None else None
                 if answer is not None:  # a status answer, or the notice of a large reply (which may come early)
                     now = time.monotonic()
-                    watch = watch or _Watch(liveness, request_bytes, now if up_at is None else up_at)
+                    watch = watch or _Watch(liveness, request_bytes, now if up_at is None else up_at, self.queries)
                     failure = watch.answered(answer, now)
                     if failure is not None:
                         return failure
