@@ -170,3 +170,60 @@ def test_cli_keygen_serve_and_prefill_over_curve(tiny_dir, references, tmp_path,
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith("error: ") and "CurveZMQ" in refused.stderr
     assert "curve=on" in server.output()
+
+
+def _until(condition, seconds: float = 10.0) -> bool:
+    """Poll `condition` (a per-request check sees the allow-list at most a second old)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _refused(client) -> bool:
+    try:
+        client.ping()
+        return False
+    except AuthenticationFailed as err:
+        assert "allow-list" in str(err)
+        return True
+
+
+def test_a_key_overwritten_in_place_takes_effect_at_once_for_new_connections(tiny_dir, key_files, tmp_path):
+    """Overwriting a key file leaves the directory's mtime alone: the new key must get in, the old one not."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(key_files.root / "alice.key", allowed / "tee.key")
+    with api.start_server(tiny_dir, device="cpu", keys=ServerKeys.from_files(key_files.server_secret, allowed)) as s:
+        api.connect(s.endpoint, tiny_dir, keys=key_files.client("alice")).client.close()
+        stamp = allowed.stat().st_mtime_ns
+        (allowed / "tee.key").write_bytes((key_files.root / "mallory.key").read_bytes())
+        assert allowed.stat().st_mtime_ns == stamp  # the case a directory-mtime check misses
+        runner = api.connect(s.endpoint, tiny_dir, keys=key_files.client("mallory"))
+        assert runner.client.ping()["ok"]
+        runner.client.close()
+        with pytest.raises(AuthenticationFailed, match="refused this client's key"):
+            api.connect(s.endpoint, tiny_dir, keys=key_files.client("alice"))
+
+
+def test_a_revoked_key_stops_working_on_an_established_connection(tiny_dir, key_files, tmp_path, references):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("alice", "mallory"):
+        shutil.copy(key_files.root / f"{name}.key", allowed)
+    with api.start_server(tiny_dir, device="cpu", keys=ServerKeys.from_files(key_files.server_secret, allowed)) as s:
+        alice = api.connect(s.endpoint, tiny_dir, keys=key_files.client("alice"))
+        mallory = api.connect(s.endpoint, tiny_dir, keys=key_files.client("mallory"))
+        ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(12))
+        assert relative_error(mallory.prefill(ids).logits, reference_logits(references["gqa"], ids)[:, -1:]) <= 1e-4
+        (allowed / "mallory.key").unlink()
+        assert _until(lambda: _refused(mallory.client)), "the revoked key still works on its open connection"
+        with pytest.raises(AuthenticationFailed):
+            mallory.prefill(ids)  # a prefill fails at once, with one clear error, never retried
+        assert alice.client.ping()["ok"]  # the other client is untouched
+        shutil.copy(key_files.root / "mallory.key", allowed)  # and it works again once put back
+        assert _until(lambda: not _refused(mallory.client))
+        alice.client.close()
+        mallory.client.close()

@@ -19,7 +19,7 @@ import torch
 
 from . import protocol
 from .errors import ProtocolError
-from .transport import Handler
+from .router import Handler
 
 TAMPER_MODES = ("element", "row", "scale")
 

@@ -301,6 +301,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread: a client unwinds as on ^C and removes its shared memory."""
+
+
+def _on_sigterm(signum: int, _frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -308,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handler: Callable[[argparse.Namespace], None] = args.func
     taken = values_from_environment(args.command_parser, args)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # serve installs its own
     try:
         check_choices(args.command_parser, args)
         handler(args)
@@ -317,4 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,30 +134,38 @@ def generate(out_dir: str | os.PathLike, name: str, force: bool = False) -> tupl
 
 
 class AllowList:
-    """The server's ZAP callback: admit a client whose public key is in the directory.
+    """The server's allow-list of client public keys, read from a directory.
 
-    The directory is read again when it changes, so adding a key file needs no restart
-    (removing one refuses new connections; established ones stay until they drop)."""
+    A new connection (the ZAP callback) always sees the directory as it is now; the per-request
+    check of an established connection's key (`admits`) sees it at most `max_age_s` old. So an
+    added, removed or overwritten key file takes effect without a restart, on open connections
+    too. An unreadable directory keeps the last list that could be read."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, max_age_s: float = 1.0):
         self.directory = Path(directory)
-        self._stamp: float | None = None
+        self.max_age_s = max_age_s
         self._keys: frozenset[bytes] = frozenset()
-        self._refresh()
+        self._read_at = -math.inf
+        self._reload()
 
-    def _refresh(self) -> None:
-        stamp = self.directory.stat().st_mtime
-        if stamp != self._stamp:
-            self._keys, self._stamp = load_allowed(self.directory), stamp
+    def _reload(self) -> None:
+        try:
+            self._keys = load_allowed(self.directory)
+        except (OSError, SecurityError) as err:  # keep the last good list
+            log_event(log, logging.ERROR, "allow_list_unreadable", directory=str(self.directory), error=str(err))
+        self._read_at = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._keys)
 
+    def admits(self, key: bytes) -> bool:
+        """Whether `key` (Z85) is on the list, re-read when the copy in memory is older than max_age_s."""
+        if time.monotonic() - self._read_at >= self.max_age_s:
+            self._reload()
+        return key in self._keys
+
     def callback(self, domain: str, key: bytes) -> bool:
-        try:
-            self._refresh()
-        except (OSError, SecurityError) as err:  # keep the last good list
-            log_event(log, logging.ERROR, "allow_list_unreadable", directory=str(self.directory), error=str(err))
+        self._reload()
         allowed = key in self._keys
         log_event(log, logging.INFO if allowed else logging.WARNING,
                   "client_accepted" if allowed else "client_refused", key=key.decode(errors="replace"))
@@ -187,11 +197,14 @@ class ServerKeys:
                                 f"(or ${ENV_SERVER_SECRET_KEY} and ${ENV_ALLOWED_KEYS_DIR})")
         return cls.from_files(secret_key_file, allowed_dir)
 
-    def start_authenticator(self, context: zmq.Context) -> Any:
-        """A ZAP handler on `context` that consults the allow-list; stop() it when done."""
+    def allow_list(self) -> AllowList:
+        return AllowList(self.allowed_dir)
+
+    def start_authenticator(self, context: zmq.Context, allow: AllowList | None = None) -> Any:
+        """A ZAP handler on `context` that consults `allow` (default: a fresh AllowList); stop() it when done."""
         from zmq.auth.thread import ThreadAuthenticator
 
-        allow = AllowList(self.allowed_dir)
+        allow = allow if allow is not None else self.allow_list()
         auth = ThreadAuthenticator(context, log=logging.getLogger("tsqp.zap"))
         auth.start()
         auth.configure_curve_callback(domain="*", credentials_provider=allow)

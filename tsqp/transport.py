@@ -1,42 +1,46 @@
-"""ZeroMQ plumbing: endpoints, a request client that survives lost servers, a serving loop.
+"""ZeroMQ plumbing: endpoints, and a request client that survives lost servers and lost replies.
 
-The client is the Lazy Pirate pattern with a socket monitor: every call has a timeout; a lost
-connection (the server died, or ZMTP heartbeats stopped) is noticed within about a second even
-while a long call is legitimately in progress; then the REQ socket is rebuilt and the call resent
-(every TSQP method is idempotent), up to `retries` times. The happy path costs nothing extra:
-one send, one poll, one receive per call.
+The client is the Lazy Pirate pattern with a socket monitor and application heartbeats (in the
+Paranoid Pirate style): every call has a timeout; a dropped connection is noticed at once, a
+dead host when ZMTP heartbeats stop (5 s); a reply that has not come within a second makes the
+client ask whether its request is still queued or running there, and a server that answers
+neither the call nor that question within a few seconds (a reply dropped on the way, a stuck
+serving loop) counts as lost too. Then the socket is rebuilt and the call resent (every TSQP
+method is idempotent), up to `retries` times. `timeout_s` bounds the work, not the detection.
+The happy path costs nothing extra: one send, one poll, one receive per call.
+
+The server's side of the socket, the serving loop, is tsqp.router.
 """
 
 from __future__ import annotations
 
-import contextvars
 import ipaddress
 import logging
-import threading
+import math
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
+import msgpack
 import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .errors import ProtocolError, RemoteError, ServerUnreachable
+from .errors import RemoteError, ServerUnreachable
 from .keys import AuthenticationFailed, ClientKeys
 from .logs import log_event
 from .protocol import Message, decode, encode, frames_nbytes
-from .shm import Segment, decode_reply, encode_request, footprint, reply_room
-
-if TYPE_CHECKING:
-    from .keys import ServerKeys
+from .router import DEFAULT_HEARTBEAT_S, set_heartbeat, status_query
+from .shm import DATA_START, Segment, decode_reply, encode_request, footprint, reply_room
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # to (re)connect and finish the handshake
-DEFAULT_TIMEOUT_S = 600.0  # for one reply on a live connection: a long prompt on a CPU is slow
+DEFAULT_TIMEOUT_S = 600.0  # for the work of one call: a long prompt on a CPU is slow
 DEFAULT_RETRIES = 3  # resends of a call after a lost connection or a timeout
-DEFAULT_HEARTBEAT_S = 1.0  # ZMTP ping interval; a peer silent for 5 intervals is dropped
+DEFAULT_STATUS_INTERVAL_S = 1.0  # without a reply for this long, ask whether the request is still in progress
+DEFAULT_STATUS_TIMEOUT_S = 5.0  # a server silent for this long (no reply, no status answer) is lost
+SLOWEST_TRANSFER_BYTES_S = 10e6  # the link speed (100 Mbit/s) a large request or announced reply is allowed
 
 client_log = logging.getLogger("tsqp.client")
-server_log = logging.getLogger("tsqp.server")
 
 
 def client_endpoint(endpoint: str) -> str:
@@ -77,14 +81,6 @@ def is_loopback(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _set_heartbeat(sock: zmq.Socket, heartbeat_s: float) -> None:
-    if heartbeat_s > 0:
-        ivl = max(int(heartbeat_s * 1000), 10)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, 5 * ivl)
 
 
 @dataclass
@@ -128,18 +124,83 @@ class _Failure:
     fatal: bool = False
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """When to ask the server about a call still unanswered, and how long a silence means it is lost."""
+
+    interval_s: float = DEFAULT_STATUS_INTERVAL_S
+    timeout_s: float = DEFAULT_STATUS_TIMEOUT_S
+
+
+def status_answer(body: Sequence[zmq.Frame]) -> list | None:
+    """The server's answer to a status query (or its notice of a large reply), else None: a reply."""
+    if len(body) != 1 or not 0 < len(body[0]) <= 64:
+        return None
+    raw = body[0].bytes
+    if not 0x90 <= raw[0] <= 0x9F:  # a msgpack array; every reply header is a map
+        return None
+    try:
+        answer = msgpack.unpackb(raw)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, list) and answer and isinstance(answer[0], str) else None
+
+
+class _Watch:
+    """Application heartbeats for one call: ask after `interval_s` without a reply; lost after
+    `timeout_s` with neither a reply nor a status answer, plus the time a large message may
+    take on a slow link (the request until the server first answers; then an announced reply)."""
+
+    def __init__(self, liveness: Liveness, request_bytes: int, now: float, first_query: int):
+        self.liveness = liveness
+        self.first_query = first_query  # answers to queries numbered below it are about earlier calls
+        self.heard = now  # the last sign that the server has the call (or the time it was sent)
+        self.grace = request_bytes / SLOWEST_TRANSFER_BYTES_S  # the server cannot answer before it has it all
+        self.asked = -math.inf
+
+    def step(self, now: float) -> tuple[str | None, float]:
+        """What to do now ('ask', 'lost' or nothing) and when to look again."""
+        lost_at = self.heard + self.grace + self.liveness.timeout_s
+        if now >= lost_at:
+            return "lost", now
+        ask_at = max(self.heard, self.asked) + self.liveness.interval_s
+        if now >= ask_at:
+            self.asked = now
+            return "ask", min(now + self.liveness.interval_s, lost_at)
+        return None, min(ask_at, lost_at)
+
+    def answered(self, answer: list, now: float) -> _Failure | None:
+        if len(answer) != 2 or type(answer[1]) is not int:
+            return None
+        if answer[0] == "sending" and answer[1] > 0:
+            self.heard, self.grace = now, answer[1] / SLOWEST_TRANSFER_BYTES_S
+            return None
+        if answer[1] < self.first_query:
+            return None  # an answer about an earlier call, come after its reply
+        self.heard, self.grace = now, 0.0
+        if answer[0] == "pending":
+            return None
+        return _Failure("the server has no record of this call: its reply (or the request) was lost on the way")
+
+    def silence(self) -> str:
+        return f"the server answered neither the call nor a status query for {self.liveness.timeout_s:g} s"
+
+
 _MONITORED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class _Link:
-    """One REQ socket and its monitor: knows whether the connection is up, was lost, or was refused."""
+    """One DEALER socket and its monitor: knows whether the connection is up, was lost, or was refused.
+
+    A DEALER rather than a REQ so that it can ask about a call while waiting for its reply; it
+    frames requests as a REQ would (an empty delimiter first), and has one call in flight."""
 
     def __init__(self, context: zmq.Context, endpoint: str, keys: ClientKeys | None, heartbeat_s: float):
         self.endpoint, self.curve = endpoint, keys is not None
-        self.sock = context.socket(zmq.REQ)
+        self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        _set_heartbeat(self.sock, heartbeat_s)
+        set_heartbeat(self.sock, heartbeat_s)
         if keys is not None:
             keys.apply(self.sock)
         self.monitor = self.sock.get_monitor_socket(_MONITORED)
@@ -147,6 +208,7 @@ class _Link:
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self.connected = self.lost = False
+        self.queries = 0  # status queries sent on this socket, numbered from 0
         self.refused: str | None = None  # the server said no (ZAP): final
         self.handshake_error: str | None = None  # the handshake failed: wrong keys, or a mismatch
         self.sock.connect(endpoint)
@@ -159,13 +221,13 @@ class _Link:
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
 
+    def send(self, frames: Sequence[Any]) -> None:
+        self.sock.send_multipart([b"", *frames], copy=False)
+
     def read_events(self) -> None:
-        """Apply every pending monitor event (non-blocking)."""
-        while True:
-            try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+        """Apply every pending monitor event (non-blocking; asking first is cheaper than a failed receive)."""
+        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             self._apply(event["event"], event["value"])
 
     def _apply(self, event: int, value: int) -> None:
@@ -186,19 +248,49 @@ class _Link:
                                     if self.curve else "the handshake failed: the server probably requires "
                                     "CurveZMQ keys (--server-public-key, --client-secret-key)")
 
-    def wait_reply(self, timeout_s: float, connect_timeout_s: float) -> list[zmq.Frame] | _Failure:
+    def _receive(self) -> list[zmq.Frame] | None:
+        frames = self.sock.recv_multipart(copy=False)
+        return frames[1:] if frames and len(frames[0]) == 0 else None  # else not an answer to a request
+
+    def wait_reply(self, request_bytes: int, timeout_s: float, connect_timeout_s: float,
+                   liveness: Liveness) -> list[zmq.Frame] | _Failure:
         """The reply to the request just sent, or why none came: `connect_timeout_s` to get a
-        connection up, `timeout_s` for the reply once it is; a drop ends the wait at once."""
+        connection up, `timeout_s` for the reply once it is; a drop, or a server that stops
+        answering status queries (`liveness`), ends the wait early."""
         start = time.monotonic()
         reply_deadline, connect_deadline = start + timeout_s, start + connect_timeout_s
+        up_at = start if self.connected else None  # the request leaves once the connection is up
+        watch: _Watch | None = None  # made when the reply is late: most calls never need one
         while True:
+            now = time.monotonic()
             deadline = reply_deadline if self.connected else min(reply_deadline, connect_deadline)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if now >= deadline:
                 break
-            ready = dict(self.poller.poll(max(remaining * 1000, 1)))
+            if self.connected:
+                up_at = now if up_at is None else up_at
+                if watch is None and now - up_at < liveness.interval_s:
+                    deadline = min(deadline, up_at + liveness.interval_s)
+                else:
+                    watch = watch or _Watch(liveness, request_bytes, up_at, self.queries)
+                    action, wake = watch.step(now)
+                    if action == "lost":
+                        return _Failure(watch.silence())
+                    if action == "ask":
+                        self.sock.send_multipart([b"", status_query(self.queries)])
+                        self.queries += 1
+                    deadline = min(deadline, wake)
+            ready = dict(self.poller.poll(max((deadline - now) * 1000, 1)))
             if self.sock in ready:
-                return self.sock.recv_multipart(copy=False)
+                body = self._receive()
+                answer = status_answer(body) if body is not None else None
+                if answer is not None:  # a status answer, or the notice of a large reply (which may come early)
+                    now = time.monotonic()
+                    watch = watch or _Watch(liveness, request_bytes, now if up_at is None else up_at, self.queries)
+                    failure = watch.answered(answer, now)
+                    if failure is not None:
+                        return failure
+                elif body is not None:
+                    return body
             if self.monitor in ready:
                 self.read_events()
                 if self.refused:
@@ -213,22 +305,25 @@ class _Link:
 
 
 class Client:
-    """A REQ client with timeouts, reconnection and resends of idempotent calls (Lazy Pirate).
+    """A client with timeouts, reconnection and resends of idempotent calls (Lazy Pirate), and
+    status queries while a reply is late (Paranoid Pirate's heartbeats, asked per call).
 
-    `timeout_s` bounds the wait for one reply on a live connection; `connect_timeout_s` bounds
-    each (re)connection; a call is sent at most `1 + retries` times, then ServerUnreachable.
+    `timeout_s` bounds the wait for one reply on a live connection (the work); `liveness` how
+    soon a server that stopped answering is noticed; `connect_timeout_s` bounds each
+    (re)connection; a call is sent at most `1 + retries` times, then ServerUnreachable.
     `keys` (CurveZMQ) default to $TSQP_SERVER_PUBLIC_KEY / $TSQP_CLIENT_SECRET_KEY when set.
     `shm` moves tensor payloads through a shared-memory segment (same host; see tsqp.shm)."""
 
     def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None, *,
                  retries: int = DEFAULT_RETRIES, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                 keys: ClientKeys | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S, shm: bool = False):
-        if timeout_s <= 0 or connect_timeout_s <= 0 or retries < 0:
+                 keys: ClientKeys | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S, shm: bool = False,
+                 liveness: Liveness = Liveness()):
+        if timeout_s <= 0 or connect_timeout_s <= 0 or retries < 0 or min(liveness.interval_s, liveness.timeout_s) <= 0:
             raise ValueError("timeouts must be positive and retries >= 0")
         self.endpoint = client_endpoint(endpoint)
         self.timeout_s, self.connect_timeout_s, self.retries = timeout_s, connect_timeout_s, retries
         self.keys = keys if keys is not None else ClientKeys.from_env()
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s, self.liveness = heartbeat_s, liveness
         self.stats = WireStats()
         self._context = context or zmq.Context.instance()
         self._link: _Link | None = None
@@ -263,7 +358,7 @@ class Client:
     def _shared_segment(self, tensors: Sequence[torch.Tensor]) -> Segment:
         """This client's segment, made (again) large enough for the request and the reply room."""
         room = footprint(tensors) + self._reply_room
-        if self._segment is None or self._segment.size < room:
+        if self._segment is None or self._segment.size - DATA_START < room:
             self._drop_segment()
             self._segment = Segment.create(room + room // 4 + (1 << 20))
         return self._segment
@@ -318,7 +413,10 @@ class Client:
         self.stats.server_s += float(reply.header.get("server_s", 0.0))
         if not reply.header.get("ok", False):
             error = reply.header.get("error") or {}
-            raise RemoteError(str(error.get("code", "error")), str(error.get("message", "unknown error")))
+            code, message = str(error.get("code", "error")), str(error.get("message", "unknown error"))
+            if code == "unauthorized":  # the key was taken off the allow-list while connected
+                raise AuthenticationFailed(f"the GPU server at {self.endpoint} refused this client: {message}")
+            raise RemoteError(code, message)
         return reply
 
     def _exchange(self, method: str, prepare: Callable[[], tuple[list[Any], int]], timeout: float, retries: int,
@@ -328,13 +426,13 @@ class Client:
             frames, nbytes = prepare()
             link = self._ready_link()
             t1 = time.perf_counter()
-            link.sock.send_multipart(frames, copy=False)
+            link.send(frames)
             self.stats.bytes_sent += nbytes
-            outcome = link.wait_reply(timeout, connect_timeout)
+            outcome = link.wait_reply(nbytes, timeout, connect_timeout, self.liveness)
             self.stats.wait_s += time.perf_counter() - t1
             if not isinstance(outcome, _Failure):
                 return outcome
-            self._close_link()  # a REQ socket that missed its reply cannot be reused
+            self._close_link()  # a late reply to this attempt must never pass for the next one's
             self._drop_segment()  # nor a segment a late reply may still land in
             if outcome.fatal:
                 raise AuthenticationFailed(outcome.reason)
@@ -344,75 +442,3 @@ class Client:
                           attempts=retries + 1, reason=outcome.reason, endpoint=self.endpoint)
         tries = f" after {retries + 1} attempts" if retries else ""
         raise ServerUnreachable(f"no reply from GPU server at {self.endpoint} ({method}): {outcome.reason}{tries}")
-
-
-Handler = Callable[[list[Any]], list[Any]]
-# Who sent the request being handled (socket identity, or `key:…` under CurveZMQ), for the logs.
-current_peer: contextvars.ContextVar[str] = contextvars.ContextVar("tsqp_peer", default="-")
-
-
-def _peer(envelope: list[zmq.Frame], body: list[zmq.Frame], curve: bool) -> str:
-    """Who sent a request, for the logs: the authenticated key if any, else the socket identity."""
-    if curve and body:
-        try:
-            user = body[0].get("User-Id")
-        except zmq.ZMQError:
-            user = None
-        if user:
-            return f"key:{user}"
-    return envelope[0].bytes.hex() if envelope else "-"
-
-
-def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_ready: Callable[[], None] | None = None,
-                  context: zmq.Context | None = None, *, keys: "ServerKeys | None" = None,
-                  max_message_bytes: int | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> None:
-    """Answer requests on a ROUTER socket until `stop` is set; the request in progress is answered first.
-
-    `handle(frames)` maps request frames to reply frames and must not raise; `current_peer`
-    names the sender meanwhile. Requests from
-    many clients interleave; each reply goes back to the identity that sent the request. A frame
-    over `max_message_bytes` makes ZeroMQ drop its sender. With `keys`, only CurveZMQ clients on
-    the allow-list get in (a ZAP handler on a context of this server's own)."""
-    own_context = context is None
-    context = context or zmq.Context()
-    auth = keys.start_authenticator(context) if keys is not None else None
-    sock = context.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    _set_heartbeat(sock, heartbeat_s)
-    if max_message_bytes:
-        sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
-    if keys is not None:
-        keys.apply(sock)
-    try:
-        try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as err:
-            raise ProtocolError(f"cannot bind {endpoint}: {err}") from None
-        if on_ready is not None:
-            on_ready()
-        _serve_loop(sock, handle, stop, curve=keys is not None)
-    finally:
-        sock.close(linger=0)
-        if auth is not None:
-            auth.stop()
-        if own_context:
-            context.term()
-
-
-def _serve_loop(sock: zmq.Socket, handle: Handler, stop: threading.Event, curve: bool) -> None:
-    while not stop.is_set():
-        if not sock.poll(100, zmq.POLLIN):
-            continue
-        frames = sock.recv_multipart(copy=False)
-        # [identity, (more routing frames,) empty delimiter, header, *payloads]
-        split = next((i for i, f in enumerate(frames) if len(f.buffer) == 0), None)
-        if split is None:
-            log_event(server_log, logging.DEBUG, "ignored", reason="no envelope delimiter", frames=len(frames))
-            continue  # not a REQ envelope: nobody to answer
-        envelope, body = frames[: split + 1], frames[split + 1:]
-        current_peer.set(_peer(envelope, body, curve))
-        reply = handle(body)
-        try:
-            sock.send_multipart([*envelope, *reply], copy=False)
-        except zmq.ZMQError as err:  # the peer is gone: its reply has nowhere to go
-            log_event(server_log, logging.WARNING, "reply_dropped", error=str(err))

@@ -18,7 +18,7 @@ from .errors import BadRequest, TooLarge, UnknownMethod
 from .registry import METHODS, Method, arg_types
 
 if TYPE_CHECKING:
-    from ..shm import Attached, Segment
+    from ..shm import Attached, ReplyTo
 
 MAX_ELEMENTS = 1 << 31  # per tensor; a guard against absurd shapes, not a tuning knob
 REPLY_SPARE = 4  # the default reply limit holds this many of the model's longest honest replies
@@ -59,7 +59,7 @@ class Request:
     method: Method
     args: dict[str, Any]
     tensors: list[torch.Tensor]
-    reply_to: "tuple[Segment, int] | None" = None  # the client's shared memory and where the reply may go
+    reply_to: "ReplyTo | None" = None  # the client's shared memory and where the reply may go
 
 
 def check_request(frames: list[Any], config: ModelConfig, limits: Limits, shared: "Attached | None") -> Request:
@@ -148,7 +148,7 @@ def _check_output(row: Method, args: dict, shapes: list[list[int]], config: Mode
 
 
 def _payloads(header: dict, frames: list[Any], shared: "Attached | None",
-              limits: Limits) -> tuple[list[Any], "tuple[Segment, int] | None"]:
+              limits: Limits) -> tuple[list[Any], "ReplyTo | None"]:
     """The header frame and the payload buffers: the frames that came, or locations in the
     client's shared memory (tsqp.shm) when the request says so and this server allows it."""
     spot = header.get("shm")
@@ -156,10 +156,9 @@ def _payloads(header: dict, frames: list[Any], shared: "Attached | None",
         return frames, None
     if shared is None:
         raise BadRequest("this server does not take payloads in shared memory (start it with --shm)")
-    if not isinstance(spot, dict) or len(frames) != 1 or type(spot.get("reply_at")) is not int:
-        raise BadRequest("'shm' must be {name, frames, reply_at}, with no payload frames")
-    segment = shared.get(spot.get("name"))
-    views = segment.views(spot.get("frames"))
+    if not isinstance(spot, dict) or len(frames) != 1:
+        raise BadRequest("'shm' must be {name, key, frames, reply_at}, with no payload frames")
+    views, reply_to = shared.request(spot)  # the segment's key first, then every location
     if len(views) > limits.max_tensors:
         raise TooLarge(f"{len(views)} payloads (limit {limits.max_tensors})")
-    return [frames[0], *views], (segment, spot["reply_at"])
+    return [frames[0], *views], reply_to

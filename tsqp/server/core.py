@@ -22,9 +22,9 @@ from ..config import model_identity
 from ..errors import ModelError, ProtocolError
 from ..logs import log_event
 from ..protocol import DTYPES
-from ..shm import Attached, Segment, aligned, footprint
+from ..shm import Attached, ReplyTo
 from ..staging import to_device, to_host
-from ..transport import current_peer
+from ..router import current_peer
 from . import lean, stateless  # noqa: F401  (their @method rows fill the registry)
 from .checks import Limits, check_request, default_reply_bytes
 from .errors import BadRequest
@@ -159,14 +159,8 @@ class GpuServer:
         return protocol.encode(protocol.error_header(code, message))
 
     @staticmethod
-    def _reply(header: dict, outputs: list[torch.Tensor], reply_to: "tuple[Segment, int] | None") -> list[Any]:
-        """Reply frames; with shared memory, the tensors go behind the request's when they fit,
-        else as frames with the room they needed (`shm_room`), so the client can grow."""
+    def _reply(header: dict, outputs: list[torch.Tensor], reply_to: ReplyTo | None) -> list[Any]:
+        """Reply frames; with shared memory, the tensors go behind the request's when they fit (tsqp.shm)."""
         if reply_to is not None:
-            segment, at = reply_to
-            need = footprint(outputs)
-            if 0 <= at and aligned(at) + need <= segment.size:
-                header["shm"] = {"frames": segment.write(outputs, at)}
-                return [protocol.encode_header(header, outputs)]
-            header["shm_room"] = need
+            return reply_to.encode(header, outputs)
         return protocol.encode(header, outputs)

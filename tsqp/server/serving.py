@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from ..logs import log_event
-from ..transport import DEFAULT_HEARTBEAT_S, Handler, is_loopback, serve_forever
+from ..router import DEFAULT_HEARTBEAT_S, Handler, serve_forever
+from ..transport import is_loopback
 from .checks import Limits
 from .core import GpuServer
 from .errors import InsecureBind

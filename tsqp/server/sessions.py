@@ -20,7 +20,7 @@ import torch
 
 from ..kv_cache import KVCache
 from ..logs import log_event
-from ..transport import current_peer
+from ..router import current_peer
 from .errors import TooLarge
 
 log = logging.getLogger("tsqp.server")
