@@ -81,6 +81,26 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv, groups, n, d).reshape(b, kv * groups, n, d)
 
 
+def causal_scores(q: torch.Tensor, keys: torch.Tensor, ends: list[int], start: int = 0) -> list[torch.Tensor]:
+    """Q·K^T in causal query blocks, with K not expanded for GQA (each group of query heads
+    shares its key head). q [b, heads, n, d] holds the queries at positions [start, start + n),
+    keys [b, kv, >= start + n, d] every key so far; block i is [b, heads, e_i - e_(i-1), start + e_i]."""
+    b, heads, n, d = q.shape
+    grouped = q.reshape(b, keys.shape[1], heads // keys.shape[1], n, d)
+    transposed = keys.unsqueeze(2).transpose(-1, -2)  # [b, kv, 1, d, m]
+    return [(grouped[..., a:e, :] @ transposed[..., : start + e]).reshape(b, heads, e - a, start + e)
+            for a, e in zip([0, *ends], ends)]
+
+
+def attend(probs: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """P·V for the causal blocks of `causal_scores`, with V [b, kv, m, d] not expanded for GQA:
+    [b, heads, n, d]."""
+    b, kv, _, d = values.shape
+    heads = probs[0].shape[1]
+    outs = [p.reshape(b, kv, heads // kv, p.shape[2], p.shape[3]) @ values[:, :, None, : p.shape[3]] for p in probs]
+    return torch.cat(outs, dim=3).reshape(b, heads, -1, d)
+
+
 def query_blocks(n: int, block: int = 32, max_blocks: int = 8) -> list[int]:
     """Ends of the query blocks that causal attention is cut into. Block i needs keys [0, end_i)
     only, so scores and probabilities shrink toward half the n x n square as blocks get finer

@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..kv_cache import KVCache
-from ..ops import apply_rope  # the same rotation the TEE applies in the seed protocol
+from ..ops import apply_rope, attend, causal_scores, merge_heads  # what the TEE runs in the other modes
 from .errors import BadRequest, MissingState
 from .model import check_last_dim, float_inputs, layer_index
 from .registry import LAYER, LAYER_ARGS, SESSION, SESSION_ARGS, Result, method
@@ -100,10 +100,7 @@ def qkv_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> 
     v = attn.v_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, _ = cache.update(layer, start, k, v)
-    grouped = q.view(b, c.num_kv_heads, c.kv_groups, n, c.head_dim)
-    keys = keys.unsqueeze(2).transpose(-1, -2)  # [b, kv, 1, d, start + n]
-    return [(grouped[..., a:e, :] @ keys[..., : start + e]).reshape(b, c.num_heads, e - a, start + e)
-            for a, e in zip([0, *ends], ends)], {}
+    return causal_scores(q, keys, ends, start), {}
 
 
 def _block_ends(ends: Any, n: int, max_tensors: int) -> list[int]:
@@ -131,19 +128,15 @@ def attn_out(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Re
                          server.dtype)
     cache = _kept(server, args, "kv", None, "QKVScores")
     n = sum(p.shape[2] for p in probs)
-    start = probs[-1].shape[3] - n
-    values, b, d = cache.values[layer], cache.batch, c.head_dim
-    outs, end = [], start
+    start = end = probs[-1].shape[3] - n  # the keys before the first new query
     for p in probs:
         end += p.shape[2]
-        if p.shape[0] != b or p.shape[1] != c.num_heads or p.shape[3] != end or start < 0 \
+        if p.shape[0] != cache.batch or p.shape[1] != c.num_heads or p.shape[3] != end or start < 0 \
                 or end > cache.filled[layer]:
-            raise BadRequest(f"AttnOut expects causal blocks of probs [{b}, {c.num_heads}, n_i, start + end_i] over "
-                             f"the {cache.filled[layer]} positions layer {layer} holds; got "
+            raise BadRequest(f"AttnOut expects causal blocks of probs [{cache.batch}, {c.num_heads}, n_i, start + end_i] "
+                             f"over the {cache.filled[layer]} positions layer {layer} holds; got "
                              f"{[list(t.shape) for t in probs]}")
-        n_i = p.shape[2]
-        outs.append(p.view(b, c.num_kv_heads, c.kv_groups, n_i, end) @ values[:, :, None, :end])  # [b, kv, g, n_i, d]
-    out = torch.cat(outs, dim=3).view(b, c.num_heads, n, d).transpose(1, 2).reshape(b, n, c.num_heads * d)
+    out = merge_heads(attend(probs, cache.values[layer]))
     return [server.layers[layer].self_attn.o_proj(out)], {}
 
 

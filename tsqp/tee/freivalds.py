@@ -64,28 +64,31 @@ def secure_probes(count: int, size: int) -> torch.Tensor:
 
 def noise_scale(x: torch.Tensor, checks: ProbeSet, roundoff: float) -> torch.Tensor:
     """[k, rows]: the rounding noise an honest product of x (float64 [rows, in]) carries into y.p."""
-    spread = torch.sqrt(checks.squares @ (x * x).T) * math.sqrt(x.shape[-1])
-    return roundoff * (spread + torch.sqrt(checks.bias_squares)[:, None]) + 1e-300
+    spread = torch.sqrt(checks.squares @ (x * x).T).mul_(math.sqrt(x.shape[-1]))
+    return spread.add_(torch.sqrt(checks.bias_squares)[:, None]).mul_(roundoff).add_(1e-300)
 
 
 def freivalds_residual(x: torch.Tensor, y: torch.Tensor, checks: ProbeSet, roundoff: float) -> float:
     """max over rows i and probes j of |y_i p_j - x_i (W^T p_j) - b.p_j| in units of `noise_scale`.
 
-    y is converted to float64 a block of rows at a time, in one reused buffer that stays in
-    cache, and that one pass serves every probe (a [k, out] x [out, rows] product)."""
+    A large y is converted to float64 a block of rows at a time, in one reused buffer that stays
+    in cache, and that one pass serves every probe (a [k, out] x [out, rows] product)."""
     x2, y2 = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1])
     rows, width = y2.shape
-    expected = checks.images @ x2.T + checks.biases[:, None]  # [k, rows]
-    dots = torch.empty(len(checks.probes), rows, dtype=torch.float64)
-    step = max(1, min(rows, FREIVALDS_BLOCK // width))
-    block = torch.empty(step, width, dtype=torch.float64) if y2.dtype != torch.float64 else None
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        part = y2[start:stop]  # a float64 reply is read in place
-        if block is not None:
-            part = block[: stop - start].copy_(part)
-        torch.mm(checks.probes, part.T, out=dots[:, start:stop])
-    residual = ((dots - expected).abs() / noise_scale(x2, checks, roundoff)).max().item()
+    expected = torch.addmm(checks.biases[:, None], checks.images, x2.T)  # [k, rows]
+    if rows * width <= FREIVALDS_BLOCK:  # a decode step's reply: one conversion, one product
+        dots = checks.probes @ y2.double().T
+    else:
+        dots = torch.empty(len(checks.probes), rows, dtype=torch.float64)
+        step = max(1, FREIVALDS_BLOCK // width)
+        block = torch.empty(step, width, dtype=torch.float64) if y2.dtype != torch.float64 else None
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            part = y2[start:stop]  # a float64 reply is read in place
+            if block is not None:
+                part = block[: stop - start].copy_(part)
+            torch.mm(checks.probes, part.T, out=dots[:, start:stop])
+    residual = dots.sub_(expected).abs_().div_(noise_scale(x2, checks, roundoff)).max().item()
     return residual if math.isfinite(residual) else math.inf  # NaN or infinity in a reply: never honest
 
 

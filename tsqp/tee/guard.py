@@ -152,19 +152,16 @@ class GuardedSteps:
 
     def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """Projections outsourced (guarded); RoPE and Q·K^T here, as causal query blocks."""
-        c, cache, start = self.config, self.cache, self.window.start
+        c, cache = self.config, self.cache
         assert cache is not None
         q, k, v = (ops.split_heads(t, c.head_dim) for t in self._project(layer, "qkv", x))
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        keys, _ = cache.update(layer, start, k, v)
-        keys = ops.repeat_kv(keys, c.kv_groups).transpose(-1, -2)
-        ends = ops.query_blocks(q.shape[2])
-        return [q[:, :, a:b] @ keys[..., : start + b] for a, b in zip([0, *ends], ends)]
+        keys, _ = cache.update(layer, self.window.start, k, v)
+        return ops.causal_scores(q, keys, ops.query_blocks(q.shape[2]), self.window.start)
 
     def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
         assert self.cache is not None
-        values = ops.repeat_kv(self.cache.values[layer][:, :, : self.window.end], self.config.kv_groups)
-        out = torch.cat([p @ values[:, :, : p.shape[-1]] for p in probs], dim=2)
+        out = ops.attend(probs, self.cache.values[layer][:, :, : self.window.end])
         return self._project(layer, "o", ops.merge_heads(out))[0]
 
     def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
