@@ -52,15 +52,19 @@ def exponent_above(top: float | torch.Tensor, where: str = "") -> int:
 
 
 def quantize_to_grid(x: torch.Tensor, grid: float) -> torch.Tensor:
-    """x rounded to the nearest multiple of `grid` (a power of two: the division is exact)."""
-    return torch.round(x / grid) * grid
+    """Float64 x rounded to the nearest multiple of `grid` (a power of two), in place: adding
+    1.5 * 2^52 * grid rounds to that grid (its ulp there), and subtracting it again is exact,
+    for |x| < 2^51 grid (here |x| < 2^(GRID_BITS - MASK_BITS) grid)."""
+    magic = 1.5 * 2.0 ** 52 * grid
+    return x.add_(magic).sub_(magic)
 
 
 def mask_input(x: torch.Tensor, r: torch.Tensor, exponent: int) -> tuple[torch.Tensor, float]:
     """`x_q + s*r` in float64, exact, and the scale s; needs max|x| < 2^exponent."""
     scale = 2.0 ** (exponent + MASK_BITS)
     grid = scale * 2.0 ** -GRID_BITS
-    return torch.add(quantize_to_grid(x.double(), grid), r, alpha=scale), scale
+    quantized = quantize_to_grid(x.to(torch.float64, copy=True), grid)
+    return quantized.add_(r, alpha=scale), scale
 
 
 def vocabulary_exponent(weights: DirectoryWeights, config: ModelConfig) -> int:
