@@ -9,9 +9,11 @@
 # Then, on the GPU host, from the repository root (with .whl carried along):
 #   bash scripts/device-bench.sh            # results in $OUT, or ./gpu-bench: 8 files at most
 # Per preset: every mode over tcp (JSON, plot, wire accuracy), then split vs whole on the
-# same-host fast path (ipc:// + shared memory); then the guarded modes on GUARDED.
-# TOKENS, REPEAT, PRESETS, MODES, GUARDED (the preset for private/verify, always 128 tokens x 3
-# runs; empty skips them), PLOT (0 skips the plots) and DEVICE override the defaults below;
+# same-host fast path (ipc:// + shared memory), both with DECODE decode steps after each prompt;
+# then the guarded modes on GUARDED; then the transport alone (`tsqp bench --rtt`, into tables.md).
+# TOKENS, REPEAT, PRESETS, MODES, DECODE (0 skips decode), GUARDED (the preset for private/verify,
+# always 128 tokens x 3 runs; empty skips them), PLOT (0 skips the plots) and DEVICE override the
+# defaults below;
 # `DEVICE=cpu PRESETS=tiny GUARDED=tiny TOKENS=16 REPEAT=1` smoke-tests the script on a CPU.
 set -euo pipefail
 
@@ -21,6 +23,7 @@ REPEAT=${REPEAT:-3}
 PRESETS=${PRESETS:-"tinyllama-1.1b llama-3.2-1b"}
 MODES=${MODES:-split,split-seed,whole,tee-only}
 GUARDED=${GUARDED-llama-3.2-1b}
+DECODE=${DECODE:-32}
 PLOT=${PLOT:-1}
 DEVICE=${DEVICE:-cuda:0}
 mkdir -p "$OUT"
@@ -46,12 +49,16 @@ bench() {  # NAME, then tsqp bench arguments; JSON (and PNG when asked) land in 
 
 for preset in $PRESETS; do
     plot=(); [ "$PLOT" = 1 ] && plot=(--plot "$OUT/gpu-$preset.png")
-    bench "gpu-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --modes "$MODES" --accuracy "${plot[@]}"
+    bench "gpu-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --modes "$MODES" --accuracy \
+        --decode "$DECODE" "${plot[@]}"
     # the same-host fast path: on a GPU host the split is mostly transport
-    bench "gpu-fast-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --modes split,whole --ipc --shm
+    bench "gpu-fast-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --modes split,whole --ipc --shm \
+        --decode "$DECODE"
 done
 if [ -n "$GUARDED" ]; then
     bench "gpu-guarded-$GUARDED" --preset "$GUARDED" --tokens 128 --repeat 3 --modes split,whole \
-        --protection private --verify --ipc --shm
+        --protection private --verify --ipc --shm --decode "$DECODE"
 fi
+echo "== rtt ($(date +%T))" | tee -a "$TABLES"
+python3 -m tsqp bench --rtt --device "$DEVICE" | tee -a "$TABLES"
 echo "== done ($(date +%T))" | tee -a "$TABLES"
