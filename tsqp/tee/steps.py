@@ -23,6 +23,7 @@ import torch
 
 from .. import ops
 from ..config import DirectoryWeights, ModelConfig
+from ..errors import ServerUnreachable, TsqpError
 from ..kv_cache import KVCache
 from ..protocol import DTYPE_NAMES
 from ..transport import Client
@@ -83,11 +84,17 @@ class Caller:
 
     def __init__(self, client: Client, wire_dtype: torch.dtype):
         self.client, self.wire, self.wire_name = client, wire_dtype, DTYPE_NAMES[wire_dtype]
+        self.reachable = True  # False after a call found no server: nothing more is worth sending
 
     def __call__(self, method: str, *tensors: torch.Tensor, expect: list[tuple[int, ...]],
                  exact: tuple[torch.Tensor, ...] = (), **args) -> list[torch.Tensor]:
         sent = [t.to(self.wire) if t.is_floating_point() else t for t in tensors]
-        reply = self.client.call(method, [*sent, *exact], wire_dtype=self.wire_name, **args)
+        try:
+            reply = self.client.call(method, [*sent, *exact], wire_dtype=self.wire_name, **args)
+        except ServerUnreachable:
+            self.reachable = False
+            raise
+        self.reachable = True
         where = f" (layer {args['layer_idx']})" if "layer_idx" in args else ""
         return checked_reply(reply.tensors, expect, method + where)
 
@@ -196,10 +203,10 @@ class LeanSteps:
         """Free the session's state on the server, unless its last LMHead already did (a failed
         or unfinished run leaves it there otherwise, until it is evicted)."""
         session, self.session = self.session, None
-        if session is not None and not self._released:
+        if session is not None and not self._released and self.call.reachable:
             try:
                 self.client.call("Release", session=session)
-            except Exception:  # best effort: the server evicts idle sessions anyway
+            except TsqpError:  # best effort: the server drops idle sessions anyway
                 pass
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
