@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import identity_mismatch, model_identity
-from .environment import env  # noqa: F401  (kept here for callers of api.env)
 from .errors import ModelError, ServerUnreachable, TsqpError
 from .keys import ClientKeys, ServerKeys
 from .server import GpuServer, Limits, ServerThread
