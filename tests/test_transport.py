@@ -16,7 +16,7 @@ import zmq
 
 from tsqp import api, protocol
 from tsqp.errors import ServerUnreachable
-from tsqp.server import GpuServer, ServerThread
+from tsqp.server import GpuServer, Limits, ServerThread
 from tsqp.transport import Client, Liveness
 
 QUICK = Liveness(interval_s=0.2, timeout_s=1.0)  # detection in about a second, for the slow-path tests
@@ -178,25 +178,31 @@ def test_a_frozen_server_is_noticed_by_its_silence(tiny_dir):
     assert elapsed < 20, f"{elapsed:.1f} s"  # 1 s + 5 s, not the 60 s timeout
 
 
-def test_a_large_reply_announced_is_given_time_to_cross_a_slow_link(server):
+def seed_scores(batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed's Q·Kᵀ at the tiny model's full length: 8 MiB sent, a 64 MiB reply."""
+    return torch.randn(batch, 4, 512, 16), torch.randn(batch, 4, 16, 512)
+
+
+def test_a_large_reply_announced_is_given_time_to_cross_a_slow_link(tiny_dir):
     """A reply of 64 MiB held 3 s on the way (a slow link): its notice extends the silence the
     client allows, so it is not mistaken for a lost reply (the client would give up after 1 s)."""
     sizes: list[int] = []
 
     def hold_the_reply(frames: list[zmq.Frame]) -> float:
-        return 3.0 if sum(len(f) for f in frames) > 1 << 20 else 0.0
+        return 3.0 if sum(len(f) for f in frames) > 32 << 20 else 0.0
 
-    proxy = Proxy(server.endpoint, keep=lambda i: True, delay=hold_the_reply)
-    a, b = torch.randn(4096, 1), torch.randn(1, 4096)
-    try:
-        with Client(proxy.endpoint, timeout_s=60, retries=0, liveness=QUICK) as client:
-            client.ping()
-            start = time.monotonic()
-            (product,) = client.call("Matmul", [a, b]).tensors
-            elapsed = time.monotonic() - start
-            sizes.append(product.numel() * 4)
-    finally:
-        proxy.close()
+    a, b = seed_scores()
+    with api.start_server(tiny_dir, device="cpu", limits=Limits(max_reply_bytes=64 << 20)) as server:
+        proxy = Proxy(server.endpoint, keep=lambda i: True, delay=hold_the_reply)
+        try:
+            with Client(proxy.endpoint, timeout_s=60, retries=0, liveness=QUICK) as client:
+                client.ping()
+                start = time.monotonic()
+                (product,) = client.call("Matmul", [a, b]).tensors
+                elapsed = time.monotonic() - start
+                sizes.append(product.numel() * 4)
+        finally:
+            proxy.close()
     assert torch.equal(product, a @ b) and client.stats.retries == 0 and elapsed >= 3.0
     assert sizes == [64 << 20]
 
@@ -205,9 +211,9 @@ def test_a_peer_that_never_reads_cannot_pin_the_servers_memory(tiny_dir):
     """A DEALER that asks for 64 MiB replies and never reads them: after its first replies the
     server refuses it until it reads, so twelve such requests grow the server by little more
     than the bound (64 MiB) and one reply, not by 768 MiB."""
-    a, b = torch.randn(4096, 1), torch.randn(1, 4096)
+    a, b = seed_scores()
     request = protocol.encode({"method": "Matmul", "args": {}}, [a, b])
-    with api.spawn_server(tiny_dir, device="cpu") as process:
+    with api.spawn_server(tiny_dir, device="cpu", extra_args=("--max-reply-mb", "64")) as process:
         with Client(process.endpoint, timeout_s=60) as reader:
             reader.call("Matmul", [a, b])  # warm-up: allocator pools, lazy imports
             time.sleep(0.5)
