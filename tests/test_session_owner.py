@@ -17,8 +17,10 @@ from tsqp.transport import Client
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CurveZMQ")
 
 
-@pytest.fixture(scope="module")
-def two_clients(tmp_path_factory, tiny_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["zeromq", "fastlink"])
+def two_clients(request, tmp_path_factory, tiny_dir):
+    """Alice and Mallory, both on the allow-list; over the fast link (shm) their links speak for
+    the key that asked for them."""
     root = tmp_path_factory.mktemp("owner-keys")
     server_public, server_secret = keys.generate(root, "server")
     allowed = root / "allowed"
@@ -26,9 +28,11 @@ def two_clients(tmp_path_factory, tiny_dir):
     for name in ("alice", "mallory"):
         keys.generate(root, name)
         shutil.copy(root / f"{name}.key", allowed)
-    with api.start_server(tiny_dir, device="cpu", keys=ServerKeys.from_files(server_secret, allowed)) as server:
-        alice, mallory = (Client(server.endpoint, timeout_s=10, keys=ClientKeys.from_files(
+    shm = request.param
+    with api.start_server(tiny_dir, device="cpu", keys=ServerKeys.from_files(server_secret, allowed), shm=shm) as server:
+        alice, mallory = (Client(server.endpoint, timeout_s=10, shm=shm, keys=ClientKeys.from_files(
             server_public, root / f"{name}.key_secret")) for name in ("alice", "mallory"))
+        assert alice.via == mallory.via == ("fastlink" if shm else "zeromq")
         yield alice, mallory
         alice.close()
         mallory.close()

@@ -30,6 +30,7 @@ import zmq
 
 from . import protocol
 from .errors import ProtocolError
+from .fastlink import TICKET_QUERY, Listener, Peer, ticket_answer
 from .logs import log_event
 
 if TYPE_CHECKING:
@@ -72,15 +73,17 @@ def status_query(number: int) -> bytes:
     return msgpack.packb(["status", number])
 
 
-def _status_number(frame: zmq.Frame) -> int | None:
-    """The number of a status query, else None (any request header is a longer map)."""
-    if len(frame) > STATUS_MAX_BYTES or not len(frame) or frame.buffer[0] != 0x92:  # a 2-element array
+def _control_query(frame: "zmq.Frame | bytes") -> tuple[str, int] | None:
+    """A status query or a fast-link ticket request (kind, number), else None (any request
+    header is a longer map)."""
+    raw = frame if isinstance(frame, bytes) else frame.bytes if len(frame) <= STATUS_MAX_BYTES else b""
+    if not 0 < len(raw) <= STATUS_MAX_BYTES or raw[0] != 0x92:  # a 2-element array
         return None
     try:
-        query = msgpack.unpackb(frame.bytes)
+        kind, number = msgpack.unpackb(raw)
     except ValueError:
         return None
-    return query[1] if query[0] == "status" and type(query[1]) is int else None
+    return (kind, number) if kind in ("status", TICKET_QUERY) and type(number) is int else None
 
 
 def sending_notice(nbytes: int) -> bytes:
@@ -105,11 +108,14 @@ def _user_id(frame: zmq.Frame) -> str | None:
 Key = tuple[bytes, ...]  # a request's envelope: whom to answer, and what a status query names
 
 
+Envelope = "list[zmq.Frame] | Peer"  # where the answer goes: a ROUTER envelope, or a fast-link peer
+
+
 @dataclass(slots=True)
 class _Job:
     key: Key
-    envelope: list[zmq.Frame]
-    body: list[zmq.Frame]
+    envelope: Envelope
+    body: list[Any]
     peer: str
     started: float = 0.0
 
@@ -130,8 +136,9 @@ class _Loop:
     """The serving loop. Whoever holds `owner` may use the socket: the loop, except while a
     long request runs, when the stand-in thread may take it to answer status queries."""
 
-    def __init__(self, sock: zmq.Socket, handle: Handler, allow: "AllowList | None", max_unread_bytes: int):
-        self.sock, self.handle, self.allow, self.max_unread = sock, handle, allow, max_unread_bytes
+    def __init__(self, sock: zmq.Socket, handle: Handler, allow: "AllowList | None", max_unread_bytes: int,
+                 fast: Listener | None = None):
+        self.sock, self.handle, self.allow, self.max_unread, self.fast = sock, handle, allow, max_unread_bytes, fast
         self.pending: dict[Key, int] = {}  # requests queued or running, per connection
         self.unread: dict[Key, _Unread] = {}
         self.backlog: deque[_Job] = deque()  # received, not yet handled
@@ -141,6 +148,9 @@ class _Loop:
         self._busy = threading.Event()  # set when a request starts after a quiet spell: wakes the stand-in
         self._wake_read, self._wake_write = os.pipe()  # the loop asks the stand-in for the socket back
         os.set_blocking(self._wake_read, False)
+        self.poller = zmq.Poller()  # polled by whoever holds `owner`
+        for source in (sock, self._wake_read, *([fast.fileno()] if fast else [])):
+            self.poller.register(source, zmq.POLLIN)
         self._swept = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -151,8 +161,8 @@ class _Loop:
             while not stop.is_set():
                 if self.backlog:
                     self._serve(self.backlog.popleft())
-                elif self.sock.poll(100, zmq.POLLIN):
-                    self._receive()
+                elif ready := dict(self.poller.poll(100)):
+                    self._dispatch(ready)
                 else:
                     self._sweep()
         finally:  # the request in progress was answered; queued ones are dropped (their clients resend)
@@ -184,9 +194,6 @@ class _Loop:
 
     def _stand_in(self) -> None:
         """Hold the socket while a request runs long: answer status queries, queue requests."""
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_read, zmq.POLLIN)
         quiet_since = time.monotonic()
         while not self._closing.wait(STAND_IN_POLL_S):
             if not self._busy.is_set():  # a quiet server: sleep until a request starts
@@ -205,14 +212,30 @@ class _Loop:
                 continue
             with self.owner:
                 while self.running is job and not self._closing.is_set():
-                    ready = dict(poller.poll(100))
-                    if self._wake_read in ready:
-                        try:
-                            os.read(self._wake_read, 1 << 16)
-                        except BlockingIOError:
-                            pass
-                    if self.sock in ready and self.running is job:
-                        self._receive()
+                    self._dispatch(dict(self.poller.poll(100)))
+
+    def _dispatch(self, ready: dict) -> None:
+        """Take in whatever `ready` (a poll's result) says is waiting: requests are queued."""
+        if self.sock in ready:
+            self._receive()
+        if self._wake_read in ready:
+            try:
+                os.read(self._wake_read, 1 << 16)
+            except BlockingIOError:
+                pass
+        if self.fast is not None:
+            self._receive_fast(ready)
+
+    def _receive_fast(self, ready: dict) -> None:
+        assert self.fast is not None
+        if self.fast.fileno() in ready and (peer := self.fast.accept()) is not None:
+            self.poller.register(peer.sock.fileno(), zmq.POLLIN)
+        for fd in [fd for fd in ready if isinstance(fd, int) and fd in self.fast.peers]:
+            peer, datagrams = self.fast.receive(fd)
+            if fd not in self.fast.peers:  # closed, refused, or sent nonsense
+                self.poller.unregister(fd)
+            for datagram in datagrams:
+                self._route(peer, [datagram])
 
     def _receive(self) -> None:
         """Route what the socket holds (it polled readable), up to a batch: then the loop serves it."""
@@ -230,14 +253,25 @@ class _Loop:
             if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a receive that fails
                 return
 
-    def _route(self, envelope: list[zmq.Frame], body: list[zmq.Frame]) -> None:
-        key = tuple(f.bytes for f in envelope)
-        number = _status_number(body[0]) if len(body) == 1 else None
-        if number is not None:
-            self._send(envelope, [msgpack.packb(["pending" if key in self.pending else "unknown", number])])
+    def _route(self, envelope: Envelope, body: list[Any]) -> None:
+        fast = isinstance(envelope, Peer)
+        key = envelope.key if fast else tuple(f.bytes for f in envelope)
+        query = _control_query(body[0]) if len(body) == 1 else None
+        if query is not None and query[0] == "status":
+            self._send(envelope, [msgpack.packb(["pending" if key in self.pending else "unknown", query[1]])])
             return
-        user = _user_id(body[0]) if self.allow is not None and body else None
-        name, pending = _peer_name(envelope, user), self.pending.get(key, 0)
+        if fast:
+            name = envelope.name
+            user = name[len("key:"):] if name.startswith("key:") else None
+        else:
+            user = _user_id(body[0]) if self.allow is not None and body else None
+            name = _peer_name(envelope, user)
+        if query is not None:  # a fast-link ticket: for this peer's identity, if it may use the server
+            admitted = self.allow is None or (user is not None and self.allow.admits(user.encode()))
+            ticket = self.fast.ticket(name) if self.fast is not None and admitted and not fast else None
+            self._send(envelope, [ticket_answer(query[1], ticket)])
+            return
+        pending = self.pending.get(key, 0)
         if self.allow is not None and not (user and self.allow.admits(user.encode())):
             self._refuse(envelope, name, "unauthorized", "this client's key is no longer on the server's allow-list")
         elif pending >= MAX_PENDING_PER_PEER:
@@ -274,7 +308,7 @@ class _Loop:
         left = self.pending.pop(job.key) - 1
         if left:
             self.pending[job.key] = left
-        frames, tracked = _tracked(reply)
+        frames, tracked = _tracked(reply) if not isinstance(job.envelope, Peer) else (reply, [])
         if not tracked:
             self._send(job.envelope, frames)
             return
@@ -284,7 +318,15 @@ class _Loop:
         if self._send(job.envelope, frames):
             self.unread.setdefault(job.key, _Unread()).frames.extend(tracked)
 
-    def _send(self, envelope: list[zmq.Frame], frames: list[Any]) -> bool:
+    def _send(self, envelope: Envelope, frames: list[Any]) -> bool:
+        if isinstance(envelope, Peer):
+            if not envelope.send(frames) and self.fast is not None:
+                fd = envelope.sock.fileno()
+                if self.fast.peers.get(fd) is envelope:
+                    self.poller.unregister(fd)
+                    self.fast.drop(fd)
+                return False
+            return True
         try:
             self.sock.send_multipart([*envelope, *frames], copy=False)
             return True
@@ -316,7 +358,7 @@ def _tracked(reply: list[Any]) -> tuple[list[Any], list[tuple[zmq.MessageTracker
 def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_ready: Callable[[], None] | None = None,
                   context: zmq.Context | None = None, *, keys: "ServerKeys | None" = None,
                   max_message_bytes: int | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
-                  max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES) -> None:
+                  max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES, fast: bool = False) -> None:
     """Answer requests on a ROUTER socket until `stop` is set; the request in progress is answered first.
 
     `handle(frames)` maps request frames to reply frames (one request at a time, on this
@@ -324,7 +366,8 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
     interleave; each reply goes back to the identity that sent the request. A frame over
     `max_message_bytes` makes ZeroMQ drop its sender. With `keys`, only CurveZMQ clients on the
     allow-list get in (a ZAP handler on a context of this server's own), and every request's
-    key is checked again, so a key removed from the list stops working on open connections too."""
+    key is checked again, so a key removed from the list stops working on open connections too.
+    `fast` also serves same-host shared-memory clients over a Unix socket (tsqp.fastlink)."""
     own_context = context is None
     context = context or zmq.Context()
     allow = keys.allow_list() if keys is not None else None
@@ -337,15 +380,19 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
         sock.setsockopt(zmq.MAXMSGSIZE, int(max_message_bytes))
     if keys is not None:
         keys.apply(sock)
+    listener: Listener | None = None
     try:
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as err:
             raise ProtocolError(f"cannot bind {endpoint}: {err}") from None
+        listener = Listener() if fast else None
         if on_ready is not None:
             on_ready()
-        _Loop(sock, handle, allow, max_unread_bytes).run(stop)
+        _Loop(sock, handle, allow, max_unread_bytes, listener).run(stop)
     finally:
+        if listener is not None:
+            listener.close()
         sock.close(linger=0)
         if auth is not None:
             auth.stop()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -27,18 +26,17 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .errors import RemoteError, ServerUnreachable
+from .fastlink import FastLink, read_ticket, ticket_query
+from .liveness import Liveness, Failure, wait_reply
 from .keys import AuthenticationFailed, ClientKeys
 from .logs import log_event
 from .protocol import Message, decode, encode, frames_nbytes
-from .router import DEFAULT_HEARTBEAT_S, set_heartbeat, status_query
+from .router import DEFAULT_HEARTBEAT_S, set_heartbeat
 from .shm import DATA_START, Segment, decode_reply, encode_request, footprint, reply_room
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # to (re)connect and finish the handshake
 DEFAULT_TIMEOUT_S = 600.0  # for the work of one call: a long prompt on a CPU is slow
 DEFAULT_RETRIES = 3  # resends of a call after a lost connection or a timeout
-DEFAULT_STATUS_INTERVAL_S = 1.0  # without a reply for this long, ask whether the request is still in progress
-DEFAULT_STATUS_TIMEOUT_S = 5.0  # a server silent for this long (no reply, no status answer) is lost
-SLOWEST_TRANSFER_BYTES_S = 10e6  # the link speed (100 Mbit/s) a large request or announced reply is allowed
 
 client_log = logging.getLogger("tsqp.client")
 
@@ -116,76 +114,6 @@ class WireStats:
         }
 
 
-@dataclass
-class _Failure:
-    """Why one attempt got no reply; `fatal` ones (authentication) are not retried."""
-
-    reason: str
-    fatal: bool = False
-
-
-@dataclass(frozen=True)
-class Liveness:
-    """When to ask the server about a call still unanswered, and how long a silence means it is lost."""
-
-    interval_s: float = DEFAULT_STATUS_INTERVAL_S
-    timeout_s: float = DEFAULT_STATUS_TIMEOUT_S
-
-
-def status_answer(body: Sequence[zmq.Frame]) -> list | None:
-    """The server's answer to a status query (or its notice of a large reply), else None: a reply."""
-    if len(body) != 1 or not 0 < len(body[0]) <= 64:
-        return None
-    raw = body[0].bytes
-    if not 0x90 <= raw[0] <= 0x9F:  # a msgpack array; every reply header is a map
-        return None
-    try:
-        answer = msgpack.unpackb(raw)
-    except ValueError:
-        return None
-    return answer if isinstance(answer, list) and answer and isinstance(answer[0], str) else None
-
-
-class _Watch:
-    """Application heartbeats for one call: ask after `interval_s` without a reply; lost after
-    `timeout_s` with neither a reply nor a status answer, plus the time a large message may
-    take on a slow link (the request until the server first answers; then an announced reply)."""
-
-    def __init__(self, liveness: Liveness, request_bytes: int, now: float, first_query: int):
-        self.liveness = liveness
-        self.first_query = first_query  # answers to queries numbered below it are about earlier calls
-        self.heard = now  # the last sign that the server has the call (or the time it was sent)
-        self.grace = request_bytes / SLOWEST_TRANSFER_BYTES_S  # the server cannot answer before it has it all
-        self.asked = -math.inf
-
-    def step(self, now: float) -> tuple[str | None, float]:
-        """What to do now ('ask', 'lost' or nothing) and when to look again."""
-        lost_at = self.heard + self.grace + self.liveness.timeout_s
-        if now >= lost_at:
-            return "lost", now
-        ask_at = max(self.heard, self.asked) + self.liveness.interval_s
-        if now >= ask_at:
-            self.asked = now
-            return "ask", min(now + self.liveness.interval_s, lost_at)
-        return None, min(ask_at, lost_at)
-
-    def answered(self, answer: list, now: float) -> _Failure | None:
-        if len(answer) != 2 or type(answer[1]) is not int:
-            return None
-        if answer[0] == "sending" and answer[1] > 0:
-            self.heard, self.grace = now, answer[1] / SLOWEST_TRANSFER_BYTES_S
-            return None
-        if answer[1] < self.first_query:
-            return None  # an answer about an earlier call, come after its reply
-        self.heard, self.grace = now, 0.0
-        if answer[0] == "pending":
-            return None
-        return _Failure("the server has no record of this call: its reply (or the request) was lost on the way")
-
-    def silence(self) -> str:
-        return f"the server answered neither the call nor a status query for {self.liveness.timeout_s:g} s"
-
-
 _MONITORED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
@@ -248,60 +176,17 @@ class _Link:
                                     if self.curve else "the handshake failed: the server probably requires "
                                     "CurveZMQ keys (--server-public-key, --client-secret-key)")
 
-    def _receive(self) -> list[zmq.Frame] | None:
+    def receive(self) -> list[zmq.Frame] | None:
         frames = self.sock.recv_multipart(copy=False)
         return frames[1:] if frames and len(frames[0]) == 0 else None  # else not an answer to a request
 
-    def wait_reply(self, request_bytes: int, timeout_s: float, connect_timeout_s: float,
-                   liveness: Liveness) -> list[zmq.Frame] | _Failure:
-        """The reply to the request just sent, or why none came: `connect_timeout_s` to get a
-        connection up, `timeout_s` for the reply once it is; a drop, or a server that stops
-        answering status queries (`liveness`), ends the wait early."""
-        start = time.monotonic()
-        reply_deadline, connect_deadline = start + timeout_s, start + connect_timeout_s
-        up_at = start if self.connected else None  # the request leaves once the connection is up
-        watch: _Watch | None = None  # made when the reply is late: most calls never need one
-        while True:
-            now = time.monotonic()
-            deadline = reply_deadline if self.connected else min(reply_deadline, connect_deadline)
-            if now >= deadline:
-                break
-            if self.connected:
-                up_at = now if up_at is None else up_at
-                if watch is None and now - up_at < liveness.interval_s:
-                    deadline = min(deadline, up_at + liveness.interval_s)
-                else:
-                    watch = watch or _Watch(liveness, request_bytes, up_at, self.queries)
-                    action, wake = watch.step(now)
-                    if action == "lost":
-                        return _Failure(watch.silence())
-                    if action == "ask":
-                        self.sock.send_multipart([b"", status_query(self.queries)])
-                        self.queries += 1
-                    deadline = min(deadline, wake)
-            ready = dict(self.poller.poll(max((deadline - now) * 1000, 1)))
-            if self.sock in ready:
-                body = self._receive()
-                answer = status_answer(body) if body is not None else None
-                if answer is not None:  # a status answer, or the notice of a large reply (which may come early)
-                    now = time.monotonic()
-                    watch = watch or _Watch(liveness, request_bytes, now if up_at is None else up_at, self.queries)
-                    failure = watch.answered(answer, now)
-                    if failure is not None:
-                        return failure
-                elif body is not None:
-                    return body
-            if self.monitor in ready:
-                self.read_events()
-                if self.refused:
-                    return _Failure(self.refused, fatal=True)
-                if self.lost:
-                    return _Failure("the connection was lost")
-        if self.handshake_error:
-            return _Failure(self.handshake_error, fatal=True)
-        if not self.connected:
-            return _Failure(f"could not connect within {connect_timeout_s:g} s")
-        return _Failure(f"no reply within {timeout_s:g} s")
+    def query(self, frame: bytes) -> None:
+        self.sock.send_multipart([b"", frame])
+
+    def poll(self, timeout_ms: float) -> tuple[bool, bool]:
+        """(something to receive, monitor events to read)."""
+        ready = dict(self.poller.poll(timeout_ms))
+        return self.sock in ready, self.monitor in ready
 
 
 class Client:
@@ -312,12 +197,13 @@ class Client:
     soon a server that stopped answering is noticed; `connect_timeout_s` bounds each
     (re)connection; a call is sent at most `1 + retries` times, then ServerUnreachable.
     `keys` (CurveZMQ) default to $TSQP_SERVER_PUBLIC_KEY / $TSQP_CLIENT_SECRET_KEY when set.
-    `shm` moves tensor payloads through a shared-memory segment (same host; see tsqp.shm)."""
+    `shm` moves tensor payloads through a shared-memory segment (same host; see tsqp.shm), and
+    headers over the server's fast link when it offers one (tsqp.fastlink; `fastlink=False`: ZeroMQ)."""
 
     def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None, *,
                  retries: int = DEFAULT_RETRIES, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
                  keys: ClientKeys | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S, shm: bool = False,
-                 liveness: Liveness = Liveness()):
+                 liveness: Liveness = Liveness(), fastlink: bool = True):
         if timeout_s <= 0 or connect_timeout_s <= 0 or retries < 0 or min(liveness.interval_s, liveness.timeout_s) <= 0:
             raise ValueError("timeouts must be positive and retries >= 0")
         self.endpoint = client_endpoint(endpoint)
@@ -326,20 +212,50 @@ class Client:
         self.heartbeat_s, self.liveness = heartbeat_s, liveness
         self.stats = WireStats()
         self._context = context or zmq.Context.instance()
-        self._link: _Link | None = None
-        self.shm = shm
+        self._link: _Link | FastLink | None = None
+        self.shm, self.fastlink = shm, fastlink
         self._segment: Segment | None = None
         self._reply_room = 0  # bytes the largest reply so far needed behind a request (shm)
 
-    def _ready_link(self) -> _Link:
+    def _ready_link(self) -> "_Link | FastLink":
         """The current link, rebuilt if its connection dropped since the last call."""
         if self._link is not None:
             self._link.read_events()
             if self._link.lost:
                 self._close_link()
         if self._link is None:
-            self._link = _Link(self._context, self.endpoint, self.keys, self.heartbeat_s)
+            link = _Link(self._context, self.endpoint, self.keys, self.heartbeat_s)
+            self._link = self._fast_link(link) if self.shm and self.fastlink else link
         return self._link
+
+    @property
+    def via(self) -> str:
+        """What the next call travels on: 'fastlink' or 'zeromq' (tsqp.fastlink)."""
+        return "fastlink" if isinstance(self._ready_link(), FastLink) else "zeromq"
+
+    def _fast_link(self, link: _Link) -> "_Link | FastLink":
+        """A fast link (tsqp.fastlink) for this shared-memory client if the server offers one and
+        it can be reached from here; else the ZeroMQ link it was asked on."""
+        number = link.queries
+        link.query(ticket_query(number))
+        link.queries += 1
+        answer = wait_reply(link, 0, self.connect_timeout_s, self.connect_timeout_s, self.liveness)
+        ticket = None
+        if not isinstance(answer, Failure) and len(answer) == 1 and len(answer[0]) <= 256:
+            try:
+                decoded = msgpack.unpackb(answer[0].bytes)
+                ticket = read_ticket(decoded, number) if isinstance(decoded, list) else None
+            except ValueError:
+                pass
+        if ticket is None:
+            return link
+        try:
+            fast = FastLink(*ticket, self.connect_timeout_s)
+        except OSError as err:
+            log_event(client_log, logging.INFO, "fastlink_unreachable", path=ticket[0], error=str(err))
+            return link
+        link.close()
+        return fast
 
     def _close_link(self) -> None:
         if self._link is not None:
@@ -399,24 +315,30 @@ class Client:
             self.stats.serialize_s += time.perf_counter() - t0
             return frames, nbytes
 
-        reply_frames = self._exchange(method, prepare, timeout, retries, connect_timeout)
-        t2 = time.perf_counter()
-        if self.shm:
-            assert self._segment is not None
-            reply, shared_bytes = decode_reply(reply_frames, self._segment)
-            self._reply_room = max(self._reply_room, reply_room(reply.header))
-        else:
-            reply, shared_bytes = decode(reply_frames), 0
-        self.stats.serialize_s += time.perf_counter() - t2
-        self.stats.round_trips += 1
-        self.stats.bytes_received += frames_nbytes(reply_frames) + shared_bytes
-        self.stats.server_s += float(reply.header.get("server_s", 0.0))
+        reply = self._reply(self._exchange(method, prepare, timeout, retries, connect_timeout))
+        if _error_code(reply) == "reply_room":  # the fast link's answer to a reply larger than the segment
+            reply = self._reply(self._exchange(method, prepare, timeout, retries, connect_timeout))
         if not reply.header.get("ok", False):
             error = reply.header.get("error") or {}
             code, message = str(error.get("code", "error")), str(error.get("message", "unknown error"))
             if code == "unauthorized":  # the key was taken off the allow-list while connected
                 raise AuthenticationFailed(f"the GPU server at {self.endpoint} refused this client: {message}")
             raise RemoteError(code, message)
+        return reply
+
+    def _reply(self, frames: list[Any]) -> Message:
+        """The reply decoded (tensors copied out of shared memory) and counted."""
+        t0 = time.perf_counter()
+        if self.shm:
+            assert self._segment is not None
+            reply, shared_bytes = decode_reply(frames, self._segment)
+            self._reply_room = max(self._reply_room, reply_room(reply.header))
+        else:
+            reply, shared_bytes = decode(frames), 0
+        self.stats.serialize_s += time.perf_counter() - t0
+        self.stats.round_trips += 1
+        self.stats.bytes_received += frames_nbytes(frames) + shared_bytes
+        self.stats.server_s += float(reply.header.get("server_s", 0.0))
         return reply
 
     def _exchange(self, method: str, prepare: Callable[[], tuple[list[Any], int]], timeout: float, retries: int,
@@ -428,9 +350,9 @@ class Client:
             t1 = time.perf_counter()
             link.send(frames)
             self.stats.bytes_sent += nbytes
-            outcome = link.wait_reply(nbytes, timeout, connect_timeout, self.liveness)
+            outcome = wait_reply(link, nbytes, timeout, connect_timeout, self.liveness)
             self.stats.wait_s += time.perf_counter() - t1
-            if not isinstance(outcome, _Failure):
+            if not isinstance(outcome, Failure):
                 return outcome
             self._close_link()  # a late reply to this attempt must never pass for the next one's
             self._drop_segment()  # nor a segment a late reply may still land in
@@ -442,3 +364,8 @@ class Client:
                           attempts=retries + 1, reason=outcome.reason, endpoint=self.endpoint)
         tries = f" after {retries + 1} attempts" if retries else ""
         raise ServerUnreachable(f"no reply from GPU server at {self.endpoint} ({method}): {outcome.reason}{tries}")
+
+
+def _error_code(reply: Message) -> str | None:
+    error = reply.header.get("error")
+    return str(error.get("code")) if not reply.header.get("ok", False) and isinstance(error, dict) else None

@@ -40,7 +40,8 @@ class ServerThread:
     def _run(self, ready: threading.Event, heartbeat_s: float) -> None:
         try:
             serve_forever(self.endpoint, self.server.handle, self._stop, ready.set, keys=self.keys,
-                          max_message_bytes=self.server.service.limits.max_message_bytes, heartbeat_s=heartbeat_s)
+                          max_message_bytes=self.server.service.limits.max_message_bytes, heartbeat_s=heartbeat_s,
+                          fast=self.server.shared is not None)
         except BaseException as err:  # surfaced to the constructor
             self._errors.append(err)
             ready.set()
@@ -123,7 +124,7 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
     serving = _LoadedOnBind(load)
     try:
         serve_forever(endpoint, serving, stop or threading.Event(), serving.bound, keys=keys,
-                      max_message_bytes=limits.max_message_bytes, heartbeat_s=heartbeat_s)
+                      max_message_bytes=limits.max_message_bytes, heartbeat_s=heartbeat_s, fast=shm)
     finally:
         if serving.server is not None:
             serving.server.release()

@@ -1,0 +1,204 @@
+"""The same-host fast link (tsqp.fastlink): exact, survives lost and restarted servers, resends and
+malformed input, and gives nothing to a local process without a ticket."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from tsqp import api, protocol
+from tsqp.errors import RemoteError, ServerUnreachable
+from tsqp.fastlink import MAX_DATAGRAM, TOKEN_BYTES, read_ticket, ticket_query
+from tsqp.server import GpuServer, ServerThread
+from tsqp.transport import Client, Liveness
+
+QUICK = Liveness(interval_s=0.3, timeout_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def fast_server(tiny_dir):
+    with api.start_server(tiny_dir, device="cpu", shm=True) as server:
+        yield server
+
+
+def q_proj(references, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return references["gqa"].model.layers[0].self_attn.q_proj(x)
+
+
+def ticket(endpoint: str) -> tuple[str, bytes]:
+    """What a client is given when it asks on the ZeroMQ socket."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart([b"", ticket_query(7)])
+        assert sock.poll(10_000)
+        issued = read_ticket(msgpack.unpackb(sock.recv_multipart()[1]), 7)
+    finally:
+        sock.close(linger=0)
+    assert issued is not None
+    return issued
+
+
+def raw_link(issued: tuple[str, bytes]) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(10)
+    sock.connect(issued[0])
+    sock.send(issued[1])
+    return sock
+
+
+def refused(sock: socket.socket, datagram: bytes) -> bool:
+    """Whether the server closes the link rather than answer `datagram` on it."""
+    try:
+        sock.send(datagram)
+        return sock.recv(1 << 16) == b""
+    except (BrokenPipeError, ConnectionResetError):
+        return True
+
+
+def test_calls_over_the_fast_link_are_exact_and_counted(fast_server, references):
+    g = torch.Generator().manual_seed(4)
+    with Client(fast_server.endpoint, timeout_s=30, shm=True) as fast, \
+            Client(fast_server.endpoint, timeout_s=30) as framed:
+        assert fast.via == "fastlink" and framed.via == "zeromq"
+        for n in (1, 3, 17):
+            x = torch.randn(2, n, 64, generator=g)
+            (got,) = fast.call("Linear", [x], layer_idx=0, module_name="q_proj").tensors
+            (plain,) = framed.call("Linear", [x], layer_idx=0, module_name="q_proj").tensors
+            assert torch.equal(got, plain)
+            torch.testing.assert_close(got, q_proj(references, x), rtol=1e-5, atol=1e-6)
+        assert fast.stats.round_trips == 3 and fast.stats.retries == 0
+
+
+def test_a_reply_larger_than_the_segment_is_resent_once_into_a_grown_one(fast_server):
+    """The link carries headers only: a reply that does not fit comes back as `reply_room`, and the
+    client grows its segment and asks again; the next such call fits at once."""
+    payload = torch.randn(3 << 20)  # 12 MiB: more than a fresh segment's spare room behind it
+    with Client(fast_server.endpoint, timeout_s=30, shm=True) as client:
+        client.ping()
+        (echoed,) = client.call("Echo", [payload]).tensors
+        assert torch.equal(echoed, payload) and client.stats.round_trips == 3  # ping, refused, resent
+        (again,) = client.call("Echo", [payload * 2]).tensors
+        assert torch.equal(again, payload * 2) and client.stats.round_trips == 4
+
+
+def test_a_restarted_server_is_found_again_and_a_killed_one_is_noticed_at_once(tiny_dir, tmp_path):
+    endpoint = f"ipc://{tmp_path}/server.sock"
+    x = torch.randn(1, 4, 64)
+    with Client(endpoint, timeout_s=30, shm=True, retries=0) as client:
+        with api.spawn_server(tiny_dir, device="cpu", endpoint=endpoint, shm=True) as first:
+            (before,) = client.call("Linear", [x], layer_idx=1, module_name="o_proj").tensors
+            assert client.via == "fastlink"
+            first.process.send_signal(signal.SIGKILL)
+            first.process.wait(10)
+            start = time.monotonic()
+            with pytest.raises(ServerUnreachable, match="connection was lost"):
+                client.call("Linear", [x], layer_idx=1, module_name="o_proj")
+            assert time.monotonic() - start < 2.0  # the socket closed: no status queries needed
+        with api.spawn_server(tiny_dir, device="cpu", endpoint=endpoint, shm=True):
+            (after,) = client.call("Linear", [x], layer_idx=1, module_name="o_proj").tensors
+            assert torch.equal(before, after) and client.via == "fastlink"
+
+
+def test_a_frozen_server_is_lost_in_bounded_time_and_a_slow_one_is_waited_for(tiny_dir):
+    """Status queries travel on the link: a long call is answered 'pending' meanwhile, a stopped
+    process answers nothing and counts as lost after the liveness timeout, not the call's."""
+    server = GpuServer(tiny_dir, "cpu", shm=True)
+    real = server.handle
+
+    def slow(frames):
+        if protocol.decode_header(frames[0]).get("method") == "Linear":
+            time.sleep(2.0)  # longer than the silence QUICK allows
+        return real(frames)
+
+    server.handle = slow
+    x = torch.randn(1, 2, 64)
+    with ServerThread(server, api.free_endpoint()) as thread:
+        with Client(thread.endpoint, timeout_s=60, retries=0, shm=True, liveness=QUICK) as client:
+            assert client.via == "fastlink"
+            client.call("Linear", [x], layer_idx=0, module_name="k_proj")
+            assert client.stats.retries == 0
+    with api.spawn_server(tiny_dir, device="cpu", shm=True) as process:
+        with Client(process.endpoint, timeout_s=60, retries=0, shm=True, liveness=QUICK) as client:
+            assert client.via == "fastlink"
+            process.process.send_signal(signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                with pytest.raises(ServerUnreachable, match="neither the call nor a status query"):
+                    client.call("Ping")
+                elapsed = time.monotonic() - start
+            finally:
+                process.process.send_signal(signal.SIGCONT)
+    assert elapsed < 20, f"{elapsed:.1f} s"
+
+
+def test_no_ticket_no_link_and_a_ticket_serves_once(fast_server):
+    issued = ticket(fast_server.endpoint)
+    ping = protocol.encode({"method": "Ping", "args": {}})[0]
+    assert refused(raw_link((issued[0], bytes(TOKEN_BYTES))), ping)  # the path is no secret; the token is
+    holder = raw_link(issued)
+    holder.send(ping)
+    assert msgpack.unpackb(holder.recv(1 << 16))["ok"]
+    assert refused(raw_link(issued), ping)  # the same ticket again
+    holder.close()
+
+
+@pytest.mark.parametrize("datagram", [b"\x00", b"\x92\xa6status", msgpack.packb({"method": "Linear", "args": 3}),
+                                      msgpack.packb({"method": "Nope"}), b"\xc1" * 70_000, b"\xc1" * 120_000],
+                         ids=["garbage", "bad-status", "bad-args", "unknown", "too-large", "truncated"])
+def test_malformed_datagrams_get_an_error_or_a_closed_link_and_the_server_serves_on(fast_server, datagram):
+    link = raw_link(ticket(fast_server.endpoint))
+    link.send(datagram)
+    try:
+        answer = link.recv(1 << 16)
+    except ConnectionResetError:
+        answer = b""
+    if answer:
+        reply = msgpack.unpackb(answer)
+        assert reply["ok"] is False and reply["error"]["code"] in ("bad_request", "unknown_method", "too_large"), reply
+    else:
+        assert len(datagram) > MAX_DATAGRAM  # only a datagram it cannot read whole closes the link
+    link.close()
+    with Client(fast_server.endpoint, timeout_s=10, shm=True) as client:
+        assert client.via == "fastlink" and client.ping()["ok"]
+
+
+def test_a_peer_that_never_reads_is_dropped_and_others_are_served(fast_server):
+    link = raw_link(ticket(fast_server.endpoint))
+    link.setblocking(False)
+    ping = protocol.encode({"method": "Ping", "args": {}})[0]
+    sent = 0
+    for _ in range(20_000):  # replies pile up in its socket until the server gives up on it
+        try:
+            link.send(ping)
+            sent += 1
+        except BlockingIOError:
+            time.sleep(0.001)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    else:
+        pytest.fail(f"the server kept a peer that read none of {sent} replies")
+    with Client(fast_server.endpoint, timeout_s=10, shm=True) as client:
+        assert client.ping()["ok"]
+
+
+def test_a_client_may_keep_to_zeromq_and_a_server_without_shm_offers_no_link(tiny_dir, fast_server):
+    with Client(fast_server.endpoint, timeout_s=10, shm=True, fastlink=False) as client:
+        assert client.via == "zeromq" and client.ping()["ok"]
+    with api.start_server(tiny_dir, device="cpu") as plain:
+        with Client(plain.endpoint, timeout_s=10, shm=True) as client:
+            assert client.via == "zeromq"
+
+
+def test_a_remote_error_travels_back_on_the_link(fast_server):
+    with Client(fast_server.endpoint, timeout_s=10, shm=True) as client:
+        with pytest.raises(RemoteError) as caught:
+            client.call("Linear", [torch.randn(1, 2, 63)], layer_idx=0, module_name="q_proj")
+        assert caught.value.code == "bad_request" and client.via == "fastlink"
