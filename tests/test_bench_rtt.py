@@ -25,7 +25,7 @@ def test_rtt_reports_every_transport_and_payload(tiny_dir):
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rtt"]
     assert [(r["transport"], r["payload"]) for r in rows] == [
-        (t, p) for t in ("tcp", "ipc", "ipc+shm") for p in ("empty", "8 KiB", "1 MiB", "16 MiB")]
+        (t, p) for t in ("tcp", "ipc", "ipc+shm", "fastlink") for p in ("empty", "8 KiB", "1 MiB", "16 MiB")]
     for r in rows:
         assert 0 < r["median_s"] <= r["p99_s"] and r["calls"] >= 5
-    assert "| ipc+shm | 16 MiB |" in result.stderr
+    assert "| ipc+shm | 16 MiB |" in result.stderr and "| fastlink | empty |" in result.stderr

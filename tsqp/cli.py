@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-idle-s", type=float, default=300, metavar="S",
                    help="drop a session unused this long (default: %(default)g)")
     p.add_argument("--shm", action="store_true",
-                   help="also take tensors through shared memory from clients on this host that ask (--shm); "
-                        "only for trusted local clients (see tsqp/shm.py)")
+                   help="also take tensors through shared memory, and headers over a Unix socket, from clients on "
+                        "this host that ask (--shm); only for trusted local clients (see tsqp/shm.py, tsqp/fastlink.py)")
     p.add_argument("--audit", type=Path, metavar="DIR",
                    help="record every request as received (DIR/requests.jsonl + .npy tensors): what the host sees")
     p.add_argument("--tamper", choices=("element", "row", "scale"),

@@ -1,10 +1,11 @@
 """Same-host fast path: tensor payloads through a shared-memory segment instead of the socket.
 
 A client that asks for it (`--shm`) creates one segment in /dev/shm, readable by its own user
-only, and copies each request's tensors into it; the header frame still goes over ZeroMQ and
-says where they are. A server that allows it (`serve --shm`) maps the segment by name, reads the
-tensors in place, and writes its reply tensors behind the request's, when they fit (otherwise
-they travel as frames, and the client grows its segment for the next call). One user-space copy
+only, and copies each request's tensors into it; the header frame, which says where they are,
+goes over ZeroMQ or the server's fast link (tsqp.fastlink). A server that allows it (`serve
+--shm`) maps the segment by name, reads the tensors in place, and writes its reply tensors behind
+the request's, when they fit (otherwise they travel as frames, or come back as `reply_room` on
+the fast link, and the client grows its segment). One user-space copy
 each way replaces the socket's path through the kernel.
 
 A segment is usable only by the client that made it: its first bytes hold a random key, which

@@ -98,7 +98,8 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="resends of a call after a lost connection or a timeout (default: %(default)s)")
     p.add_argument("--shm", action="store_true",
-                   help="move tensors through shared memory instead of the socket (same host; the server needs --shm)")
+                   help="move tensors through shared memory and headers over the server's fast link instead of "
+                        "the socket (same host; the server needs --shm)")
     p.add_argument("--server-public-key", metavar="FILE", default=env("TSQP_SERVER_PUBLIC_KEY"),
                    help="CurveZMQ: the server's public key file (pinned) [$TSQP_SERVER_PUBLIC_KEY]")
     p.add_argument("--client-secret-key", metavar="FILE", default=env("TSQP_CLIENT_SECRET_KEY"),

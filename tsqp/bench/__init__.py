@@ -55,14 +55,16 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--device", help="device for the local server (default: cuda:0, or cpu)")
     p.add_argument("--ipc", action="store_true", help="talk to the local server over ipc:// instead of tcp loopback")
     p.add_argument("--shm", action="store_true",
-                   help="move the split modes' tensors through shared memory (same host; tsqp/shm.py)")
+                   help="move the split modes' tensors through shared memory and their headers over the server's "
+                        "fast link (same host; tsqp/shm.py, tsqp/fastlink.py)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="server weights dtype (default float32)")
     p.add_argument("--tokens", default="128", help="comma-separated prompt lengths (default 128)")
     p.add_argument("--batch", type=int, default=1, help="sequences per prefill (default 1)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per mode and length (default 3)")
     p.add_argument("--rtt", action="store_true",
-                   help="only the transport: an Echo of 0 B, 8 KiB, 1 MiB and 16 MiB over tcp, ipc and ipc+shm, "
+                   help="only the transport: an Echo of 0 B, 8 KiB, 1 MiB and 16 MiB over tcp, ipc, ipc+shm and the "
+                        "fast link, "
                         "median and p99 per round trip (tsqp/bench/rtt.py); --repeat scales the calls")
     p.add_argument("--decode", type=int, default=0, metavar="N",
                    help="also time N decode steps after each prompt, per mode (default 0: prefill only)")

@@ -1,6 +1,7 @@
 """`tsqp bench --rtt`: the transport alone. A server process echoes a tensor back (`Echo`: the
 request checks, the device staging and the reply, no model work), over tcp loopback, ipc and
-ipc with shared memory, for an empty call and payloads of 8 KiB, 1 MiB and 16 MiB each way."""
+ipc with shared memory (headers on ZeroMQ) and the fast link (shared memory, headers on a Unix
+socket: tsqp.fastlink), for an empty call and payloads of 8 KiB, 1 MiB and 16 MiB each way."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import tempfile
 import time
 
 PAYLOADS = (("empty", 0, 3000), ("8 KiB", 8 << 10, 2000), ("1 MiB", 1 << 20, 300), ("16 MiB", 16 << 20, 30))
-TRANSPORTS = ("tcp", "ipc", "ipc+shm")
+TRANSPORTS = ("tcp", "ipc", "ipc+shm", "fastlink")
 WARMUP = 20
 
 
@@ -30,10 +31,10 @@ def measure_rtt(model_dir: str, device: str | None, scale: float = 1.0) -> list[
     for transport in TRANSPORTS:
         endpoint = api.free_endpoint() if transport == "tcp" else \
             f"ipc://{tempfile.mkdtemp(prefix='tsqp-rtt-')}/server.sock"
-        shm = transport.endswith("shm")
+        shm = transport in ("ipc+shm", "fastlink")
         with api.spawn_server(model_dir, device=device, endpoint=endpoint, shm=shm,
                               extra_args=("--max-reply-mb", "64")) as server:
-            with Client(server.endpoint, shm=shm) as client:
+            with Client(server.endpoint, shm=shm, fastlink=transport == "fastlink") as client:
                 for label, nbytes, calls in PAYLOADS:
                     payload = torch.randn(nbytes // 4)
                     calls = max(5, int(calls * scale))
