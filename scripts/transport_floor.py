@@ -1,26 +1,22 @@
 """The floor under a same-host request/reply: bare mechanisms two processes can use, no TSQP.
 
-Each mechanism runs as ping-pong between this process (the client, which keeps the clock) and a
-forked echo server: a 200-byte request comes back as a 200-byte reply (and, for the shared-memory
-paths, a 64 KiB one: copied in by the client, copied from request to reply by the server, copied
-out by the client, as TSQP's own `--shm` path does). Every reply is checked against its request
-outside the timed span. It prints median and p99 round trips as a Markdown table (issue 16).
+Each runs as ping-pong between this process (the client, which keeps the clock) and a forked echo
+server: 200 bytes each way, and 64 KiB through shared memory (copied in by the client, from
+request to reply by the server, out by the client, as TSQP's `--shm` path does). Every reply is
+checked against its request outside the timed span. Mechanisms: pyzmq DEALER->ROUTER (tcp, ipc),
+a Unix SOCK_SEQPACKET pair, pipes, a shared-memory flag polled by spinning (the floor), spin up to
+N µs then block on an eventfd or a Unix socket, a Unix socket header with the payload in shared
+memory, and iceoryx2 request-response (polled, or with its events) when `iceoryx2` is installed
+(not a TSQP dependency). Spinning needs a core per side: on a loaded 2-core host it swings most.
 
-Mechanisms: pyzmq DEALER->ROUTER (tcp loopback, ipc); a Unix SOCK_SEQPACKET socket pair; a pair
-of pipes; a flag in shared memory polled by spinning on both sides (the floor); spin up to N µs,
-then block on an eventfd or a Unix socket; a Unix socket carrying a header with the payload in
-shared memory; and iceoryx2 request-response (spinning, or waiting on its events) when the
-`iceoryx2` package is installed (it is not one of TSQP's dependencies).
-
-Spinning needs a core per side: on a loaded 2-core host its figures swing more than the others.
-
-    .venv/bin/python scripts/transport_floor.py [--rounds 3000] [--repeat 1] [--json FILE]
+    .venv/bin/python scripts/transport_floor.py [--rounds 3000] [--repeat 1] [--pin] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.metadata
 import json
 import math
 import mmap
@@ -35,7 +31,8 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional, Protocol
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import zmq
 
@@ -53,15 +50,6 @@ BACKSTOP_MS = 2  # a blocked waiter rechecks its flag this often: Python has no 
 MAX_SECONDS = 4.0  # per mechanism and run: a spinner starved of a core must not stall the script
 
 
-class Endpoint(Protocol):
-    def send(self, data: Any) -> None: ...
-
-    def recv(self) -> Any:
-        """The next message, as a bytes-like valid until the next call."""
-
-    def close(self) -> None: ...
-
-
 @dataclass
 class Mechanism:
     """One way to carry a request and its reply; made in the parent, opened on each side after fork."""
@@ -69,14 +57,14 @@ class Mechanism:
     name: str
     payload: int
 
-    def open(self, side: str) -> Endpoint:
+    def open(self, side: str) -> Any:
+        """This side's endpoint: send(bytes-like), recv() -> a bytes-like valid until the next
+        call, close()."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Remove what was made for this mechanism (files, sockets)."""
+    def close(self) -> None:  # removes what was made for it: files, sockets
+        pass
 
-
-# --- sockets and pipes -----------------------------------------------------------------------
 
 class ZmqEnd:
     def __init__(self, endpoint: str, server: bool):
@@ -103,7 +91,6 @@ class ZmqEnd:
 class Zmq(Mechanism):
     transport: str = "tcp"
     endpoint: str = ""
-    folder: Optional[tempfile.TemporaryDirectory] = None
 
     def __post_init__(self) -> None:
         if self.transport == "tcp":
@@ -111,15 +98,14 @@ class Zmq(Mechanism):
                 probe.bind(("127.0.0.1", 0))
                 self.endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
         else:
-            self.folder = tempfile.TemporaryDirectory(prefix="tsqp-floor-")
-            self.endpoint = f"ipc://{self.folder.name}/zmq"
+            self.endpoint = f"ipc://{tempfile.gettempdir()}/tsqp-floor-{uuid.uuid4().hex}"
 
-    def open(self, side: str) -> Endpoint:
+    def open(self, side: str) -> Any:
         return ZmqEnd(self.endpoint, side == "server")
 
     def close(self) -> None:
-        if self.folder is not None:
-            self.folder.cleanup()
+        if self.transport == "ipc":
+            Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
 
 
 class FdEnd:
@@ -134,57 +120,49 @@ class FdEnd:
     def recv(self) -> Any:
         return os.read(self.read_fd, self.room)
 
-    def close(self) -> None:
+    def close(self) -> None:  # the mechanism owns the descriptors
         pass
 
 
 @dataclass
-class UnixSocket(Mechanism):
-    pair: tuple = field(default_factory=lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+class Fds(Mechanism):
+    """A Unix SOCK_SEQPACKET socket pair, or (`pipes`) a pipe each way."""
 
-    def open(self, side: str) -> Endpoint:
-        fd = self.pair[side == "server"].fileno()
-        return FdEnd(fd, fd, self.payload)
+    pipes: bool = False
+    socks: tuple = ()
+    ends: tuple = ()  # (client's write, client's read, server's write, server's read)
+
+    def __post_init__(self) -> None:
+        if self.pipes:
+            (up_r, up_w), (down_r, down_w) = os.pipe(), os.pipe()
+            self.ends = (up_w, down_r, down_w, up_r)
+        else:
+            self.socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            a, b = (s.fileno() for s in self.socks)
+            self.ends = (a, a, b, b)
+
+    def open(self, side: str) -> Any:
+        at = 2 if side == "server" else 0
+        return FdEnd(self.ends[at], self.ends[at + 1], self.payload)
 
     def close(self) -> None:
-        for s in self.pair:
+        for s in self.socks:
             s.close()
-
-
-@dataclass
-class Pipes(Mechanism):
-    up: tuple = field(default_factory=os.pipe)  # client -> server
-    down: tuple = field(default_factory=os.pipe)
-
-    def open(self, side: str) -> Endpoint:
-        if side == "server":
-            return FdEnd(self.down[1], self.up[0], self.payload)
-        return FdEnd(self.up[1], self.down[0], self.payload)
-
-    def close(self) -> None:
-        for fd in (*self.up, *self.down):
-            os.close(fd)
-
-
-# --- shared memory ---------------------------------------------------------------------------
-
-class Waiter(Protocol):
-    """How a receiver learns a box's SEQ moved past `last`, and how a sender tells it."""
-
-    def published(self, box: int, flags: memoryview) -> None: ...
-
-    def wait(self, box: int, flags: memoryview, last: int) -> None: ...
+        if self.pipes:
+            for fd in self.ends:
+                os.close(fd)
 
 
 class Spin:
-    """Both sides poll the flag: no system call at all, a core burnt per side."""
+    """Both sides poll the flag: no system call at all, a core burnt per side. Like every waiter:
+    `wait` returns once a box's SEQ moved past `last`, `published` tells the receiver it did."""
 
     def published(self, box: int, flags: memoryview) -> None:
         pass
 
     def wait(self, box: int, flags: memoryview, last: int) -> None:
         while flags[SEQ] == last:
-            pass
+            continue
 
 
 class SpinThenBlock:
@@ -240,13 +218,10 @@ class ShmEnd:
     """One side of two boxes in a shared segment (box 0: client -> server, box 1: back); each box
     is a line of flags, then the data. Ordering relies on x86's stores reaching others in order."""
 
-    def __init__(self, path: str, room: int, out_box: int, waiter: Waiter):
+    def __init__(self, path: str, room: int, out_box: int, waiter: Any):
         self.room, self.out, self.into, self.waiter = room, out_box, 1 - out_box, waiter
-        fd = os.open(path, os.O_RDWR)
-        try:
-            self.map = mmap.mmap(fd, 2 * (LINE + room))
-        finally:
-            os.close(fd)
+        with open(path, "r+b") as f:
+            self.map = mmap.mmap(f.fileno(), 2 * (LINE + room))
         self.view = memoryview(self.map)
         self.flags = [self.view[b * (LINE + room): b * (LINE + room) + LINE].cast("q") for b in (0, 1)]
         self.seq = [0, 0]
@@ -302,9 +277,9 @@ class Shm(Mechanism):
             self.socks = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
             self.fds = [(a.fileno(), b.fileno()) for a, b in self.socks]
 
-    def open(self, side: str) -> Endpoint:
+    def open(self, side: str) -> Any:
         if self.wake == "spin":
-            waiter: Waiter = Spin()
+            waiter: Any = Spin()
         elif self.wake == "header":
             waiter = Header(self.fds)
         else:
@@ -314,15 +289,12 @@ class Shm(Mechanism):
 
     def close(self) -> None:
         os.unlink(self.path)
-        for a, b in self.socks:
-            a.close()
-            b.close()
+        for end in (s for pair in self.socks for s in pair):
+            end.close()
         if self.wake == "eventfd":
             for fd, _ in self.fds:
                 os.close(fd)
 
-
-# --- iceoryx2 ----------------------------------------------------------------------------------
 
 class IceoryxEnd:
     """Request-response over iceoryx2's shared memory: poll for the next sample, or (`events`)
@@ -334,8 +306,7 @@ class IceoryxEnd:
               .request_response(iox2.Slice[ctypes.c_uint8], iox2.Slice[ctypes.c_uint8]).open_or_create())
         port = rr.server_builder() if server else rr.client_builder()
         self.port = port.initial_max_slice_len(payload).create()
-        self.server, self.pending, self.held = server, None, None
-        self.notifier = self.listener = None
+        self.server, self.pending, self.held, self.notifier, self.listener = server, None, None, None, None
         if events:
             up, down = (self.node.service_builder(iox2.ServiceName.new(f"{service}/{d}")).event().open_or_create()
                         for d in ("up", "down"))
@@ -344,11 +315,10 @@ class IceoryxEnd:
 
     def send(self, data: Any) -> None:
         n = len(data)
-        out = self.held.loan_slice_uninit(n) if self.server else self.port.loan_slice_uninit(n)
+        out = (self.held if self.server else self.port).loan_slice_uninit(n)
         memoryview((ctypes.c_uint8 * n).from_address(out.payload_ptr)).cast("B")[:] = data
         sent = out.assume_init().send()
-        self.held = None if self.server else self.held
-        self.pending = None if self.server else sent
+        self.held, self.pending = (None, None) if self.server else (self.held, sent)
         if self.notifier is not None:
             self.notifier.notify()
 
@@ -358,8 +328,7 @@ class IceoryxEnd:
             if self.listener is not None:
                 self.listener.timed_wait(iox2.Duration.from_millis(BACKSTOP_MS))
         self.held = sample  # the view below lives as long as the sample does
-        payload = sample.payload()
-        return payload.as_memory_view().cast("B")
+        return sample.payload().as_memory_view().cast("B")
 
     def close(self) -> None:
         """Drop every port, then the node, here: a forked server leaves by os._exit, and
@@ -373,19 +342,17 @@ class Iceoryx(Mechanism):
     events: bool = False
     service: str = field(default_factory=lambda: f"tsqp-floor/{uuid.uuid4().hex}")
 
-    def open(self, side: str) -> Endpoint:
+    def open(self, side: str) -> Any:
         return IceoryxEnd(self.service, self.payload, side == "server", self.events)
 
-
-# --- the ping-pong -----------------------------------------------------------------------------
 
 def mechanisms(extra: bool) -> Iterator[Mechanism]:
     """Every mechanism measured, in table order, each made only when its turn comes;
     iceoryx2's only when `extra` and installed."""
     yield Zmq("zmq tcp", SMALL, "tcp")
     yield Zmq("zmq ipc", SMALL, "ipc")
-    yield UnixSocket("unix seqpacket", SMALL)
-    yield Pipes("pipes", SMALL)
+    yield Fds("unix seqpacket", SMALL)
+    yield Fds("pipes", SMALL, pipes=True)
     yield Shm("shm spin", SMALL, "spin")
     for wake in ("eventfd", "unix"):
         for spin_us in (0, 20, 100):
@@ -418,9 +385,9 @@ def ping_pong(mechanism: Mechanism, rounds: int, warmup: int, pin: bool) -> list
     """Round trips in ns, after `warmup` untimed ones; fewer when MAX_SECONDS runs out. With
     `pin`, the server runs on the last CPU this process may use, the client on the first."""
     cpus = sorted(os.sched_getaffinity(0))
-    ready = mp.get_context("fork").Event()
-    server = mp.get_context("fork").Process(target=serve, args=(mechanism, ready, cpus[-1] if pin else None),
-                                            daemon=True)
+    fork = mp.get_context("fork")
+    ready = fork.Event()
+    server = fork.Process(target=serve, args=(mechanism, ready, cpus[-1] if pin else None), daemon=True)
     server.start()
     if pin:
         os.sched_setaffinity(0, {cpus[0]})
@@ -467,13 +434,8 @@ class Row:
     payload_bytes: int
     runs: list[Run] = field(default_factory=list)
 
-    @property
-    def median_us(self) -> float:
-        return statistics.median(r.median_us for r in self.runs)
-
-    @property
-    def p99_us(self) -> float:
-        return statistics.median(r.p99_us for r in self.runs)
+    def of_runs(self, figure: str) -> float:  # its median over the runs
+        return statistics.median(getattr(r, figure) for r in self.runs)
 
 
 def summarize(times: list[int]) -> Run:
@@ -482,30 +444,19 @@ def summarize(times: list[int]) -> Run:
     return Run(len(ordered), statistics.median(ordered) / 1e3, p99 / 1e3)
 
 
-def size_label(n: int) -> str:
-    return f"{n // 1024} KiB" if n % 1024 == 0 else f"{n} B"
-
-
 def table(rows: list[Row], repeat: int) -> str:
     of = f" (median of {repeat} runs)" if repeat > 1 else ""
     lines = [f"| mechanism | payload | round trips | median µs{of} | p99 µs{of} |", "|---|---|---|---|---|"]
-    lines += [f"| {r.mechanism} | {size_label(r.payload_bytes)} | {min(x.rounds for x in r.runs)} | "
-              f"{r.median_us:.1f} | {r.p99_us:.1f} |" for r in rows]
+    size = {SMALL: "200 B", LARGE: "64 KiB"}
+    lines += [f"| {r.mechanism} | {size[r.payload_bytes]} | {min(x.rounds for x in r.runs)} | "
+              f"{r.of_runs('median_us'):.1f} | {r.of_runs('p99_us'):.1f} |" for r in rows]
     return "\n".join(lines)
 
 
 def host() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
             "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(), "loadavg": os.getloadavg(),
-            "iceoryx2": _version("iceoryx2") if iox2 is not None else None}
-
-
-def _version(package: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
+            "iceoryx2": importlib.metadata.version("iceoryx2") if iox2 is not None else None}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -538,13 +489,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table(list(rows.values()), args.repeat), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         report = {"host": host(), "rounds": args.rounds, "warmup": warmup, "repeat": args.repeat, "pin": args.pin,
-                  "rows": [dict(asdict(r), median_us=r.median_us, p99_us=r.p99_us) for r in rows.values()]}
+                  "rows": [dict(asdict(r), median_us=r.of_runs("median_us"), p99_us=r.of_runs("p99_us"))
+                           for r in rows.values()]}
         text = json.dumps(report, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
     return 0
 
 
