@@ -53,6 +53,10 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+# Every field any method reads, with its types, filled as methods register. A request's args are
+# checked against all of them, whatever the method, so a mistyped field never passes; unknown
+# fields are ignored (an older server ignores newer ones).
+ARG_TYPES: dict[str, tuple[type, ...]] = {}
 
 
 def method(name: str, **row: Any) -> Callable[[Handler], Handler]:
@@ -61,19 +65,10 @@ def method(name: str, **row: Any) -> Callable[[Handler], Handler]:
         if name in METHODS:
             raise ValueError(f"method {name} registered twice")
         args = {"wire_dtype": (str,), **row.pop("args", {})}
+        for field_name, kinds in args.items():
+            if ARG_TYPES.setdefault(field_name, kinds) != kinds:
+                raise ValueError(f"field '{field_name}' is declared with two types ({name})")
         METHODS[name] = Method(name, handler, args=args, **row)
         return handler
 
     return register
-
-
-def arg_types() -> dict[str, tuple[type, ...]]:
-    """Every field any method reads, with its types. A request's args are checked against all of
-    them, whatever the method, so a mistyped field never passes; unknown fields are ignored (an
-    older server ignores newer ones)."""
-    types: dict[str, tuple[type, ...]] = {}
-    for row in METHODS.values():
-        for name, kinds in row.args.items():
-            if types.setdefault(name, kinds) != kinds:
-                raise ValueError(f"field '{name}' is declared with two types ({row.name})")
-    return types
