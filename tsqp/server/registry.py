@@ -30,6 +30,7 @@ FLOAT_DTYPES = tuple(name for name, dtype in DTYPES.items() if dtype.is_floating
 Result = tuple[list[torch.Tensor], dict[str, Any]]  # reply tensors (still on the device), extra header fields
 Handler = Callable[["GpuServer", dict, list[torch.Tensor]], Result]  # (server, args, tensors on the device)
 OutputRule = Callable[[ModelConfig, dict, list[list[int]]], int]  # elements a request would produce
+InputRule = Callable[[ModelConfig, list[torch.Tensor]], None]  # raises BadRequest; runs on the host tensors
 
 
 def produces_nothing(config: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
@@ -50,6 +51,7 @@ class Method:
     required: tuple[tuple[str, ...], ...] = ()  # each entry: accepted spellings of one field
     wire: tuple[str, ...] = WIRE_DTYPES  # dtypes its reply may be asked in
     output: OutputRule = produces_nothing  # may also refuse shapes it cannot size (BadRequest)
+    inputs: InputRule | None = None  # checks of the values, before any work (floats are checked finite anyway)
 
 
 METHODS: dict[str, Method] = {}
