@@ -9,6 +9,7 @@ of checking inputs finite. Medians of many calls, each run repeated (the machine
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -117,13 +118,15 @@ def decode_step(model_dir: Path, server: GpuServer) -> Callable[[], Any]:
 
 
 def finite_rows(device: torch.device, hidden: int) -> dict[str, Callable[[], Any]]:
-    """The two finiteness checks on one input: stacked sums (then one isfinite) and isfinite().all()."""
+    """Three ways to check one input finite: stacked sums then isfinite (the server's, before),
+    isfinite().all(), and one sum read back (the server's now, on the host)."""
     rows = {}
     for label, shape in (("decode", (1, 1, hidden)), ("prefill", (1, 128, 2048))):
         t = torch.randn(*shape, device=device)
         rows[f"finite {label} stack(sum)"] = lambda t=t: bool(
             torch.isfinite(torch.stack([t.sum(dtype=torch.float32)])).all())
         rows[f"finite {label} isfinite.all"] = lambda t=t: bool(torch.isfinite(t).all())
+        rows[f"finite {label} sum.item"] = lambda t=t: math.isfinite(t.sum().item())
     return rows
 
 
