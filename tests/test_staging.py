@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tsqp.shm import ALIGN
-from tsqp.staging import layout, pack, to_device, to_host, unpack
+from tsqp.staging import Staging, layout, pack, unpack
 
 
 def _varied(generator: torch.Generator) -> list[torch.Tensor]:
@@ -40,9 +40,10 @@ def test_pack_unpack_round_trip_keeps_every_value_dtype_and_shape():
 
 def test_cpu_device_moves_nothing():
     tensors = _varied(torch.Generator().manual_seed(4))
-    for moved, original in zip(to_device(tensors, torch.device("cpu")), tensors):
+    staging = Staging(torch.device("cpu"))
+    for moved, original in zip(staging.to_device(tensors), tensors):
         assert moved is original or torch.equal(moved, original)
-    assert all(torch.equal(a, b) for a, b in zip(to_host(tensors), tensors))
+    assert all(torch.equal(a, b) for a, b in zip(staging.to_host(tensors), tensors))
 
 
 def test_host_buffers_fall_back_to_ordinary_memory_where_pinning_is_refused(monkeypatch):
@@ -65,13 +66,37 @@ def test_host_buffers_fall_back_to_ordinary_memory_where_pinning_is_refused(monk
 def test_cuda_round_trip_is_exact_and_an_earlier_reply_stays_intact():
     generator = torch.Generator().manual_seed(5)
     tensors = _varied(generator)
-    on_device = to_device(tensors, torch.device("cuda"))
+    staging = Staging(torch.device("cuda"))
+    on_device = staging.to_device(tensors)
     assert all(t.device.type == "cuda" for t in on_device)
-    first = to_host([t.clone() for t in on_device])
-    second = to_host([torch.zeros_like(t) for t in on_device])  # may not reuse first's pinned block
+    first = staging.to_host([t.clone() for t in on_device])
+    second = staging.to_host([torch.zeros_like(t) for t in on_device])  # may not reuse first's pinned buffer
     for original, back, other in zip(tensors, first, second):
         assert back.device.type == "cpu" and torch.equal(back, original)
         assert other.shape == original.shape and not other.any()
     assert first[0].is_pinned()
-    single = to_host([on_device[0]])[0]
+    single = staging.to_host([on_device[0]])[0]
     assert torch.equal(single, tensors[0])
+
+
+def test_a_kept_host_buffer_is_reused_only_once_nothing_views_it():
+    """What keeps a reply intact while ZeroMQ sends it: its frames (tensor_frame's memoryviews)
+    still view the buffer, so the next call gets another one; once they are gone it is reused."""
+    from tsqp import protocol
+    from tsqp.staging import KEEP_BYTES, HostBuffer
+
+    kept = HostBuffer()
+    first = kept.take(1000)
+    assert kept.take(900).data_ptr() == first.data_ptr()  # nothing else views it: reused
+    reply = torch.randn(50, generator=torch.Generator().manual_seed(6))
+    first[:200].view(torch.float32).copy_(reply)
+    frames = protocol.encode({"ok": True}, [first[:200].view(torch.float32)])  # what a reply holds while sent
+    busy = kept.take(1000)
+    assert busy.data_ptr() != first.data_ptr()
+    busy.fill_(0xFF)
+    assert torch.equal(protocol.decode([bytes(f) for f in frames]).tensors[0], reply)  # untouched
+    del frames
+    assert kept.take(1000).data_ptr() == busy.data_ptr()  # the newer buffer is the kept one now
+    assert kept.take(5000).numel() >= 5000  # grown
+    huge = kept.take(KEEP_BYTES + 1)
+    assert huge.numel() == KEEP_BYTES + 1 and kept.buffer is not huge  # a one-off, not kept

@@ -119,9 +119,15 @@ def _tensor_from_frame(spec: Any, frame: Any, max_elements: int | None) -> torch
     numel = math.prod(shape)  # Python ints: no overflow, however absurd the shape
     if max_elements is not None and numel > max_elements:
         raise ProtocolError(f"tensor of {numel} elements exceeds the limit of {max_elements}")
+    return tensor_from_frame(dtype, shape, frame)
+
+
+def tensor_from_frame(dtype: torch.dtype, shape: list[int], frame: Any) -> torch.Tensor:
+    """The tensor a payload frame holds, for a spec already checked (a known dtype, a list of
+    non-negative ints): only the byte count is checked here."""
     buffer = _frame_buffer(frame)
-    if buffer.nbytes != numel * _ITEMSIZE[dtype]:
-        raise ProtocolError(f"payload of {buffer.nbytes} bytes does not match {spec['dtype']}{shape}")
+    if buffer.nbytes != math.prod(shape) * _ITEMSIZE[dtype]:
+        raise ProtocolError(f"payload of {buffer.nbytes} bytes does not match {DTYPE_NAMES[dtype]}{shape}")
     array = np.frombuffer(buffer, dtype=_NUMPY_DTYPE[dtype])
     with warnings.catch_warnings():
         # The frame is read-only; we never write into received tensors, so skip the copy.

@@ -1,4 +1,5 @@
-"""A request's tensors onto the device, and a reply's back, in one copy each way.
+"""A request's tensors onto the device, and a reply's back, in one copy each way, through pinned
+buffers kept between calls.
 
 Copying each tensor on its own from pageable memory runs well below the bus's speed and waits
 once per tensor, each way, plus once per finiteness check. Packing all of a call's tensors into
@@ -49,11 +50,8 @@ def unpack(buffer: torch.Tensor, offsets: Sequence[int], like: Sequence[torch.Te
 
 def _host_buffer(nbytes: int) -> torch.Tensor:
     """Page-locked host memory when the platform allows it (DMA at full speed), else ordinary.
-
-    Pinned blocks come from torch's caching host allocator. A block holding a reply stays alive
-    while ZeroMQ still sends its frames (they reference the tensor), and one given to an
-    asynchronous copy is not reused before the copy's recorded event. A platform that refuses a
-    small probe never pins; a single large request that fails to pin gets ordinary memory."""
+    A platform that refuses a small probe never pins; a single large request that fails to pin
+    gets ordinary memory."""
     global _pinning_works
     if _pinning_works is None:
         try:
@@ -70,30 +68,74 @@ def _host_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Host tensors on `device`: one host-side pack and one asynchronous copy for a GPU."""
-    if device.type != "cuda" or not tensors:
-        return [t.to(device) for t in tensors]
-    offsets, size = layout(tensors)
-    host = _host_buffer(size)
-    pack(tensors, host, offsets)
-    return unpack(host.to(device, non_blocking=True), offsets, tensors)
+KEEP_BYTES = 64 << 20  # a staging buffer is kept for reuse up to this size; a larger call gets its own
+_MIN_BYTES = 64 << 10
 
 
-def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Device tensors on the host, complete when this returns: one copy and one wait for a GPU.
-    Several outputs are first packed on the device, which briefly takes their size again in
-    device memory (bounded by the server's output limit)."""
-    devices = {t.device for t in tensors}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda":
-        return [t.cpu() for t in tensors]
-    offsets, size = layout(tensors)
-    if len(tensors) == 1:
-        packed = _bytes(tensors[0])  # a view when the output is contiguous: nothing to pack
-    else:
-        packed = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
-        pack(tensors, packed, offsets)
-    host = _host_buffer(size)
-    host[: packed.numel()].copy_(packed, non_blocking=True)
-    torch.cuda.current_stream(packed.device).synchronize()
-    return unpack(host, offsets, tensors)
+def _use_count(t: torch.Tensor) -> int:
+    """How many tensors share `t`'s memory (torch has no public call for it); a torch without
+    the private one counts every buffer as shared, so nothing is reused."""
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    return counter(t.untyped_storage()._cdata) if counter is not None else 1 << 30
+
+
+_OWN_USES = _use_count(torch.empty(1))  # a tensor nothing else views
+
+
+class HostBuffer:
+    """One page-locked buffer, kept between calls and grown when a call needs more. It is handed
+    out again only when no tensor from an earlier call still views it: a reply's frames reference
+    its tensors until ZeroMQ has sent them, perhaps long after `handle` returned."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        kept = self.buffer
+        if kept is not None and kept.numel() >= nbytes and _use_count(kept) <= _OWN_USES:
+            return kept
+        if nbytes > KEEP_BYTES:
+            return _host_buffer(nbytes)  # a one-off: freed with its last view
+        self.buffer = _host_buffer(max(_MIN_BYTES, 1 << (nbytes - 1).bit_length()))
+        return self.buffer
+
+
+class Staging:
+    """A server's way to and from its device: on CUDA, a call's tensors go through one kept pinned
+    buffer each way (an allocation of page-locked memory per call costs more than the copy of a
+    decode step's few kB); on the CPU they stay where they are."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.inbound, self.outbound = HostBuffer(), HostBuffer()
+        self._uploaded = torch.cuda.Event() if device.type == "cuda" else None  # the last copy out of inbound
+
+    def to_device(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors on the device: one host-side pack and one asynchronous copy for a GPU."""
+        if self._uploaded is None or not tensors:
+            return [t.to(self.device) for t in tensors]
+        offsets, size = layout(tensors)
+        self._uploaded.synchronize()  # the previous call's copy has read the buffer (done, unless that call failed)
+        host = self.inbound.take(size)
+        pack(tensors, host, offsets)
+        moved = host[:size].to(self.device, non_blocking=True)
+        self._uploaded.record()
+        return unpack(moved, offsets, tensors)
+
+    def to_host(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Device tensors on the host, complete when this returns: one copy and the call's one wait
+        for a GPU. Several outputs are first packed on the device, which briefly takes their size
+        again in device memory (bounded by the server's output limit)."""
+        devices = {t.device for t in tensors}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            return [t.cpu() for t in tensors]
+        offsets, size = layout(tensors)
+        if len(tensors) == 1:
+            packed = _bytes(tensors[0])  # a view when the output is contiguous: nothing to pack
+        else:
+            packed = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
+            pack(tensors, packed, offsets)
+        host = self.outbound.take(size)
+        host[: packed.numel()].copy_(packed, non_blocking=True)
+        torch.cuda.current_stream(packed.device).synchronize()
+        return unpack(host, offsets, tensors)

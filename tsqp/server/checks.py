@@ -15,7 +15,7 @@ from .. import protocol
 from ..config import ModelConfig
 from ..protocol import DTYPES
 from .errors import BadRequest, TooLarge, UnknownMethod
-from .registry import METHODS, Method, arg_types
+from .registry import ARG_TYPES, METHODS, Method
 
 if TYPE_CHECKING:
     from ..shm import Attached, ReplyTo
@@ -81,16 +81,18 @@ def check_request(frames: list[Any], config: ModelConfig, limits: Limits, shared
         raise BadRequest("'args' must be a map")
     check_args(row, args, limits)
     payloads, reply_to = _payloads(header, frames, shared, limits)
-    shapes = _check_specs(row, header.get("tensors", []), len(payloads) - 1, limits)
+    specs = _check_specs(row, header.get("tensors", []), len(payloads) - 1, limits)
+    shapes = [shape for _, shape in specs]
     _check_output(row, args, shapes, config, limits)
-    message = protocol.decode_payloads(header, payloads, limits.max_elements)  # payload bytes against shapes
-    return Request(row, args, message.tensors, reply_to)
+    tensors = [protocol.tensor_from_frame(DTYPES[name], shape, frame)  # payload bytes against shapes
+               for (name, shape), frame in zip(specs, payloads[1:])]
+    return Request(row, args, tensors, reply_to)
 
 
 def check_args(row: Method, args: dict, limits: Limits) -> None:
     """Types of every known field, the method's required ones, its wire dtype, the session name."""
     for name, value in args.items():
-        types = arg_types().get(name)
+        types = ARG_TYPES.get(name)
         if types and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
             wanted = " or ".join(t.__name__ for t in types)
             raise BadRequest(f"'{name}' must be {wanted}, got {type(value).__name__}")
@@ -108,14 +110,15 @@ def check_args(row: Method, args: dict, limits: Limits) -> None:
             raise TooLarge(f"'session' longer than {limits.max_session_chars} characters")
 
 
-def _check_specs(row: Method, specs: Any, payloads: int, limits: Limits) -> list[list[int]]:
-    """Tensor specs: count, dtype allow-list, rank, dims and element counts within limits."""
+def _check_specs(row: Method, specs: Any, payloads: int, limits: Limits) -> list[tuple[str, list[int]]]:
+    """Tensor specs: count, dtype allow-list, rank, dims and element counts within limits; each
+    one's dtype name and shape."""
     if not isinstance(specs, list) or len(specs) != payloads:
         raise BadRequest(f"header must list one spec per payload frame ({payloads} came)")
     if len(specs) < row.tensors if row.variadic else len(specs) != row.tensors:
         raise BadRequest(f"{row.name} expects {row.tensors}{' or more' if row.variadic else ''} tensor(s), "
                          f"got {len(specs)}")
-    shapes = []
+    checked = []
     for item in specs:
         if not isinstance(item, dict) or item.get("dtype") not in row.dtypes:
             got = item.get("dtype") if isinstance(item, dict) else item
@@ -127,11 +130,11 @@ def _check_specs(row: Method, specs: Any, payloads: int, limits: Limits) -> list
             raise TooLarge(f"tensor of rank {len(shape)} (limit {limits.max_rank})")
         if any(d > limits.max_elements for d in shape) or math.prod(shape) > limits.max_elements:
             raise TooLarge(f"tensor of shape {shape} exceeds the limit of {limits.max_elements} elements")
-        shapes.append(shape)
-    ranks = row.ranks[:1] * len(shapes) if row.variadic and row.ranks else row.ranks
-    if ranks is not None and [len(s) for s in shapes] != list(ranks):
-        raise BadRequest(f"{row.name} expects tensors of rank {list(ranks)}, got {[len(s) for s in shapes]}")
-    return shapes
+        checked.append((item["dtype"], shape))
+    ranks = row.ranks[:1] * len(checked) if row.variadic and row.ranks else row.ranks
+    if ranks is not None and [len(s) for _, s in checked] != list(ranks):
+        raise BadRequest(f"{row.name} expects tensors of rank {list(ranks)}, got {[len(s) for _, s in checked]}")
+    return checked
 
 
 def _check_output(row: Method, args: dict, shapes: list[list[int]], config: ModelConfig, limits: Limits) -> None:

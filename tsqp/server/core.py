@@ -23,10 +23,10 @@ from ..errors import ModelError, ProtocolError
 from ..logs import log_event
 from ..protocol import DTYPES
 from ..shm import Attached, ReplyTo
-from ..staging import to_device, to_host
+from ..staging import Staging
 from ..router import current_peer
 from . import lean, stateless  # noqa: F401  (their @method rows fill the registry)
-from .checks import Limits, check_request, default_reply_bytes
+from .checks import Limits, Request, check_request, default_reply_bytes
 from .errors import BadRequest
 from .model import check_finite, load_model, parse_dtype, resolve_device
 from .registry import METHODS
@@ -74,6 +74,7 @@ class GpuServer:
         self.service = ServiceState(limits)
         self.sessions = SessionStore(limits.session_bytes, limits.session_idle_s)
         self.shared = Attached() if shm else None  # clients' shared-memory segments, when allowed
+        self.staging = Staging(self.device)
         # the registry's handlers bound to this server (one can be replaced here, e.g. by a test's liar)
         self.handlers = {name: partial(row.handler, self) for name, row in METHODS.items()}
         self._converted: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -103,13 +104,12 @@ class GpuServer:
         try:
             request = check_request(frames, self.config, state.limits, self.shared)
             method = request.method.name
-            self.synchronize()
-            start = time.perf_counter()
+            start = time.perf_counter()  # the device is idle: the last call waited for its reply
             with torch.inference_mode():
-                tensors = self._on_device(request.tensors)
+                tensors = self._inputs(request)
                 outputs, extra = self.handlers[method](request.args, tensors)
                 wire = DTYPES[request.args.get("wire_dtype", "float32")]  # the row allows it (checks)
-                outputs = to_host([t.to(dtype=wire) if t.is_floating_point() else t for t in outputs])
+                outputs = self.staging.to_host([t.to(dtype=wire) if t.is_floating_point() else t for t in outputs])
             header = {"ok": True, "server_s": time.perf_counter() - start, **extra}
             log_event(log, logging.DEBUG, "request", method=method, peer=peer, server_s=header["server_s"])
             return self._reply(header, outputs, request.reply_to)
@@ -133,15 +133,16 @@ class GpuServer:
             self._converted[key] = (module.weight.to(dtype), bias)
         return self._converted[key]
 
-    def _on_device(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Inputs on the device (one copy), floating-point ones checked finite there: one
-        reduction each and a single wait; only a non-finite result looks at them one by one."""
-        moved = to_device(tensors, self.device)
-        floats = [t for t in moved if t.is_floating_point() and t.numel()]
-        if floats and not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in floats])).all()):
-            for i, t in enumerate(moved):
-                if t.is_floating_point():
-                    check_finite(t, f"input tensor {i}")
+    def _inputs(self, request: Request) -> list[torch.Tensor]:
+        """The request's tensors on the device, checked on the host where they arrived (while
+        they are copied), so that no check waits for the device: floating-point ones finite,
+        and what the method's row adds (token ids in the vocabulary)."""
+        moved = self.staging.to_device(request.tensors)
+        for i, t in enumerate(request.tensors):
+            if t.is_floating_point():
+                check_finite(t, f"input tensor {i}")
+        if request.method.inputs is not None:
+            request.method.inputs(self.config, request.tensors)
         return moved
 
     def synchronize(self) -> None:

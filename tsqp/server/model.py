@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +92,23 @@ def apply(module: torch.nn.Linear, x: torch.Tensor, what: str) -> torch.Tensor:
     return module(x)
 
 
-def token_ids(tensors: list[torch.Tensor], vocab_size: int, method: str) -> torch.Tensor:
-    """The one int64 [batch, seq] tensor of ids that Embedding and Whole take, each in the vocabulary."""
+def token_ids(tensors: list[torch.Tensor], method: str) -> torch.Tensor:
+    """The one int64 [batch, seq] tensor of ids that Embedding and Whole take; each in the
+    vocabulary, as the row's `inputs` rule checked on the host (here it would wait for the device)."""
     if len(tensors) != 1 or tensors[0].dtype != torch.int64 or tensors[0].dim() != 2:
         raise BadRequest(f"{method} expects one int64 tensor of token ids [batch, seq]")
+    return tensors[0]
+
+
+def ids_in_vocabulary(config: ModelConfig, tensors: list[torch.Tensor]) -> None:
     ids = tensors[0]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise BadRequest(f"token ids must lie in [0, {vocab_size})")
-    return ids
+    if ids.numel() and not 0 <= ids.min() <= ids.max() < config.vocab_size:
+        raise BadRequest(f"token ids must lie in [0, {config.vocab_size})")
 
 
 def check_finite(t: torch.Tensor, names: str) -> None:
-    """One reduction on the device; only a non-finite sum (NaN, inf or overflow) looks closer."""
-    if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
+    """One reduction, read on the host (`t` is a host tensor: no wait), in float32 at least (a
+    half-precision sum overflows early); only a non-finite sum (NaN, inf or overflow) looks closer."""
+    total = t.sum() if t.element_size() >= 4 else t.sum(dtype=torch.float32)
+    if not math.isfinite(total.item()) and not bool(torch.isfinite(t).all()):
         raise NonFinite(f"non-finite values (NaN or infinity) in {names}")

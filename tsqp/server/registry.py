@@ -30,6 +30,7 @@ FLOAT_DTYPES = tuple(name for name, dtype in DTYPES.items() if dtype.is_floating
 Result = tuple[list[torch.Tensor], dict[str, Any]]  # reply tensors (still on the device), extra header fields
 Handler = Callable[["GpuServer", dict, list[torch.Tensor]], Result]  # (server, args, tensors on the device)
 OutputRule = Callable[[ModelConfig, dict, list[list[int]]], int]  # elements a request would produce
+InputRule = Callable[[ModelConfig, list[torch.Tensor]], None]  # raises BadRequest; runs on the host tensors
 
 
 def produces_nothing(config: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
@@ -50,9 +51,14 @@ class Method:
     required: tuple[tuple[str, ...], ...] = ()  # each entry: accepted spellings of one field
     wire: tuple[str, ...] = WIRE_DTYPES  # dtypes its reply may be asked in
     output: OutputRule = produces_nothing  # may also refuse shapes it cannot size (BadRequest)
+    inputs: InputRule | None = None  # checks of the values, before any work (floats are checked finite anyway)
 
 
 METHODS: dict[str, Method] = {}
+# Every field any method reads, with its types, filled as methods register. A request's args are
+# checked against all of them, whatever the method, so a mistyped field never passes; unknown
+# fields are ignored (an older server ignores newer ones).
+ARG_TYPES: dict[str, tuple[type, ...]] = {}
 
 
 def method(name: str, **row: Any) -> Callable[[Handler], Handler]:
@@ -61,19 +67,10 @@ def method(name: str, **row: Any) -> Callable[[Handler], Handler]:
         if name in METHODS:
             raise ValueError(f"method {name} registered twice")
         args = {"wire_dtype": (str,), **row.pop("args", {})}
+        for field_name, kinds in args.items():
+            if ARG_TYPES.setdefault(field_name, kinds) != kinds:
+                raise ValueError(f"field '{field_name}' is declared with two types ({name})")
         METHODS[name] = Method(name, handler, args=args, **row)
         return handler
 
     return register
-
-
-def arg_types() -> dict[str, tuple[type, ...]]:
-    """Every field any method reads, with its types. A request's args are checked against all of
-    them, whatever the method, so a mistyped field never passes; unknown fields are ignored (an
-    older server ignores newer ones)."""
-    types: dict[str, tuple[type, ...]] = {}
-    for row in METHODS.values():
-        for name, kinds in row.args.items():
-            if types.setdefault(name, kinds) != kinds:
-                raise ValueError(f"field '{name}' is declared with two types ({row.name})")
-    return types

@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from ..protocol import LINEAR_MODULES, WIRE_DTYPES
 from ..reference import greedy_step_seconds
 from .errors import BadRequest
-from .model import apply, check_last_dim, float_inputs, layer_index, linear_module, token_ids
+from .model import apply, check_last_dim, float_inputs, ids_in_vocabulary, layer_index, linear_module, token_ids
 from .sessions import current_owner
 from .registry import (FLOAT_DTYPES, IDS, LAYER, LAYER_ARGS, MODULE, MODULE_ARGS, SESSION_ARGS, Result,
                        method)
@@ -59,9 +59,9 @@ def _embedding_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> in
     return math.prod(shapes[0]) * c.hidden_size
 
 
-@method("Embedding", tensors=1, dtypes=IDS, ranks=(2,), output=_embedding_output)
+@method("Embedding", tensors=1, dtypes=IDS, ranks=(2,), inputs=ids_in_vocabulary, output=_embedding_output)
 def embedding(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
-    ids = token_ids(tensors, server.config.vocab_size, "Embedding")
+    ids = token_ids(tensors, "Embedding")
     return [server.model.model.embed_tokens(ids)], {}
 
 
@@ -151,10 +151,11 @@ def _whole_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
     return (batch * n if args.get("all_positions") else batch) * max(c.vocab_size, c.hidden_size)
 
 
-@method("Whole", tensors=1, dtypes=IDS, ranks=(2,), args={"all_positions": (bool,)}, output=_whole_output)
+@method("Whole", tensors=1, dtypes=IDS, ranks=(2,), args={"all_positions": (bool,)}, inputs=ids_in_vocabulary,
+        output=_whole_output)
 def whole(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
     """The model run whole with transformers: the benchmark's speed of light."""
-    ids = token_ids(tensors, server.config.vocab_size, "Whole")
+    ids = token_ids(tensors, "Whole")
     keep = 0 if args.get("all_positions") else 1
     return [server.model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits], {}
 
@@ -168,11 +169,11 @@ def _whole_decode_output(c: ModelConfig, args: dict, shapes: list[list[int]]) ->
 
 
 @method("WholeDecode", tensors=1, dtypes=IDS, ranks=(2,), args={"steps": (int,)}, required=(("steps",),),
-        output=_whole_decode_output)
+        inputs=ids_in_vocabulary, output=_whole_decode_output)
 def whole_decode(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
     """transformers' own greedy decoding with its KV cache on this device: the speed of light
     for a decode step. Replies with each step's seconds (synchronized)."""
-    ids = token_ids(tensors, server.config.vocab_size, "WholeDecode")
+    ids = token_ids(tensors, "WholeDecode")
     return [], {"step_s": greedy_step_seconds(server.model, ids, args["steps"], server.synchronize)}
 
 

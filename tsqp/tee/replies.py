@@ -3,6 +3,7 @@ the shapes right, and a NaN or infinity it sends would otherwise flow into the l
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -43,10 +44,9 @@ def check_shapes(tensors: Sequence[torch.Tensor], expect: Sequence[tuple[int, ..
 
 
 def check_finite(tensors: Sequence[torch.Tensor], what: str, error: type[Exception] = ProtocolError) -> None:
-    """One reduction per tensor; only a non-finite sum (NaN, infinity, or a sum that overflows)
-    looks at every element."""
-    sums = [t.sum() for t in tensors if t.numel()]
-    if sums and bool(torch.isfinite(torch.stack(sums)).all()):
+    """One reduction per tensor, and their total: only a non-finite total (NaN, infinity, or a
+    sum that overflows) looks at every element."""
+    if math.isfinite(sum(t.sum().item() for t in tensors)):
         return
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
         raise error(f"the server's {what} reply holds NaN or infinity")

@@ -1,0 +1,154 @@
+"""Microseconds per call of the per-call hot path, in one process (no sockets): the server's
+`GpuServer.handle` for Echo, a decode-shaped Linear and the lean decode methods, the client's
+protocol.encode/decode, a whole lean decode step of the TEE against `handle`, and the two ways
+of checking inputs finite. Medians of many calls, each run repeated (the machine is shared).
+
+    python scripts/hotpath_profile.py [--device cpu|cuda] [--preset tiny] [--calls 2000] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from tsqp import protocol  # noqa: E402
+from tsqp.errors import RemoteError  # noqa: E402
+from tsqp.models import make_model  # noqa: E402
+from tsqp.server.core import GpuServer  # noqa: E402
+from tsqp.tee.runner import TeeRunner  # noqa: E402
+from tsqp.transport import WireStats  # noqa: E402
+
+
+def per_call_us(fn: Callable[[], Any], calls: int, repeats: int) -> float:
+    """The median over `repeats` runs of each run's median call, in µs (after a warm-up)."""
+    for _ in range(min(calls, 50)):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        runs.append(statistics.median(times))
+    return statistics.median(runs) * 1e6
+
+
+class InProcessClient:
+    """What TeeRunner needs of a Client, answered by `GpuServer.handle` directly."""
+
+    endpoint = "inprocess://hotpath"
+
+    def __init__(self, server: GpuServer):
+        self.server, self.stats = server, WireStats()
+
+    def call(self, method: str, tensors=(), timeout_s: float | None = None, **args: Any) -> protocol.Message:
+        reply = protocol.decode(self.server.handle(protocol.encode({"method": method, "args": args}, tensors)))
+        self.stats.round_trips += 1
+        if not reply.header.get("ok"):
+            raise RemoteError(reply.header["error"]["code"], reply.header["error"]["message"])
+        return reply
+
+    def ping(self, timeout_s: float | None = None) -> dict[str, Any]:
+        return self.call("Ping").header
+
+
+def request(method: str, tensors: list[torch.Tensor], **args: Any) -> list[Any]:
+    return protocol.encode({"method": method, "args": args}, tensors)
+
+
+def checked(server: GpuServer, frames: list[Any]) -> Callable[[], Any]:
+    """`handle(frames)`, after making sure it answers ok (a refused request times nothing useful)."""
+    header = protocol.decode_header(server.handle(frames)[0])
+    if not header.get("ok"):
+        raise SystemExit(f"hotpath_profile: request refused: {header['error']}")
+    return lambda: server.handle(frames)
+
+
+def server_rows(server: GpuServer) -> dict[str, Callable[[], Any]]:
+    c = server.config
+    h, d, prompt = c.hidden_size, c.head_dim, 8
+    x = torch.randn(1, 1, h)
+    cos, sin = torch.randn(1, d), torch.randn(1, d)
+    session = {"layer_idx": 0, "session": "hotpath"}
+    server.handle(request("QKVScores", [torch.randn(1, prompt, h), torch.randn(prompt, d), torch.randn(prompt, d)],
+                          blocks=[prompt], start=0, capacity=prompt + 1, **session))
+    server.handle(request("Gate", [x], **session))
+    rows = {
+        "Echo [1,1,h]": checked(server, request("Echo", [x])),
+        "Linear q_proj [1,1,h]": checked(server, request("Linear", [x], layer_idx=0, module_name="q_proj")),
+        "QKVScores decode": checked(server, request("QKVScores", [x, cos, sin], blocks=[1], start=prompt,
+                                                    capacity=prompt + 1, **session)),
+        "AttnOut decode": checked(server, request("AttnOut", [torch.rand(1, c.num_heads, 1, prompt + 1)], **session)),
+        "Gate decode": checked(server, request("Gate", [x], **session)),
+        "GatedDown decode": checked(server, request("GatedDown", [torch.randn(1, 1, c.intermediate_size)],
+                                                    **session)),
+    }
+    return rows
+
+
+def client_rows(hidden: int) -> dict[str, Callable[[], Any]]:
+    x = torch.randn(1, 1, hidden)
+    reply = protocol.encode({"ok": True, "server_s": 1e-4}, [x])
+    reply = [bytes(f) for f in reply]
+    return {
+        "client encode [1,1,h]": lambda: protocol.encode({"method": "Linear", "args": {"layer_idx": 0}}, [x]),
+        "client decode [1,1,h]": lambda: protocol.decode(reply),
+    }
+
+
+def decode_step(model_dir: Path, server: GpuServer) -> Callable[[], Any]:
+    """One lean decode step of the TEE (runner.forward for one token), rewriting one position."""
+    runner = TeeRunner(InProcessClient(server), model_dir, protocol="lean")  # type: ignore[arg-type]
+    prompt = torch.randint(0, runner.config.vocab_size, (1, 8))
+    runner.steps.open(1, 9)
+    runner.forward(prompt, 0)
+    token = prompt[:, -1:]
+    return lambda: runner.forward(token, 8)
+
+
+def finite_rows(device: torch.device, hidden: int) -> dict[str, Callable[[], Any]]:
+    """Three ways to check one input finite: stacked sums then isfinite (the server's, before),
+    isfinite().all(), and one sum read back (the server's now, on the host)."""
+    rows = {}
+    for label, shape in (("decode", (1, 1, hidden)), ("prefill", (1, 128, 2048))):
+        t = torch.randn(*shape, device=device)
+        rows[f"finite {label} stack(sum)"] = lambda t=t: bool(
+            torch.isfinite(torch.stack([t.sum(dtype=torch.float32)])).all())
+        rows[f"finite {label} isfinite.all"] = lambda t=t: bool(torch.isfinite(t).all())
+        rows[f"finite {label} sum.item"] = lambda t=t: math.isfinite(t.sum().item())
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(opts.preset, Path(tmp) / "model", seed=0)
+        server = GpuServer(model_dir, device=opts.device)
+        rows = {**server_rows(server), **client_rows(server.config.hidden_size),
+                "TEE lean decode step (in-process)": decode_step(model_dir, server),
+                **finite_rows(server.device, server.config.hidden_size)}
+        print(f"{opts.preset} on {server.device}, median of {opts.repeats} runs x {opts.calls} calls")
+        for name, fn in rows.items():
+            calls = max(opts.calls // 20, 20) if name.startswith("TEE") else opts.calls
+            print(f"{name:38s} {per_call_us(fn, calls, opts.repeats):10.1f} µs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The server's per-call path: the registry's field types known at import, inputs checked on
+the host before any device work, persistent staging buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsqp.server import registry
+
+
+def test_a_field_declared_with_two_types_is_refused_when_the_method_registers(monkeypatch):
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    monkeypatch.setattr(registry, "ARG_TYPES", dict(registry.ARG_TYPES))
+    assert registry.ARG_TYPES["layer_idx"] == (int,)
+    with pytest.raises(ValueError, match="'layer_idx' is declared with two types"):
+        registry.method("Conflicting", args={"layer_idx": (str,)})(lambda server, args, tensors: ([], {}))
+    assert "Conflicting" not in registry.METHODS
+
+
+def _request(method: str, tensors: list[torch.Tensor], **args) -> list:
+    from tsqp import protocol
+
+    return protocol.encode({"method": method, "args": args}, tensors)
+
+
+def test_no_method_reads_a_device_value_before_the_reply(tiny_dir):
+    """At most one wait for the device per call, the reply's: with the model and the inputs on
+    torch's meta device, any host read of a device value (a finiteness or range check there,
+    `.item()`, `bool(tensor)`) fails the call. The checks run on the host copies instead."""
+    from tsqp import protocol
+    from tsqp.server.core import GpuServer
+    from tsqp.staging import Staging
+
+    server = GpuServer(tiny_dir, device="cpu")
+    server.model.to("meta")
+    server.device = torch.device("meta")
+    server.staging = Staging(server.device)
+    server.staging.to_host = lambda tensors: [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]
+    c, g = server.config, torch.Generator().manual_seed(7)
+    n, d, h = 5, c.head_dim, c.hidden_size
+    session = {"layer_idx": 1, "session": "s"}
+    calls = [
+        _request("Embedding", [torch.randint(0, c.vocab_size, (2, n), generator=g)]),
+        _request("Linear", [torch.randn(2, n, h, generator=g)], layer_idx=0, module_name="q_proj"),
+        _request("Linears", [torch.randn(2, n, h, generator=g)], layer_idx=0, modules=["k_proj", "v_proj"]),
+        _request("QKVScores", [torch.randn(2, n, h, generator=g), torch.randn(n, d, generator=g),
+                               torch.randn(n, d, generator=g)], blocks=[2, n], start=0, capacity=n + 1, **session),
+        _request("AttnOut", [torch.rand(2, c.num_heads, 2, 2, generator=g),
+                             torch.rand(2, c.num_heads, n - 2, n, generator=g)], **session),
+        _request("Gate", [torch.randn(2, n, h, generator=g)], **session),
+        _request("GatedDown", [torch.randn(2, n, c.intermediate_size, generator=g)], **session),
+        _request("LMHead", [torch.randn(2, 1, h, generator=g)], session="s"),
+        _request("Echo", [torch.randn(3, generator=g)]),
+    ]
+    for frames in calls:
+        header = protocol.decode_header(server.handle(frames)[0])
+        assert header["ok"], header
+
+
+def test_refused_inputs_are_refused_before_the_device_sees_them(tiny_dir):
+    """NaN, infinity and out-of-vocabulary ids are still refused, with the index of the tensor."""
+    from tsqp import protocol
+    from tsqp.server.core import GpuServer
+
+    server = GpuServer(tiny_dir, device="cpu")
+    c, g = server.config, torch.Generator().manual_seed(8)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1, 4, c.head_dim, generator=g)
+        x[0, int(torch.randint(0, 4, (1,), generator=g)), 1] = bad
+        frames = _request("QKVScores", [torch.randn(1, 4, c.hidden_size, generator=g), x[0], x[0].clone()],
+                          layer_idx=0, session="t", blocks=[4], start=0)
+        error = protocol.decode_header(server.handle(frames)[0])["error"]
+        assert error["code"] == "non_finite" and "input tensor 1" in error["message"]
+        assert server.sessions.find("", "t") is None  # refused before the session was opened
+    for ids in (torch.tensor([[0, c.vocab_size]]), torch.tensor([[-1, 3]])):
+        error = protocol.decode_header(server.handle(_request("Embedding", [ids]))[0])["error"]
+        assert error["code"] == "bad_request" and "token ids must lie in" in error["message"]
