@@ -7,11 +7,13 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl pyzmq==27.1.0
 # Then, on the GPU host, from the repository root (with .whl carried along):
-#   bash scripts/device-bench.sh            # results in $OUT, or ./gpu-bench: 8 files at most
+#   bash scripts/device-bench.sh            # results in $OUT, or ./gpu-bench: a dozen files
 # Per preset: every mode over tcp (JSON, plot, wire accuracy), then split vs whole on the
 # same-host fast path (ipc:// + shared memory), both with DECODE decode steps after each prompt;
+# then the fast path again with the fast link's client spinning SPIN µs before it blocks (a core
+# to spare per side: docs/latency.md; the first preset, the first prompt length; 0 skips it);
 # then the guarded modes on GUARDED; then the transport alone (`tsqp bench --rtt`, into tables.md).
-# TOKENS, REPEAT, PRESETS, MODES, DECODE (0 skips decode), GUARDED (the preset for private/verify,
+# TOKENS, REPEAT, PRESETS, MODES, DECODE (0 skips decode), SPIN, GUARDED (the preset for private/verify,
 # always 128 tokens x 3 runs; empty skips them), PLOT (0 skips the plots) and DEVICE override the
 # defaults below;
 # `DEVICE=cpu PRESETS=tiny GUARDED=tiny TOKENS=16 REPEAT=1` smoke-tests the script on a CPU.
@@ -24,6 +26,7 @@ PRESETS=${PRESETS:-"tinyllama-1.1b llama-3.2-1b"}
 MODES=${MODES:-split,split-seed,whole,tee-only}
 GUARDED=${GUARDED-llama-3.2-1b}
 DECODE=${DECODE:-32}
+SPIN=${SPIN:-50}
 PLOT=${PLOT:-1}
 DEVICE=${DEVICE:-cuda:0}
 mkdir -p "$OUT"
@@ -55,6 +58,11 @@ for preset in $PRESETS; do
     bench "gpu-fast-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --modes split,whole --ipc --shm \
         --decode "$DECODE"
 done
+if [ "$SPIN" != 0 ]; then
+    first=${PRESETS%% *}
+    TSQP_FASTLINK_SPIN_US=$SPIN bench "gpu-spin-$first" --preset "$first" --tokens "${TOKENS%%,*}" --repeat "$REPEAT" \
+        --modes split,whole --ipc --shm --decode "$DECODE"
+fi
 if [ -n "$GUARDED" ]; then
     bench "gpu-guarded-$GUARDED" --preset "$GUARDED" --tokens 128 --repeat 3 --modes split,whole \
         --protection private --verify --ipc --shm --decode "$DECODE"
