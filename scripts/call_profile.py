@@ -1,6 +1,6 @@
 """Where one small call's time goes, on each side of a real two-process round trip.
 
-A server process (`tsqp serve`, under cProfile) and this client (under cProfile) exchange many
+A server process (what `tsqp serve` runs, under cProfile once it serves) and this client (under cProfile) exchange many
 decode-shaped calls (a q_proj `Linear` on [1, 1, hidden]) over tcp, or over the fast link with
 --shm. Each side's profile is grouped by what the code does: framing, the request checks, the
 finiteness check, staging, shared memory, the serving loop and the client's call loop, the model's
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import signal
 import subprocess
@@ -48,6 +49,23 @@ CATEGORIES = [
 ]
 
 
+# the server as `tsqp serve --shm` runs it, profiled from its first request (not its start-up)
+SERVER = """
+import cProfile, signal, sys, threading
+sys.path.insert(0, {root!r})
+from tsqp.router import serve_forever
+from tsqp.server import GpuServer
+server = GpuServer({model!r}, "cpu", shm={shm})
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+profile = cProfile.Profile()
+profile.enable()
+serve_forever({endpoint!r}, server.handle, stop, fast={shm})
+profile.disable()
+profile.dump_stats({out!r})
+"""
+
+
 def categorize(stats: pstats.Stats, skip: set[str]) -> dict[str, float]:
     """tottime per category, over functions whose file is not in `skip` (start-up, imports)."""
     totals: dict[str, float] = {}
@@ -78,9 +96,10 @@ def main() -> None:
     model = Path(args.model) if args.model else make_model("tiny", work / "tiny")
     endpoint = f"ipc://{work}/server.sock" if args.shm else api.free_endpoint()
     out = work / "server.prof"
-    cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "tsqp", "serve", "--model", str(model),
-           "--endpoint", endpoint, "--device", "cpu", "--log-level", "WARNING", *(["--shm"] if args.shm else [])]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    code = SERVER.format(root=str(Path(__file__).resolve().parent.parent), model=str(model), endpoint=endpoint,
+                         shm=args.shm, out=str(out))
+    cmd = [sys.executable, "-c", code]
+    server = subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # as `tsqp serve` sets it
     try:
         client = Client(endpoint, shm=args.shm)
         deadline = time.monotonic() + 120
@@ -117,11 +136,7 @@ def main() -> None:
           f"median round trip {plain_us:.0f} µs without the profiler, {args.calls} calls profiled on each side")
     client_totals = categorize(pstats.Stats(profile), {"scripts/call_profile.py"})
     print(table("client (TEE) side", client_totals, plain_us))
-    # the server's profile also holds its start-up: keep what ran per call (calls >= args.calls)
-    stats = pstats.Stats(str(out))
-    per_call = {k: v for k, v in stats.stats.items() if v[1] >= args.calls}  # type: ignore[attr-defined]
-    stats.stats = per_call  # type: ignore[attr-defined]
-    print(table("server side", categorize(stats, set()), plain_us))
+    print(table("server side", categorize(pstats.Stats(str(out)), set()), plain_us))
 
 
 if __name__ == "__main__":
