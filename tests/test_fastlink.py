@@ -107,9 +107,9 @@ def test_a_restarted_server_is_found_again_and_a_killed_one_is_noticed_at_once(t
             assert torch.equal(before, after) and client.via == "fastlink"
 
 
-def test_a_frozen_server_is_lost_in_bounded_time_and_a_slow_one_is_waited_for(tiny_dir):
-    """Status queries travel on the link: a long call is answered 'pending' meanwhile, a stopped
-    process answers nothing and counts as lost after the liveness timeout, not the call's."""
+def test_a_slow_server_is_waited_for(tiny_dir):
+    """Status queries travel on the link: a long call is answered 'pending' meanwhile, so it is not
+    taken for a lost one (a frozen server: tests/test_transport.py)."""
     server = GpuServer(tiny_dir, "cpu", shm=True)
     real = server.handle
 
@@ -125,18 +125,6 @@ def test_a_frozen_server_is_lost_in_bounded_time_and_a_slow_one_is_waited_for(ti
             assert client.via == "fastlink"
             client.call("Linear", [x], layer_idx=0, module_name="k_proj")
             assert client.stats.retries == 0
-    with api.spawn_server(tiny_dir, device="cpu", shm=True) as process:
-        with Client(process.endpoint, timeout_s=60, retries=0, shm=True, liveness=QUICK) as client:
-            assert client.via == "fastlink"
-            process.process.send_signal(signal.SIGSTOP)
-            try:
-                start = time.monotonic()
-                with pytest.raises(ServerUnreachable, match="neither the call nor a status query"):
-                    client.call("Ping")
-                elapsed = time.monotonic() - start
-            finally:
-                process.process.send_signal(signal.SIGCONT)
-    assert elapsed < 20, f"{elapsed:.1f} s"
 
 
 def test_no_ticket_no_link_and_a_ticket_serves_once(fast_server):

@@ -162,11 +162,14 @@ def test_a_long_honest_computation_is_not_cut_off_and_others_wait_their_turn(tin
     assert replies["req"]["ok"] and seen == ["Ping", "Linear", "Ping"]  # served after the long call, not during
 
 
-def test_a_frozen_server_is_noticed_by_its_silence(tiny_dir):
-    with api.spawn_server(tiny_dir, device="cpu") as process:
+@pytest.mark.parametrize("shm", [False, True], ids=["zeromq", "fastlink"])
+def test_a_frozen_server_is_noticed_by_its_silence(tiny_dir, shm):
+    """Over ZeroMQ and over the fast link (whose status queries travel on the link itself)."""
+    with api.spawn_server(tiny_dir, device="cpu", shm=shm) as process:
         # ZMTP heartbeats every 60 s would take 5 minutes to notice: only status queries can be that fast
-        with Client(process.endpoint, timeout_s=60, retries=0, heartbeat_s=60) as client:
+        with Client(process.endpoint, timeout_s=60, retries=0, heartbeat_s=60, shm=shm) as client:
             client.ping()
+            assert client.via == ("fastlink" if shm else "zeromq")
             process.process.send_signal(signal.SIGSTOP)  # no FIN, no replies: a hung host
             try:
                 start = time.monotonic()
