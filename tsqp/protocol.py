@@ -37,6 +37,9 @@ WIRE_DTYPES = ("float32", "float16", "bfloat16")
 # Numpy has no bfloat16: such payloads are carried as int16 and reinterpreted.
 _NUMPY_CARRIER = {torch.bfloat16: torch.int16}
 _ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPES.values()}
+# A received frame is read-only and a tensor over it is never written to, so it is used without a
+# copy; torch's warning about that, silenced once here (a catch_warnings per tensor cost ~10 µs).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 _NUMPY_DTYPE = {dtype: torch.empty((), dtype=_NUMPY_CARRIER.get(dtype, dtype)).numpy().dtype
                 for dtype in DTYPES.values()}
 
@@ -128,11 +131,7 @@ def tensor_from_frame(dtype: torch.dtype, shape: list[int], frame: Any) -> torch
     buffer = _frame_buffer(frame)
     if buffer.nbytes != math.prod(shape) * _ITEMSIZE[dtype]:
         raise ProtocolError(f"payload of {buffer.nbytes} bytes does not match {DTYPE_NAMES[dtype]}{shape}")
-    array = np.frombuffer(buffer, dtype=_NUMPY_DTYPE[dtype])
-    with warnings.catch_warnings():
-        # The frame is read-only; we never write into received tensors, so skip the copy.
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(array)
+    tensor = torch.from_numpy(np.frombuffer(buffer, dtype=_NUMPY_DTYPE[dtype]))
     if dtype in _NUMPY_CARRIER:
         tensor = tensor.view(dtype)
     return tensor.reshape(shape)
