@@ -215,10 +215,12 @@ class FastLink:
         `SPIN_S` first: a small call's reply often comes sooner than a sleeping thread wakes."""
         if self.lost:
             return False, True
-        spin_until = time.perf_counter() + SPIN_S
-        while not (ready := self.poller.poll(0)) and time.perf_counter() < spin_until:
-            pass
-        return bool(ready or self.poller.poll(timeout_ms)), False
+        if SPIN_S:
+            spin_until = time.perf_counter() + SPIN_S
+            while time.perf_counter() < spin_until:
+                if self.poller.poll(0):
+                    return True, False
+        return bool(self.poller.poll(timeout_ms)), False
 
     def receive(self) -> list[bytes] | None:
         try:
