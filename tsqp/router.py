@@ -76,8 +76,10 @@ def status_query(number: int) -> bytes:
 def _control_query(frame: "zmq.Frame | bytes") -> tuple[str, int] | None:
     """A status query or a fast-link ticket request (kind, number), else None (any request
     header is a longer map)."""
-    raw = frame if isinstance(frame, bytes) else frame.bytes if len(frame) <= STATUS_MAX_BYTES else b""
-    if not 0 < len(raw) <= STATUS_MAX_BYTES or raw[0] != 0x92:  # a 2-element array
+    if not 0 < len(frame) <= STATUS_MAX_BYTES:
+        return None
+    raw = frame if isinstance(frame, bytes) else frame.bytes
+    if raw[0] != 0x92:  # a 2-element array
         return None
     try:
         kind, number = msgpack.unpackb(raw)
