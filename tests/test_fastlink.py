@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 import time
 
 import msgpack
@@ -14,7 +15,8 @@ import zmq
 
 from tsqp import api, protocol
 from tsqp.errors import RemoteError, ServerUnreachable
-from tsqp.fastlink import MAX_DATAGRAM, TOKEN_BYTES, read_ticket, ticket_query
+from tsqp.fastlink import ACCEPTED, MAX_DATAGRAM, MAX_PEERS, TOKEN_BYTES, TOKEN_WAIT_S, read_ticket, ticket_query
+from tsqp.router import serve_forever
 from tsqp.server import GpuServer, ServerThread
 from tsqp.transport import Client, Liveness
 
@@ -46,11 +48,14 @@ def ticket(endpoint: str) -> tuple[str, bytes]:
     return issued
 
 
-def raw_link(issued: tuple[str, bytes]) -> socket.socket:
+def raw_link(issued: tuple[str, bytes], expect_accepted: bool = True) -> socket.socket:
+    """A link opened by hand with the ticket `issued`; the server's acceptance read (if expected)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(10)
     sock.connect(issued[0])
     sock.send(issued[1])
+    if expect_accepted:
+        assert sock.recv(16) == ACCEPTED
     return sock
 
 
@@ -67,7 +72,6 @@ def test_calls_over_the_fast_link_are_exact_and_counted(fast_server, references)
     g = torch.Generator().manual_seed(4)
     with Client(fast_server.endpoint, timeout_s=30, shm=True) as fast, \
             Client(fast_server.endpoint, timeout_s=30) as framed:
-        assert fast.via == "fastlink" and framed.via == "zeromq"
         for n in (1, 3, 17):
             x = torch.randn(2, n, 64, generator=g)
             (got,) = fast.call("Linear", [x], layer_idx=0, module_name="q_proj").tensors
@@ -75,6 +79,7 @@ def test_calls_over_the_fast_link_are_exact_and_counted(fast_server, references)
             assert torch.equal(got, plain)
             torch.testing.assert_close(got, q_proj(references, x), rtol=1e-5, atol=1e-6)
         assert fast.stats.round_trips == 3 and fast.stats.retries == 0
+        assert fast.via == "fastlink" and framed.via == "zeromq"
 
 
 def test_a_reply_larger_than_the_segment_is_resent_once_into_a_grown_one(fast_server):
@@ -89,19 +94,26 @@ def test_a_reply_larger_than_the_segment_is_resent_once_into_a_grown_one(fast_se
         assert torch.equal(again, payload * 2) and client.stats.round_trips == 4
 
 
-def test_a_restarted_server_is_found_again_and_a_killed_one_is_noticed_at_once(tiny_dir, tmp_path):
+def test_a_server_killed_mid_call_is_noticed_at_once_and_a_restarted_one_found_again(tiny_dir, tmp_path):
+    """The socket closes with the process: a call in flight fails at once (no status queries
+    needed), one made after the kill is never sent into the dead link, and the restarted server's
+    new link gives the same answer."""
     endpoint = f"ipc://{tmp_path}/server.sock"
     x = torch.randn(1, 4, 64)
-    with Client(endpoint, timeout_s=30, shm=True, retries=0) as client:
+    with Client(endpoint, timeout_s=30, shm=True, retries=0, connect_timeout_s=1) as client:
         with api.spawn_server(tiny_dir, device="cpu", endpoint=endpoint, shm=True) as first:
             (before,) = client.call("Linear", [x], layer_idx=1, module_name="o_proj").tensors
             assert client.via == "fastlink"
-            first.process.send_signal(signal.SIGKILL)
-            first.process.wait(10)
+            killer = threading.Timer(0.5, first.process.send_signal, (signal.SIGKILL,))
+            killer.start()
             start = time.monotonic()
-            with pytest.raises(ServerUnreachable, match="connection was lost"):
+            with pytest.raises(ServerUnreachable, match="connection was lost"):  # 500 greedy steps: seconds
+                client.call("WholeDecode", [torch.randint(0, 256, (1, 4))], steps=500)
+            assert time.monotonic() - start < 3.0
+            killer.join()
+            first.process.wait(10)
+            with pytest.raises(ServerUnreachable, match="could not connect"):
                 client.call("Linear", [x], layer_idx=1, module_name="o_proj")
-            assert time.monotonic() - start < 2.0  # the socket closed: no status queries needed
         with api.spawn_server(tiny_dir, device="cpu", endpoint=endpoint, shm=True):
             (after,) = client.call("Linear", [x], layer_idx=1, module_name="o_proj").tensors
             assert torch.equal(before, after) and client.via == "fastlink"
@@ -122,19 +134,18 @@ def test_a_slow_server_is_waited_for(tiny_dir):
     x = torch.randn(1, 2, 64)
     with ServerThread(server, api.free_endpoint()) as thread:
         with Client(thread.endpoint, timeout_s=60, retries=0, shm=True, liveness=QUICK) as client:
-            assert client.via == "fastlink"
             client.call("Linear", [x], layer_idx=0, module_name="k_proj")
-            assert client.stats.retries == 0
+            assert client.stats.retries == 0 and client.via == "fastlink"
 
 
 def test_no_ticket_no_link_and_a_ticket_serves_once(fast_server):
     issued = ticket(fast_server.endpoint)
     ping = protocol.encode({"method": "Ping", "args": {}})[0]
-    assert refused(raw_link((issued[0], bytes(TOKEN_BYTES))), ping)  # the path is no secret; the token is
+    assert refused(raw_link((issued[0], bytes(TOKEN_BYTES)), expect_accepted=False), ping)  # the token is the secret
     holder = raw_link(issued)
     holder.send(ping)
     assert msgpack.unpackb(holder.recv(1 << 16))["ok"]
-    assert refused(raw_link(issued), ping)  # the same ticket again
+    assert refused(raw_link(issued, expect_accepted=False), ping)  # the same ticket again
     holder.close()
 
 
@@ -155,7 +166,7 @@ def test_malformed_datagrams_get_an_error_or_a_closed_link_and_the_server_serves
         assert len(datagram) > MAX_DATAGRAM  # only a datagram it cannot read whole closes the link
     link.close()
     with Client(fast_server.endpoint, timeout_s=10, shm=True) as client:
-        assert client.via == "fastlink" and client.ping()["ok"]
+        assert client.ping()["ok"] and client.via == "fastlink"
 
 
 def test_a_peer_that_never_reads_is_dropped_and_others_are_served(fast_server):
@@ -179,9 +190,11 @@ def test_a_peer_that_never_reads_is_dropped_and_others_are_served(fast_server):
 
 def test_a_client_may_keep_to_zeromq_and_a_server_without_shm_offers_no_link(tiny_dir, fast_server):
     with Client(fast_server.endpoint, timeout_s=10, shm=True, fastlink=False) as client:
-        assert client.via == "zeromq" and client.ping()["ok"]
+        assert client.ping()["ok"] and client.via == "zeromq"
     with api.start_server(tiny_dir, device="cpu") as plain:
         with Client(plain.endpoint, timeout_s=10, shm=True) as client:
+            with pytest.raises(RemoteError, match="--shm"):  # the call itself is refused, on ZeroMQ
+                client.ping()
             assert client.via == "zeromq"
 
 
@@ -190,3 +203,50 @@ def test_a_remote_error_travels_back_on_the_link(fast_server):
         with pytest.raises(RemoteError) as caught:
             client.call("Linear", [torch.randn(1, 2, 63)], layer_idx=0, module_name="q_proj")
         assert caught.value.code == "bad_request" and client.via == "fastlink"
+
+
+def test_a_ticket_answered_late_never_passes_for_a_calls_reply(tmp_path):
+    """A server that binds, then takes longer to be ready than the client waits for its ticket:
+    the ticket's late answer must not be taken for a call's reply, and every reply must be its
+    own call's (each names the method it answers)."""
+    def handle(frames):
+        return protocol.encode({"ok": True, "method": protocol.decode_header(frames[0]).get("method")})
+
+    stop, endpoint = threading.Event(), f"ipc://{tmp_path}/slow.sock"
+    thread = threading.Thread(target=serve_forever, args=(endpoint, handle, stop, lambda: time.sleep(2.5)),
+                              kwargs={"fast": True}, daemon=True)
+    thread.start()
+    try:
+        with Client(endpoint, shm=True, retries=0, timeout_s=30, connect_timeout_s=1) as client:
+            answered = []
+            for method in ("A", "B", "C", "D", "E"):
+                try:
+                    answered.append((method, client.call(method).header["method"]))
+                except ServerUnreachable:
+                    pass
+            assert answered and all(asked == got for asked, got in answered), answered
+            assert client.via == "fastlink"
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_a_full_or_refusing_link_leaves_the_client_on_zeromq_and_silent_peers_are_dropped(fast_server):
+    """Connections that never show a token fill the server's table; a client refused for that
+    works on ZeroMQ instead of failing, and after TOKEN_WAIT_S the silent ones are gone."""
+    path, _ = ticket(fast_server.endpoint)
+    squatters = []
+    for _ in range(MAX_PEERS + 4):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(path)
+        squatters.append(sock)
+    try:
+        time.sleep(0.5)  # the serving loop accepts them
+        with Client(fast_server.endpoint, timeout_s=10, shm=True) as client:
+            assert client.ping()["ok"] and client.via == "zeromq"
+        time.sleep(TOKEN_WAIT_S + 0.5)
+        with Client(fast_server.endpoint, timeout_s=10, shm=True) as client:
+            assert client.ping()["ok"] and client.via == "fastlink"
+    finally:
+        for sock in squatters:
+            sock.close()

@@ -32,6 +32,7 @@ def two_clients(request, tmp_path_factory, tiny_dir):
     with api.start_server(tiny_dir, device="cpu", keys=ServerKeys.from_files(server_secret, allowed), shm=shm) as server:
         alice, mallory = (Client(server.endpoint, timeout_s=10, shm=shm, keys=ClientKeys.from_files(
             server_public, root / f"{name}.key_secret")) for name in ("alice", "mallory"))
+        assert alice.ping()["ok"] and mallory.ping()["ok"]
         assert alice.via == mallory.via == ("fastlink" if shm else "zeromq")
         yield alice, mallory
         alice.close()

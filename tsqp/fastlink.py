@@ -8,15 +8,17 @@ between the two application threads, which the serving loop polls beside its ROU
 Getting one: over its ZeroMQ connection (CurveZMQ or not) the client asks for a ticket, a
 control message like a status query. The server answers with the socket's path, in a directory
 only its own user can enter, and a one-time random token; the client connects, sends the token
-first, and its link then speaks for the identity that asked (its CurveZMQ key, which owns its
-sessions). The server also checks the peer's uid (SO_PEERCRED). A server without `--shm`, or a
-path the client cannot reach (another mount namespace, an enclave), leaves the client on ZeroMQ.
+first, and once the server accepts it the link speaks for the identity that asked (its CurveZMQ
+key, which owns its sessions). Each side checks the other's uid (SO_PEERCRED). A server without
+`--shm`, a path the client cannot reach (another mount namespace, an enclave), or a refused token
+leaves the client on ZeroMQ.
 
 What the link keeps from ZeroMQ's: status queries and their answers travel on it too, so a late
 reply is handled as on the socket; a server that exits closes the socket, which the client sees
 at once; a client that stops reading fills its socket's buffer and is dropped. What it gives
 up: a reply too large for the client's segment cannot be framed here, so the server answers
-`reply_room` with the room it needs and the client resends once, grown (every method may be resent).
+`reply_room` with the room it needs and the client resends once, grown (every method may be
+resent): the first call whose reply outgrows the segment is computed twice.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any, Sequence
 
 import msgpack
 
+from .errors import ProtocolError
 from .logs import log_event
 
 TOKEN_BYTES = 32
@@ -44,8 +47,11 @@ MAX_DATAGRAM = 96 << 10  # a request header is at most 64 KiB (server Limits); r
 SOCKET_NAME = "fast.sock"
 MAX_TICKETS = 64  # issued, not yet used: the oldest are forgotten first
 MAX_PEERS = 256
+MAX_BATCH = 64  # datagrams taken from one peer per wake: a busy peer cannot hold the loop
+TOKEN_WAIT_S = 2.0  # a connection that has not shown a token by then is dropped
+ACCEPTED = b"\x01"  # the server's answer to a live token; to anything else it closes the link
 TICKET_QUERY = "fastlink"
-SPIN_S = float(os.environ.get("TSQP_FASTLINK_SPIN_US", "0")) * 1e-6
+SPIN_ENV = "TSQP_FASTLINK_SPIN_US"
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 log = logging.getLogger("tsqp.server")
@@ -72,6 +78,19 @@ def read_ticket(answer: list, number: int) -> tuple[str, bytes] | None:
     return path, token
 
 
+def spin_seconds() -> float:
+    """How long the client polls before it blocks ($TSQP_FASTLINK_SPIN_US, default 0)."""
+    text = os.environ.get(SPIN_ENV, "0")
+    try:
+        return max(float(text), 0.0) * 1e-6
+    except ValueError:
+        raise ValueError(f"${SPIN_ENV} must be a number of microseconds, got {text!r}") from None
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[1]
+
+
 def _as_bytes(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else bytes(frame)
 
@@ -80,7 +99,7 @@ class Peer:
     """One client's end of the link, on the server. `name` is whom it speaks for, once it showed its token."""
 
     def __init__(self, sock: socket.socket):
-        self.sock, self.name = sock, None
+        self.sock, self.name, self.since = sock, None, time.monotonic()
         self.key = (b"fast", sock.fileno().to_bytes(4, "little"), secrets.token_bytes(8))  # never a ROUTER identity
 
     def send(self, frames: Sequence[Any]) -> bool:
@@ -125,25 +144,28 @@ class Listener:
             self.tickets.popitem(last=False)
         return self.path, token
 
-    def accept(self) -> Peer | None:
-        """A new connection from this user, not yet authenticated; None if refused."""
+    def accept(self) -> tuple[Peer | None, list[int]]:
+        """A new connection from this user, not yet authenticated (None if refused), and the
+        descriptors of connections dropped for never showing a token."""
+        stale = [fd for fd, p in self.peers.items() if p.name is None and time.monotonic() - p.since > TOKEN_WAIT_S]
+        for fd in stale:
+            self.drop(fd)
         try:
             conn, _ = self.sock.accept()
         except OSError:
-            return None
-        _, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-        if uid != os.geteuid() or len(self.peers) >= MAX_PEERS:
+            return None, stale
+        if _peer_uid(conn) != os.geteuid() or len(self.peers) >= MAX_PEERS:
             conn.close()
-            return None
+            return None, stale
         conn.setblocking(False)
         peer = self.peers[conn.fileno()] = Peer(conn)
-        return peer
+        return peer, stale
 
     def receive(self, fd: int) -> tuple[Peer, list[bytes]]:
         """The datagrams waiting on a peer's socket. A peer that closed, sent something oversized,
         or opened with anything but a live token is dropped (its list ends empty)."""
         peer, datagrams = self.peers[fd], []
-        while True:
+        while len(datagrams) < MAX_BATCH:
             try:
                 data, _, flags, _ = peer.sock.recvmsg(MAX_DATAGRAM)
             except BlockingIOError:
@@ -155,11 +177,12 @@ class Listener:
                 return peer, datagrams
             if peer.name is None:
                 peer.name = self._redeem(data)
-                if peer.name is None:
+                if peer.name is None or not peer.send([ACCEPTED]):
                     self.drop(fd)
                     return peer, []
             else:
                 datagrams.append(data)
+        return peer, datagrams
 
     def _redeem(self, token: bytes) -> str | None:
         for issued in list(self.tickets):
@@ -186,11 +209,17 @@ class FastLink:
     connected, refused, handshake_error = True, None, None
 
     def __init__(self, path: str, token: bytes, connect_timeout_s: float):
+        """Connect, show the token, and wait for the server to accept it (OSError if it does not)."""
+        self.spin_s = spin_seconds()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(connect_timeout_s)
         try:
             self.sock.connect(path)
+            if _peer_uid(self.sock) != os.geteuid():
+                raise OSError(f"{path} is served by another user")
             self.sock.send(token)
+            if self.sock.recv(16) != ACCEPTED:
+                raise OSError("the server refused the ticket")
         except OSError:
             self.sock.close()
             raise
@@ -202,6 +231,9 @@ class FastLink:
     def send(self, frames: Sequence[Any]) -> None:
         if len(frames) != 1:
             raise ValueError("the fast link carries header frames only (tensors go through shared memory)")
+        if len(frames[0]) > MAX_DATAGRAM:
+            raise ProtocolError(f"a request header of {len(frames[0])} bytes is over the fast link's "
+                                f"{MAX_DATAGRAM} (and the server's limit)")
         try:
             self.sock.send(_as_bytes(frames[0]))
         except OSError:
@@ -215,8 +247,8 @@ class FastLink:
         `SPIN_S` first: a small call's reply often comes sooner than a sleeping thread wakes."""
         if self.lost:
             return False, True
-        if SPIN_S:
-            spin_until = time.perf_counter() + SPIN_S
+        if self.spin_s:
+            spin_until = time.perf_counter() + self.spin_s
             while time.perf_counter() < spin_until:
                 if self.poller.poll(0):
                     return True, False
@@ -233,7 +265,9 @@ class FastLink:
         return [data]
 
     def read_events(self) -> None:
-        pass
+        """Between calls: a server that closed its end (exited, restarted) is lost now, not at the next send."""
+        if any(events & (select.POLLHUP | select.POLLERR) for _, events in self.poller.poll(0)):
+            self.lost = True
 
     def close(self) -> None:
         self.sock.close()

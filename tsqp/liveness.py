@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 DEFAULT_STATUS_INTERVAL_S = 1.0  # without a reply for this long, ask whether the request is still in progress
 DEFAULT_STATUS_TIMEOUT_S = 5.0  # a server silent for this long (no reply, no status answer) is lost
+CONTROL_MAX_BYTES = 256  # status answers, notices and tickets are short arrays; replies are maps
 SLOWEST_TRANSFER_BYTES_S = 10e6  # the link speed (100 Mbit/s) a large request or announced reply is allowed
 
 
@@ -40,8 +41,9 @@ class Liveness:
 
 
 def status_answer(body: Sequence[Any]) -> list | None:
-    """The server's answer to a status query (or its notice of a large reply), else None: a reply."""
-    if len(body) != 1 or not 0 < len(body[0]) <= 64:
+    """The server's answer to a status query (or its notice of a large reply, or a fast-link
+    ticket), else None: a reply."""
+    if len(body) != 1 or not 0 < len(body[0]) <= CONTROL_MAX_BYTES:
         return None
     raw = body[0] if isinstance(body[0], bytes) else body[0].bytes
     if not 0x90 <= raw[0] <= 0x9F:  # a msgpack array; every reply header is a map
@@ -50,9 +52,7 @@ def status_answer(body: Sequence[Any]) -> list | None:
         answer = msgpack.unpackb(raw)
     except ValueError:
         return None
-    if not (isinstance(answer, list) and answer and isinstance(answer[0], str)) or answer[0] == TICKET_QUERY:
-        return None  # a fast-link ticket is the answer to what was asked
-    return answer
+    return answer if isinstance(answer, list) and answer and isinstance(answer[0], str) else None
 
 
 class _Watch:
@@ -79,8 +79,8 @@ class _Watch:
         return None, min(ask_at, lost_at)
 
     def answered(self, answer: list, now: float) -> Failure | None:
-        if len(answer) != 2 or type(answer[1]) is not int:
-            return None
+        if len(answer) != 2 or type(answer[1]) is not int or answer[0] not in ("sending", "pending", "unknown"):
+            return None  # e.g. a fast-link ticket asked for before this call, come late
         if answer[0] == "sending" and answer[1] > 0:
             self.heard, self.grace = now, answer[1] / SLOWEST_TRANSFER_BYTES_S
             return None
@@ -96,10 +96,11 @@ class _Watch:
 
 
 def wait_reply(link: "_Link | FastLink", request_bytes: int, timeout_s: float, connect_timeout_s: float,
-               liveness: Liveness) -> list[Any] | Failure:
+               liveness: Liveness, ticket: int | None = None) -> list[Any] | Failure:
     """The reply to the request just sent on `link`, or why none came: `connect_timeout_s` to get
     a connection up, `timeout_s` for the reply once it is; a drop, or a server that stops
-    answering status queries (`liveness`), ends the wait early."""
+    answering status queries (`liveness`), ends the wait early. With `ticket`, the request was
+    the fast-link ticket query of that number, and its answer (a decoded list) is the reply."""
     start = time.monotonic()
     reply_deadline, connect_deadline = start + timeout_s, start + connect_timeout_s
     up_at = start if link.connected else None  # the request leaves once the connection is up
@@ -126,6 +127,8 @@ def wait_reply(link: "_Link | FastLink", request_bytes: int, timeout_s: float, c
         if readable:
             body = link.receive()
             answer = status_answer(body) if body is not None else None
+            if answer is not None and ticket is not None and answer[:2] == [TICKET_QUERY, ticket]:
+                return answer
             if answer is not None:  # a status answer, or the notice of a large reply (which may come early)
                 now = time.monotonic()
                 watch = watch or _Watch(liveness, request_bytes, now if up_at is None else up_at, link.queries)

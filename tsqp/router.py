@@ -230,8 +230,12 @@ class _Loop:
 
     def _receive_fast(self, ready: dict) -> None:
         assert self.fast is not None
-        if self.fast.fileno() in ready and (peer := self.fast.accept()) is not None:
-            self.poller.register(peer.sock.fileno(), zmq.POLLIN)
+        if self.fast.fileno() in ready:
+            peer, stale = self.fast.accept()
+            for fd in stale:
+                self.poller.unregister(fd)
+            if peer is not None:
+                self.poller.register(peer.sock.fileno(), zmq.POLLIN)
         for fd in [fd for fd in ready if isinstance(fd, int) and fd in self.fast.peers]:
             peer, datagrams = self.fast.receive(fd)
             if fd not in self.fast.peers:  # closed, refused, or sent nonsense
@@ -268,7 +272,7 @@ class _Loop:
         else:
             user = _user_id(body[0]) if self.allow is not None and body else None
             name = _peer_name(envelope, user)
-        if query is not None:  # a fast-link ticket: for this peer's identity, if it may use the server
+        if query is not None and query[0] == TICKET_QUERY:  # for this peer's identity, if it may use the server
             admitted = self.allow is None or (user is not None and self.allow.admits(user.encode()))
             ticket = self.fast.ticket(name) if self.fast is not None and admitted and not fast else None
             self._send(envelope, [ticket_answer(query[1], ticket)])
@@ -302,7 +306,7 @@ class _Loop:
         unread.refusing = unread.nbytes() > self.max_unread
         return unread.refusing
 
-    def _refuse(self, envelope: list[zmq.Frame], name: str, code: str, message: str) -> None:
+    def _refuse(self, envelope: Envelope, name: str, code: str, message: str) -> None:
         log_event(log, logging.WARNING, "refused", code=code, peer=name, message=message)
         self._send(envelope, protocol.encode(protocol.error_header(code, message)))
 
@@ -357,6 +361,14 @@ def _tracked(reply: list[Any]) -> tuple[list[Any], list[tuple[zmq.MessageTracker
     return frames, tracked
 
 
+def _listener() -> Listener | None:
+    try:
+        return Listener()
+    except OSError as err:  # e.g. a $TMPDIR too long for a socket path: serve without the fast link
+        log_event(log, logging.WARNING, "fastlink_unavailable", error=str(err))
+        return None
+
+
 def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_ready: Callable[[], None] | None = None,
                   context: zmq.Context | None = None, *, keys: "ServerKeys | None" = None,
                   max_message_bytes: int | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
@@ -388,7 +400,7 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
             sock.bind(endpoint)
         except zmq.ZMQError as err:
             raise ProtocolError(f"cannot bind {endpoint}: {err}") from None
-        listener = Listener() if fast else None
+        listener = _listener() if fast else None
         if on_ready is not None:
             on_ready()
         _Loop(sock, handle, allow, max_unread_bytes, listener).run(stop)

@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-import msgpack
 import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -217,41 +216,46 @@ class Client:
         self._segment: Segment | None = None
         self._reply_room = 0  # bytes the largest reply so far needed behind a request (shm)
 
-    def _ready_link(self) -> "_Link | FastLink":
-        """The current link, rebuilt if its connection dropped since the last call."""
+    def _ready_link(self, connect_timeout_s: float) -> "_Link | FastLink | Failure":
+        """The current link, rebuilt if its connection dropped since the last call; a new one
+        asks for the server's fast link first when this client uses shared memory."""
         if self._link is not None:
             self._link.read_events()
             if self._link.lost:
                 self._close_link()
         if self._link is None:
             link = _Link(self._context, self.endpoint, self.keys, self.heartbeat_s)
-            self._link = self._fast_link(link) if self.shm and self.fastlink else link
+            if self.shm and self.fastlink:
+                chosen = self._fast_link(link, connect_timeout_s)
+                if isinstance(chosen, Failure):  # no answer: a late one must not pass for a call's reply
+                    link.close()
+                    return chosen
+                link = chosen
+            self._link = link
         return self._link
 
     @property
-    def via(self) -> str:
-        """What the next call travels on: 'fastlink' or 'zeromq' (tsqp.fastlink)."""
-        return "fastlink" if isinstance(self._ready_link(), FastLink) else "zeromq"
+    def via(self) -> str | None:
+        """What the last call travelled on: 'fastlink', 'zeromq', or None before the first (or
+        after a lost connection)."""
+        return None if self._link is None else "fastlink" if isinstance(self._link, FastLink) else "zeromq"
 
-    def _fast_link(self, link: _Link) -> "_Link | FastLink":
-        """A fast link (tsqp.fastlink) for this shared-memory client if the server offers one and
-        it can be reached from here; else the ZeroMQ link it was asked on."""
+    def _fast_link(self, link: _Link, connect_timeout_s: float) -> "_Link | FastLink | Failure":
+        """The server's fast link (tsqp.fastlink) if it offers one and it can be reached from
+        here, else the ZeroMQ link the ticket was asked on; a Failure if the server answered
+        nothing (this attempt's failure, as a call's would be)."""
         number = link.queries
         link.query(ticket_query(number))
         link.queries += 1
-        answer = wait_reply(link, 0, self.connect_timeout_s, self.connect_timeout_s, self.liveness)
-        ticket = None
-        if not isinstance(answer, Failure) and len(answer) == 1 and len(answer[0]) <= 256:
-            try:
-                decoded = msgpack.unpackb(answer[0].bytes)
-                ticket = read_ticket(decoded, number) if isinstance(decoded, list) else None
-            except ValueError:
-                pass
+        answer = wait_reply(link, 0, connect_timeout_s, connect_timeout_s, self.liveness, ticket=number)
+        if isinstance(answer, Failure):
+            return answer
+        ticket = read_ticket(answer, number)  # None from a server without one (or one that knows no tickets)
         if ticket is None:
             return link
         try:
-            fast = FastLink(*ticket, self.connect_timeout_s)
-        except OSError as err:
+            fast = FastLink(*ticket, connect_timeout_s)
+        except OSError as err:  # not reachable from here (an enclave), or refused: ZeroMQ serves
             log_event(client_log, logging.INFO, "fastlink_unreachable", path=ticket[0], error=str(err))
             return link
         link.close()
@@ -346,12 +350,15 @@ class Client:
         """Send until a reply comes back or the attempts run out (Lazy Pirate)."""
         for attempt in range(retries + 1):
             frames, nbytes = prepare()
-            link = self._ready_link()
-            t1 = time.perf_counter()
-            link.send(frames)
-            self.stats.bytes_sent += nbytes
-            outcome = wait_reply(link, nbytes, timeout, connect_timeout, self.liveness)
-            self.stats.wait_s += time.perf_counter() - t1
+            link = self._ready_link(connect_timeout)
+            if isinstance(link, Failure):
+                outcome: list[Any] | Failure = link
+            else:
+                t1 = time.perf_counter()
+                link.send(frames)
+                self.stats.bytes_sent += nbytes
+                outcome = wait_reply(link, nbytes, timeout, connect_timeout, self.liveness)
+                self.stats.wait_s += time.perf_counter() - t1
             if not isinstance(outcome, Failure):
                 return outcome
             self._close_link()  # a late reply to this attempt must never pass for the next one's
