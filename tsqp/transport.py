@@ -216,9 +216,12 @@ class Client:
         self._segment: Segment | None = None
         self._reply_room = 0  # bytes the largest reply so far needed behind a request (shm)
 
-    def _ready_link(self, connect_timeout_s: float) -> "_Link | FastLink | Failure":
+    def _ready_link(self, connect_timeout_s: float | None = None) -> "_Link | FastLink | Failure":
         """The current link, rebuilt if its connection dropped since the last call; a new one
-        asks for the server's fast link first when this client uses shared memory."""
+        asks for the server's fast link first (within `connect_timeout_s`, default the client's)
+        when this client uses shared memory."""
+        if connect_timeout_s is None:
+            connect_timeout_s = self.connect_timeout_s
         if self._link is not None:
             self._link.read_events()
             if self._link.lost:
