@@ -123,6 +123,33 @@ def test_plaintext_client_of_a_curve_server_never_reads_a_reply(secure_server):
             client.ping()
 
 
+def test_an_idle_client_whose_handshakes_keep_failing_stalls_no_other_connection(secure_server, key_files,
+                                                                                  monkeypatch):
+    """libzmq's I/O thread sends monitor events blocking: a client with a stale server key,
+    reconnecting while nobody reads its events, used to stall every socket of the process
+    after 1,000 failed handshakes (here one per millisecond)."""
+    from tsqp import transport
+
+    def fast_reconnects(sock, heartbeat_s):
+        sock.setsockopt(zmq.RECONNECT_IVL, 1)
+        original(sock, heartbeat_s)
+
+    original = transport.set_heartbeat
+    monkeypatch.setattr(transport, "set_heartbeat", fast_reconnects)
+    stale = transport.Client(secure_server.endpoint, retries=0,
+                             keys=key_files.client("alice", server_public=key_files.root / "mallory.key"))
+    link = stale._ready_link()  # connects in the background; its events go unread
+    try:
+        time.sleep(3)
+        with transport.Client(secure_server.endpoint, keys=key_files.client("alice"), connect_timeout_s=3,
+                              retries=0) as client:
+            assert client.ping()["ok"]
+    finally:
+        while link.monitor.poll(0):  # unstalls the I/O thread if it is stalled, so that close cannot hang
+            link.monitor.recv_multipart()
+        stale.close()
+
+
 def test_server_keys_need_an_allow_list(key_files, tmp_path):
     with pytest.raises(SecurityError, match="both --server-secret-key and --allow-keys"):
         ServerKeys.from_options(str(key_files.server_secret), None)

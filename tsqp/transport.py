@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -117,6 +118,29 @@ _MONITORED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT
               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
+def _unbounded_monitor(context: zmq.Context, sock: zmq.Socket) -> zmq.Socket:
+    """The reading end of `sock`'s monitor, with no high-water mark: libzmq's I/O thread sends
+    monitor events blocking, so 1,000 unread ones (a client with stale keys reconnecting while
+    idle) would stall every socket in the context."""
+    endpoint = f"inproc://tsqp-monitor-{id(sock):x}-{time.monotonic_ns():x}"
+    sock.monitor(endpoint, _MONITORED)
+    monitor = context.socket(zmq.PAIR)
+    monitor.setsockopt(zmq.RCVHWM, 0)  # an inproc pipe is unbounded when either end's mark is 0
+    monitor.connect(endpoint)
+    return monitor
+
+
+def _close_monitored(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Stop the monitor before closing its reader (an event sent to a reader that is gone
+    blocks the I/O thread for good), also when a link is garbage-collected unclosed."""
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(linger=0)
+    sock.close(linger=0)
+
+
 class _Link:
     """One DEALER socket and its monitor: knows whether the connection is up, was lost, or was refused.
 
@@ -130,7 +154,8 @@ class _Link:
         set_heartbeat(self.sock, heartbeat_s)
         if keys is not None:
             keys.apply(self.sock)
-        self.monitor = self.sock.get_monitor_socket(_MONITORED)
+        self.monitor = _unbounded_monitor(context, self.sock)
+        self._closer = weakref.finalize(self, _close_monitored, self.sock, self.monitor)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
@@ -141,12 +166,7 @@ class _Link:
         self.sock.connect(endpoint)
 
     def close(self) -> None:
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        self._closer()
 
     def send(self, frames: Sequence[Any]) -> None:
         self.sock.send_multipart([b"", *frames], copy=False)
