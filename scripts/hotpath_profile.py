@@ -1,7 +1,8 @@
 """Microseconds per call of the per-call hot path, in one process (no sockets): the server's
 `GpuServer.handle` for Echo, a decode-shaped Linear and the lean decode methods, the client's
-protocol.encode/decode, a whole lean decode step of the TEE against `handle`, and the two ways
-of checking inputs finite. Medians of many calls, each run repeated (the machine is shared).
+protocol.encode/decode, a whole lean decode step of the TEE against `handle`, the ways of
+checking inputs finite, and a bare torch op. Medians of many calls, each run repeated (the
+machine is shared).
 
     python scripts/hotpath_profile.py [--device cpu|cuda] [--preset tiny] [--calls 2000] [--repeats 5]
                                       [--sweep-mb 256]
@@ -135,6 +136,22 @@ def finite_rows(device: torch.device, hidden: int) -> dict[str, Callable[[], Any
     return rows
 
 
+def op_rows(hidden: int) -> dict[str, Callable[[], Any]]:
+    """The same small torch op once and ten times: with a sweep, what the first op of a call
+    pays to bring torch's dispatcher back into the caches, and what each further one adds."""
+    x = torch.randn(1, 1, hidden)
+
+    def repeated(count: int) -> Callable[[], Any]:
+        def run() -> torch.Tensor:
+            y = x
+            for _ in range(count):
+                y = y * 1.0001
+            return y
+        return run
+
+    return {"x * c, 1 op": repeated(1), "x * c, 10 ops": repeated(10)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -152,7 +169,7 @@ def main() -> None:
         server = GpuServer(model_dir, device=opts.device)
         rows = {**server_rows(server), **client_rows(server.config.hidden_size),
                 "TEE lean decode step (in-process)": decode_step(model_dir, server),
-                **finite_rows(server.device, server.config.hidden_size)}
+                **finite_rows(server.device, server.config.hidden_size), **op_rows(server.config.hidden_size)}
         caches = f", {opts.sweep_mb} MB written before each call" if sweep is not None else ""
         print(f"{opts.preset} on {server.device}, median of {opts.repeats} runs x {opts.calls} calls{caches}")
         for name, fn in rows.items():
