@@ -304,3 +304,34 @@ def test_a_status_answer_that_comes_after_its_reply_is_not_taken_for_the_next_ca
         time.sleep(0.2)  # the late answer is in the socket by now
         assert client.call("Ping").header["ok"] and client.stats.retries == 0
     thread.join(15)
+
+
+def test_a_server_that_dies_mid_handshake_is_retried_not_taken_for_a_key_problem(tiny_dir):
+    """One handshake cut short (a server exiting as the client connects) says nothing about the
+    keys: the call is resent, and completes once a server is back on that address."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def die_mid_handshake():
+        peer, _ = listener.accept()
+        peer.sendall(b"\xff" + bytes(8) + b"\x01\x7f")  # the start of a ZMTP greeting, then gone
+        time.sleep(0.05)
+        peer.close()
+        listener.close()
+
+    threading.Thread(target=die_mid_handshake, daemon=True).start()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    with Client(endpoint, connect_timeout_s=1.0, retries=3) as client:
+        restart = threading.Timer(1.5, lambda: holder.append(ServerThread(GpuServer(tiny_dir, "cpu"), endpoint)))
+        holder: list[ServerThread] = []
+        restart.start()
+        try:
+            reply = client.call("Echo", [torch.arange(6.0)])
+            assert torch.equal(reply.tensors[0], torch.arange(6.0))
+            assert client.stats.retries >= 1
+        finally:
+            restart.join()
+            for thread in holder:
+                thread.stop()

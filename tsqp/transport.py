@@ -163,6 +163,7 @@ class _Link:
         self.queries = 0  # status queries sent on this socket, numbered from 0
         self.refused: str | None = None  # the server said no (ZAP): final
         self.handshake_error: str | None = None  # the handshake failed: wrong keys, or a mismatch
+        self.handshake_failures = 0  # since the last success: one may be a server dying mid-handshake
         self.sock.connect(endpoint)
 
     def close(self) -> None:
@@ -179,7 +180,7 @@ class _Link:
 
     def _apply(self, event: int, value: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.connected, self.handshake_error = True, None
+            self.connected, self.handshake_error, self.handshake_failures = True, None, 0
         elif event == zmq.EVENT_DISCONNECTED:
             self.lost = self.lost or self.connected
             self.connected = False
@@ -190,10 +191,12 @@ class _Link:
             self.handshake_error = ("the server does not use CurveZMQ keys but this client does" if self.curve else
                                     "the server requires CurveZMQ keys: pass --server-public-key and "
                                     "--client-secret-key")
-        else:
-            self.handshake_error = ("CurveZMQ handshake failed: is --server-public-key the server's public key?"
-                                    if self.curve else "the handshake failed: the server probably requires "
-                                    "CurveZMQ keys (--server-public-key, --client-secret-key)")
+        else:  # the server hung up mid-handshake: a verdict on the keys only if it does so again
+            self.handshake_failures += 1
+            if self.handshake_failures >= 2:
+                self.handshake_error = ("CurveZMQ handshake failed: is --server-public-key the server's public key?"
+                                        if self.curve else "the handshake failed: the server probably requires "
+                                        "CurveZMQ keys (--server-public-key, --client-secret-key)")
 
     def receive(self) -> list[zmq.Frame] | None:
         frames = self.sock.recv_multipart(copy=False)
