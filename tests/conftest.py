@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zmq
 
 from tsqp import api
 from tsqp.models import make_model
@@ -82,3 +83,30 @@ def _forget_refused_servers():
 
     yield
     replies._refused.clear()
+
+
+def _io_thread_answers(context: zmq.Context, timeout_ms: int = 3000) -> bool:
+    """Whether a message sent from `context` over tcp arrives: it does not when that context's
+    I/O thread is blocked."""
+    probe_context = zmq.Context()
+    server, client = probe_context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+    try:
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        client.connect(f"tcp://127.0.0.1:{port}")
+        client.send(b"probe")
+        return bool(server.poll(timeout_ms))
+    finally:
+        client.close(linger=0)
+        server.close(linger=0)
+        probe_context.term()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_zmq_context():
+    """Each test module's clients share a ZeroMQ context of its own: a module that blocks
+    libzmq's I/O thread fails here, by name, instead of every module after it failing to connect."""
+    zmq.Context._instance = None  # Context.instance() makes a fresh one
+    yield
+    context = zmq.Context._instance
+    if context is not None and not context.closed and not _io_thread_answers(context):
+        pytest.fail("this module left its ZeroMQ context's I/O thread blocked: nothing sent through it arrives")
