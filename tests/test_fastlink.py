@@ -250,3 +250,15 @@ def test_a_full_or_refusing_link_leaves_the_client_on_zeromq_and_silent_peers_ar
     finally:
         for sock in squatters:
             sock.close()
+
+
+@pytest.mark.parametrize("flags, carrier", [((), "shared memory and the fast link"),
+                                            (("--no-fastlink",), "shared memory)")])
+def test_generate_reports_what_its_calls_travelled_on(fast_server, tiny_dir, flags, carrier):
+    from conftest import run_cli
+
+    result = run_cli("generate", "--model", str(tiny_dir), "--endpoint", fast_server.endpoint, "--tokens", "6",
+                     "--max-new-tokens", "3", "--ignore-eos", "--shm", *flags)
+    assert result.returncode == 0, result.stderr
+    protocol_line = next(line for line in result.stdout.splitlines() if line.startswith("Protocol:"))
+    assert carrier in protocol_line

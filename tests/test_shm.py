@@ -158,13 +158,14 @@ def test_a_server_cannot_make_the_client_reserve_absurd_room(room):
     assert reply_room({"ok": True}) == 0 and reply_room({"shm_room": 4096}) == 4096
 
 
-def test_bench_over_the_same_host_fast_path(tiny_dir, tmp_path):
+@pytest.mark.parametrize("flags, transport", [((), "ipc+shm+fastlink"), (("--no-fastlink",), "ipc+shm")])
+def test_bench_over_the_same_host_fast_path(tiny_dir, tmp_path, flags, transport):
     out = tmp_path / "bench.json"
     result = run_cli("bench", "--model", str(tiny_dir), "--tokens", "40", "--repeat", "1", "--modes", "split,whole",
-                     "--ipc", "--shm", "--json", str(out), timeout=300)
+                     "--ipc", "--shm", *flags, "--json", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["transport"] == "ipc+shm"
+    assert report["transport"] == transport  # what the calls travelled on
     split = next(r for r in report["results"] if r["mode"] == "split")
     assert split["round_trips"] == 4 * 2 + 2 and split["bytes_received"] > 40 * 64 * 4
 

@@ -38,7 +38,7 @@ def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = 
             timeout_s: float = DEFAULT_TIMEOUT_S, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, *,
             retries: int = DEFAULT_RETRIES, keys: ClientKeys | None = None,
             heartbeat_s: float = DEFAULT_HEARTBEAT_S, protection: str = "none", verify: bool = False,
-            verify_dtype: str = "float32", shm: bool = False) -> TeeRunner:
+            verify_dtype: str = "float32", shm: bool = False, fastlink: bool = True) -> TeeRunner:
     """A TEE runner for the server at `endpoint`; fails fast if the server does not answer.
 
     `timeout_s` bounds one reply, `connect_timeout_s` each (re)connection, `retries` the resends
@@ -46,10 +46,11 @@ def connect(endpoint: str, model_dir: str | Path | None = None, protocol: str = 
     $TSQP_CLIENT_SECRET_KEY when those are set; `ClientKeys.from_files(...)` makes them.
     `protection`, `verify` and `verify_dtype` go to the TeeRunner (private mode, Freivalds checks
     of float32 or float64 products). `shm` moves
-    tensors through shared memory (same host, a server started with shm; tsqp.shm). With a
+    tensors through shared memory (same host, a server started with shm; tsqp.shm), and headers
+    over the server's fast link unless `fastlink` is False (tsqp.fastlink). With a
     `model_dir`, a server holding another model is refused (ModelError)."""
     client = Client(endpoint, timeout_s=timeout_s, retries=retries, connect_timeout_s=connect_timeout_s, keys=keys,
-                    heartbeat_s=heartbeat_s, shm=shm)
+                    heartbeat_s=heartbeat_s, shm=shm, fastlink=fastlink)
     try:
         health = client.ping(timeout_s=connect_timeout_s)
         if model_dir is not None:

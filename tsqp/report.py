@@ -27,12 +27,19 @@ def protection_line(runner) -> str:
     return f"Protection: {PROTECTIONS[runner.protection]}; verify: {verify}"
 
 
+def _carrier(client) -> str:
+    """What the calls travelled on, beyond the socket: shared memory, and its fast link if used."""
+    if not client.shm:
+        return ""
+    return ", shared memory and the fast link" if client.via == "fastlink" else ", shared memory"
+
+
 def print_report(result, runner, offline=None, out: TextIO | None = None) -> None:
     """The seed's report, with the protocol and the protection as two settings."""
     out = out or sys.stdout  # looked up per call: whoever redirects stdout gets the report
     w = result.wire
     tee_ops, gpu_ops = OPERATIONS["guarded" if runner.guarded else runner.protocol]
-    via = ", shared memory" if runner.client.shm else ""
+    via = _carrier(runner.client)
     lines = [
         RULE, "Running Prefill Benchmark", RULE,
         f"Token length: {result.tokens}" + (f" x batch {result.batch}" if result.batch > 1 else ""),
@@ -85,7 +92,7 @@ def print_generation(result, runner, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     decode = result.decode_wire
     steps = max(len(result.token_s), 1)
-    via = ", shared memory" if runner.client.shm else ""
+    via = _carrier(runner.client)
     stopped = "at the end-of-sequence token" if result.stopped == "eos" else "at --max-new-tokens"
     lines = [
         RULE, "Generation", RULE,

@@ -235,6 +235,7 @@ class Client:
         self.stats = WireStats()
         self._context = context or zmq.Context.instance()
         self._link: _Link | FastLink | None = None
+        self._via: str | None = None
         self.shm, self.fastlink = shm, fastlink
         self._segment: Segment | None = None
         self._reply_room = 0  # bytes the largest reply so far needed behind a request (shm)
@@ -262,9 +263,8 @@ class Client:
 
     @property
     def via(self) -> str | None:
-        """What the last call travelled on: 'fastlink', 'zeromq', or None before the first (or
-        after a lost connection)."""
-        return None if self._link is None else "fastlink" if isinstance(self._link, FastLink) else "zeromq"
+        """What the last answered call travelled on: 'fastlink', 'zeromq', or None before the first."""
+        return self._via
 
     def _fast_link(self, link: _Link, connect_timeout_s: float) -> "_Link | FastLink | Failure":
         """The server's fast link (tsqp.fastlink) if it offers one and it can be reached from
@@ -386,6 +386,7 @@ class Client:
                 outcome = wait_reply(link, nbytes, timeout, connect_timeout, self.liveness)
                 self.stats.wait_s += time.perf_counter() - t1
             if not isinstance(outcome, Failure):
+                self._via = "fastlink" if isinstance(link, FastLink) else "zeromq"
                 return outcome
             self._close_link()  # a late reply to this attempt must never pass for the next one's
             self._drop_segment()  # nor a segment a late reply may still land in

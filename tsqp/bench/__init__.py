@@ -57,6 +57,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--shm", action="store_true",
                    help="move the split modes' tensors through shared memory and their headers over the server's "
                         "fast link (same host; tsqp/shm.py, tsqp/fastlink.py)")
+    p.add_argument("--no-fastlink", dest="fastlink", action="store_false",
+                   help="with --shm: send the headers over ZeroMQ, not the fast link")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="server weights dtype (default float32)")
     p.add_argument("--tokens", default="128", help="comma-separated prompt lengths (default 128)")
@@ -156,7 +158,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             if mode in ("split", "split-seed"):
                 # split-seed is the seed's protocol as specified: float32 on the wire, always
                 wire = args.wire_dtype if mode == "split" else "float32"
-                runner = api.connect(endpoint, model_dir, "lean" if mode == "split" else "seed", wire, shm=args.shm)
+                runner = api.connect(endpoint, model_dir, "lean" if mode == "split" else "seed", wire, shm=args.shm,
+                                     fastlink=args.fastlink)
                 clients.append(runner.client)
                 runners[mode] = split_prefill(runner)
                 if steps:
@@ -173,7 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                     runners[(mode, "decode")] = decode
         for mode, protection, verify in guarded_modes(args.protection, args.verify):
             runner = api.connect(endpoint, model_dir, "lean", args.wire_dtype, protection=protection, verify=verify,
-                                 verify_dtype=args.verify_dtype, shm=args.shm)
+                                 verify_dtype=args.verify_dtype, shm=args.shm,
+                                 fastlink=args.fastlink)
             clients.append(runner.client)
             runners[mode] = split_prefill(runner, guarded=True)
             if steps:
@@ -183,6 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         results = measure(runners, token_counts, args.batch, args.repeat, config.vocab_size)
         add_overheads(results)
         accuracy = wire_accuracy(endpoint, model_dir, min(token_counts), config.vocab_size) if args.accuracy else []
+        fast = any(client.via == "fastlink" for client in clients)  # what the calls took, not what was asked
         for client in clients:
             client.close()
     finally:
@@ -192,7 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     report = {
         "device": server_info["device"], "model": model_dir, "dtype": server_info["dtype"],
         "wire_dtype": args.wire_dtype, "batch": args.batch, "repeat": args.repeat,
-        "transport": ("ipc" if args.ipc else "tcp") + ("+shm" if args.shm else ""),
+        "transport": ("ipc" if args.ipc else "tcp") + ("+shm" if args.shm else "") + ("+fastlink" if fast else ""),
         "host": {"machine": platform.machine(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
         "results": [asdict(r) for r in results], "wire_accuracy": accuracy,
     }
