@@ -86,10 +86,13 @@ def causal_scores(q: torch.Tensor, keys: torch.Tensor, ends: list[int], start: i
     shares its key head). q [b, heads, n, d] holds the queries at positions [start, start + n),
     keys [b, kv, >= start + n, d] every key so far; block i is [b, heads, e_i - e_(i-1), start + e_i]."""
     b, heads, n, d = q.shape
-    grouped = q.reshape(b, keys.shape[1], heads // keys.shape[1], n, d)
-    transposed = keys.unsqueeze(2).transpose(-1, -2)  # [b, kv, 1, d, m]
-    return [(grouped[..., a:e, :] @ transposed[..., : start + e]).reshape(b, heads, e - a, start + e)
-            for a, e in zip([0, *ends], ends)]
+    kv = keys.shape[1]
+    grouped = q.reshape(b, kv, heads // kv, n, d)
+    transposed = keys.transpose(-1, -2)  # [b, kv, d, m]
+    # a group's query rows stacked against their one key head: a plain batched matmul, where
+    # broadcasting K over the group would copy it once per query head
+    return [(grouped[..., a:e, :].reshape(b, kv, -1, d) @ transposed[..., : start + e])
+            .reshape(b, heads, e - a, start + e) for a, e in zip([0, *ends], ends)]
 
 
 def attend(probs: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
@@ -97,7 +100,8 @@ def attend(probs: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
     [b, heads, n, d]."""
     b, kv, _, d = values.shape
     heads = probs[0].shape[1]
-    outs = [p.reshape(b, kv, heads // kv, p.shape[2], p.shape[3]) @ values[:, :, None, : p.shape[3]] for p in probs]
+    outs = [(p.reshape(b, kv, -1, p.shape[3]) @ values[:, :, : p.shape[3]]).reshape(b, kv, heads // kv, p.shape[2], d)
+            for p in probs]  # stacked like the scores, for the same reason
     return torch.cat(outs, dim=3).reshape(b, heads, -1, d)
 
 
