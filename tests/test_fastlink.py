@@ -262,3 +262,24 @@ def test_generate_reports_what_its_calls_travelled_on(fast_server, tiny_dir, fla
     assert result.returncode == 0, result.stderr
     protocol_line = next(line for line in result.stdout.splitlines() if line.startswith("Protocol:"))
     assert carrier in protocol_line
+
+
+def test_a_long_prefill_over_the_fast_link_computes_every_call_once(tiny_dir, references):
+    """The runner tells the client how large each reply will be, so its segment is grown before
+    a call, not after: no reply comes back as `reply_room`, none is computed twice."""
+    from conftest import reference_logits, relative_error
+    from tsqp.tee.runner import TeeRunner
+
+    server = GpuServer(tiny_dir, "cpu", shm=True)
+    handled: list[str] = []
+    serve = server.handle
+    server.handle = lambda frames: (handled.append("call"), serve(frames))[1]
+    ids = torch.randint(0, 512, (1, 500), generator=torch.Generator().manual_seed(5))  # 2.3 MB of scores
+    with ServerThread(server, api.free_endpoint()) as thread:
+        runner = TeeRunner(Client(thread.endpoint, timeout_s=60, shm=True), tiny_dir)
+        handled.clear()
+        result = runner.prefill(ids)
+        assert runner.client.via == "fastlink"
+        assert result.wire.round_trips == len(handled) == 4 * runner.config.num_layers + 2
+        assert relative_error(result.logits, reference_logits(references["gqa"], ids)[:, -1:]) <= 1e-4
+        runner.client.close()

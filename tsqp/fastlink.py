@@ -18,7 +18,8 @@ reply is handled as on the socket; a server that exits closes the socket, which 
 at once; a client that stops reading fills its socket's buffer and is dropped. What it gives
 up: a reply too large for the client's segment cannot be framed here, so the server answers
 `reply_room` with the room it needs and the client resends once, grown (every method may be
-resent): the first call whose reply outgrows the segment is computed twice.
+resent): the first call whose reply outgrows the segment is computed twice, unless the caller
+said how large a reply to expect (`Client.call(..., reply_bytes=)`, as the runner's steps do).
 """
 
 from __future__ import annotations

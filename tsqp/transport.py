@@ -32,11 +32,12 @@ from .keys import AuthenticationFailed, ClientKeys
 from .logs import log_event
 from .protocol import Message, decode, encode, frames_nbytes
 from .router import DEFAULT_HEARTBEAT_S, set_heartbeat
-from .shm import DATA_START, Segment, decode_reply, encode_request, footprint, reply_room
+from .shm import DATA_START, MAX_REPLY_ROOM, Segment, decode_reply, encode_request, footprint, reply_room
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # to (re)connect and finish the handshake
 DEFAULT_TIMEOUT_S = 600.0  # for the work of one call: a long prompt on a CPU is slow
 DEFAULT_RETRIES = 3  # resends of a call after a lost connection or a timeout
+REPLY_SLACK = 64 << 10  # on top of an expected reply's payload: alignment of each tensor, and some to spare
 
 client_log = logging.getLogger("tsqp.client")
 
@@ -315,10 +316,15 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def call(self, method: str, tensors: Sequence[torch.Tensor] = (), timeout_s: float | None = None, **args: Any) -> Message:
+    def call(self, method: str, tensors: Sequence[torch.Tensor] = (), timeout_s: float | None = None, *,
+             reply_bytes: int = 0, **args: Any) -> Message:
         """One round trip. Raises RemoteError on an error reply; ServerUnreachable when every
-        attempt failed; AuthenticationFailed when the server refuses this client's keys."""
+        attempt failed; AuthenticationFailed when the server refuses this client's keys.
+        `reply_bytes`, the payload the caller expects back, sizes a shared-memory segment up
+        front: else the first reply that outgrows it is computed twice (the fast link's `reply_room`)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        if self.shm and reply_bytes > 0:
+            self._reply_room = max(self._reply_room, min(reply_bytes + REPLY_SLACK, MAX_REPLY_ROOM))
         return self._request(method, tensors, args, timeout, self.retries, self.connect_timeout_s)
 
     def ping(self, timeout_s: float | None = None) -> dict[str, Any]:

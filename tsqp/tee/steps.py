@@ -15,6 +15,7 @@ The guarded steps (private, verify) are in guard.py.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Protocol
@@ -89,8 +90,10 @@ class Caller:
     def __call__(self, method: str, *tensors: torch.Tensor, expect: list[tuple[int, ...]],
                  exact: tuple[torch.Tensor, ...] = (), **args) -> list[torch.Tensor]:
         sent = [t.to(self.wire) if t.is_floating_point() else t for t in tensors]
+        reply_bytes = sum(math.prod(shape) for shape in expect) * self.wire.itemsize
         try:
-            reply = self.client.call(method, [*sent, *exact], wire_dtype=self.wire_name, **args)
+            reply = self.client.call(method, [*sent, *exact], wire_dtype=self.wire_name, reply_bytes=reply_bytes,
+                                     **args)
         except ServerUnreachable:
             self.reachable = False
             raise
