@@ -119,7 +119,9 @@ class GuardedSteps:
         if layer is not None:
             method_args["layer_idx"] = layer
         check_not_refused(self.client.endpoint)
-        replies = self.client.call("Linears", [sent], **method_args).tensors
+        width = sum(self.config.out_features(m) for m in modules)
+        reply_bytes = sent.shape[0] * width * DTYPES[self.wire_name].itemsize  # sized up front (tsqp.fastlink)
+        replies = self.client.call("Linears", [sent], reply_bytes=reply_bytes, **method_args).tensors
         try:
             return self._outputs(layer, group, x, sent, replies, secrets, scale)
         except IntegrityError:
