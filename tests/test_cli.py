@@ -298,6 +298,9 @@ def test_shm_without_a_willing_server_and_with_audit(servers, tiny_dir, tmp_path
                            "--tokens", "8"), "--shm")
     one_error_line(run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", "--shm", "--audit",
                            str(tmp_path / "audit")), "--audit")
+    for command in ("prefill", "bench"):  # refused before any work
+        one_error_line(run_cli(command, "--endpoint", servers["gqa"].endpoint, "--model", str(tiny_dir),
+                               "--no-fastlink", "--tokens", "8"), "--no-fastlink only applies with --shm")
 
 
 def test_verify_refuses_16_bit_products(servers, tiny_dir):

@@ -191,6 +191,8 @@ def _client_options(args: argparse.Namespace) -> dict:
 
     if args.retries < 0 or args.timeout <= 0 or args.connect_timeout <= 0:
         raise ValueError("--timeout and --connect-timeout must be positive, --retries >= 0")
+    if not args.fastlink and not args.shm:
+        raise ValueError("--no-fastlink only applies with --shm (without it every header goes over ZeroMQ)")
     return {"timeout_s": args.timeout, "connect_timeout_s": args.connect_timeout, "retries": args.retries,
             "keys": ClientKeys.from_options(args.server_public_key, args.client_secret_key), "shm": args.shm,
             "fastlink": args.fastlink}

@@ -132,6 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise InputError("--tokens, --repeat and --batch must be positive")
     if args.decode < 0:
         raise InputError(f"--decode must be >= 0, got {args.decode}")
+    if not args.fastlink and not args.shm:
+        raise InputError("--no-fastlink only applies with --shm (without it every header goes over ZeroMQ)")
     if args.verify and args.dtype != "float32":
         raise InputError(f"--verify checks float32 products: it needs --dtype float32, not {args.dtype}")
     if args.verify and args.wire_dtype != "float32":
