@@ -10,8 +10,9 @@
 #   bash scripts/device-bench.sh            # results in $OUT, or ./gpu-bench: a dozen files
 # Per preset: every mode over tcp (JSON, plot, wire accuracy), then split vs whole on the
 # same-host fast path (ipc:// + shared memory), both with DECODE decode steps after each prompt;
-# then the fast path again with the fast link's client spinning SPIN µs before it blocks (a core
-# to spare per side: docs/latency.md; the first preset, the first prompt length; 0 skips it);
+# then the fast path again (the first preset, the first prompt length) with the serving loop's
+# spin off (TSQP_SERVE_SPIN_US=0, against its default), and with the fast link's client spinning
+# SPIN µs before it blocks (a core to spare per side: docs/latency.md; 0 skips it);
 # then the guarded modes on GUARDED; then the transport alone (`tsqp bench --rtt`, into tables.md).
 # TOKENS, REPEAT, PRESETS, MODES, DECODE (0 skips decode), SPIN, GUARDED (the preset for private/verify,
 # always 128 tokens x 3 runs; empty skips them), PLOT (0 skips the plots) and DEVICE override the
@@ -58,6 +59,10 @@ for preset in $PRESETS; do
     bench "gpu-fast-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --modes split,whole --ipc --shm \
         --decode "$DECODE"
 done
+# the serving loop's spin (on by default) against none, on the same host
+first=${PRESETS%% *}
+TSQP_SERVE_SPIN_US=0 bench "gpu-fast-nospin-$first" --preset "$first" --tokens "${TOKENS%%,*}" --repeat "$REPEAT" \
+    --modes split,whole --ipc --shm --decode "$DECODE"
 if [ "$SPIN" != 0 ]; then
     first=${PRESETS%% *}
     TSQP_FASTLINK_SPIN_US=$SPIN bench "gpu-spin-$first" --preset "$first" --tokens "${TOKENS%%,*}" --repeat "$REPEAT" \

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 import secrets
 import select
@@ -42,6 +43,7 @@ import msgpack
 
 from .errors import ProtocolError
 from .logs import log_event
+from .spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, spin, spin_budget
 
 TOKEN_BYTES = 32
 MAX_DATAGRAM = 96 << 10  # a request header is at most 64 KiB (server Limits); replies through the link are headers
@@ -52,7 +54,6 @@ MAX_BATCH = 64  # datagrams taken from one peer per wake: a busy peer cannot hol
 TOKEN_WAIT_S = 2.0  # a connection that has not shown a token by then is dropped
 ACCEPTED = b"\x01"  # the server's answer to a live token; to anything else it closes the link
 TICKET_QUERY = "fastlink"
-SPIN_ENV = "TSQP_FASTLINK_SPIN_US"
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 log = logging.getLogger("tsqp.server")
@@ -77,15 +78,6 @@ def read_ticket(answer: list, number: int) -> tuple[str, bytes] | None:
             and len(path.encode()) < 108 and isinstance(token, bytes) and len(token) == TOKEN_BYTES):
         return None
     return path, token
-
-
-def spin_seconds() -> float:
-    """How long the client polls before it blocks ($TSQP_FASTLINK_SPIN_US, default 0)."""
-    text = os.environ.get(SPIN_ENV, "0")
-    try:
-        return max(float(text), 0.0) * 1e-6
-    except ValueError:
-        raise ValueError(f"${SPIN_ENV} must be a number of microseconds, got {text!r}") from None
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -211,7 +203,7 @@ class FastLink:
 
     def __init__(self, path: str, token: bytes, connect_timeout_s: float):
         """Connect, show the token, and wait for the server to accept it (OSError if it does not)."""
-        self.spin_s = spin_seconds()
+        self.spin_s, self.sent_at, self.last_wait_s = spin_budget(CLIENT_SPIN_ENV, CLIENT_SPIN_US), 0.0, math.inf
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(connect_timeout_s)
         try:
@@ -235,24 +227,26 @@ class FastLink:
         if len(frames[0]) > MAX_DATAGRAM:
             raise ProtocolError(f"a request header of {len(frames[0])} bytes is over the fast link's "
                                 f"{MAX_DATAGRAM} (and the server's limit)")
+        self._send(_as_bytes(frames[0]))
+        self.sent_at = time.perf_counter()
+
+    def _send(self, data: bytes) -> None:
         try:
-            self.sock.send(_as_bytes(frames[0]))
+            self.sock.send(data)
         except OSError:
             self.lost = True  # the wait that follows reports it
 
     def query(self, frame: bytes) -> None:
-        self.send([frame])
+        self._send(frame)
 
     def poll(self, timeout_ms: float) -> tuple[bool, bool]:
-        """(something to receive, link events): the socket's end is an event too. Spins for
-        `SPIN_S` first: a small call's reply often comes sooner than a sleeping thread wakes."""
+        """(something to receive, link events): the socket's end is an event too. Spins first,
+        within the budget after the request left, while the last reply came within it (tsqp.spinning)."""
         if self.lost:
             return False, True
-        if self.spin_s:
-            spin_until = time.perf_counter() + self.spin_s
-            while time.perf_counter() < spin_until:
-                if self.poller.poll(0):
-                    return True, False
+        until = self.sent_at + self.spin_s
+        if self.last_wait_s <= self.spin_s and time.perf_counter() < until and spin(lambda: self.poller.poll(0), until):
+            return True, False
         return bool(self.poller.poll(timeout_ms)), False
 
     def receive(self) -> list[bytes] | None:
@@ -263,6 +257,7 @@ class FastLink:
         if not data:
             self.lost = True
             return None
+        self.last_wait_s = time.perf_counter() - self.sent_at  # a status answer's too: it also says the reply is not quick
         return [data]
 
     def read_events(self) -> None:

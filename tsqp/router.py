@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import os
 import threading
 import time
@@ -32,6 +33,7 @@ from . import protocol
 from .errors import ProtocolError
 from .fastlink import TICKET_QUERY, Listener, Peer, ticket_answer
 from .logs import log_event
+from .spinning import SERVER_SPIN_ENV, SERVER_SPIN_US, spin, spin_budget
 
 if TYPE_CHECKING:
     from .keys import AllowList, ServerKeys
@@ -139,7 +141,7 @@ class _Loop:
     long request runs, when the stand-in thread may take it to answer status queries."""
 
     def __init__(self, sock: zmq.Socket, handle: Handler, allow: "AllowList | None", max_unread_bytes: int,
-                 fast: Listener | None = None):
+                 fast: Listener | None = None, spin_s: float = 0.0):
         self.sock, self.handle, self.allow, self.max_unread, self.fast = sock, handle, allow, max_unread_bytes, fast
         self.pending: dict[Key, int] = {}  # requests queued or running, per connection
         self.unread: dict[Key, _Unread] = {}
@@ -154,6 +156,7 @@ class _Loop:
         for source in (sock, self._wake_read, *([fast.fileno()] if fast else [])):
             self.poller.register(source, zmq.POLLIN)
         self._swept = time.monotonic()
+        self.spin_s, self._gap_s = spin_s, math.inf
 
     def run(self, stop: threading.Event) -> None:
         self.owner.acquire()
@@ -163,7 +166,7 @@ class _Loop:
             while not stop.is_set():
                 if self.backlog:
                     self._serve(self.backlog.popleft())
-                elif ready := dict(self.poller.poll(100)):
+                elif ready := self._next():
                     self._dispatch(ready)
                 else:
                     self._sweep()
@@ -174,6 +177,17 @@ class _Loop:
             stand_in.join()
             os.close(self._wake_read)
             os.close(self._wake_write)
+
+    def _next(self) -> dict:
+        """What the sockets hold once something comes (empty after 100 ms of nothing). Spins
+        first while the last gap between requests was within the budget (tsqp.spinning)."""
+        started = time.perf_counter()
+        ready = {}
+        if self.spin_s and self._gap_s <= self.spin_s:
+            ready = dict(spin(lambda: self.poller.poll(0), started + self.spin_s))
+        ready = ready or dict(self.poller.poll(100))
+        self._gap_s = time.perf_counter() - started if ready else math.inf
+        return ready
 
     def _serve(self, job: _Job) -> None:
         current_peer.set(job.peer)
@@ -372,7 +386,8 @@ def _listener() -> Listener | None:
 def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_ready: Callable[[], None] | None = None,
                   context: zmq.Context | None = None, *, keys: "ServerKeys | None" = None,
                   max_message_bytes: int | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
-                  max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES, fast: bool = False) -> None:
+                  max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES, fast: bool = False,
+                  spin_s: float | None = None) -> None:
     """Answer requests on a ROUTER socket until `stop` is set; the request in progress is answered first.
 
     `handle(frames)` maps request frames to reply frames (one request at a time, on this
@@ -381,7 +396,10 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
     `max_message_bytes` makes ZeroMQ drop its sender. With `keys`, only CurveZMQ clients on the
     allow-list get in (a ZAP handler on a context of this server's own), and every request's
     key is checked again, so a key removed from the list stops working on open connections too.
-    `fast` also serves same-host shared-memory clients over a Unix socket (tsqp.fastlink)."""
+    `fast` also serves same-host shared-memory clients over a Unix socket (tsqp.fastlink).
+    `spin_s`: how long to poll for the next request before blocking, while requests come that
+    quickly (tsqp.spinning; default $TSQP_SERVE_SPIN_US, else SERVER_SPIN_US)."""
+    spin_s = spin_budget(SERVER_SPIN_ENV, SERVER_SPIN_US) if spin_s is None else spin_s
     own_context = context is None
     context = context or zmq.Context()
     allow = keys.allow_list() if keys is not None else None
@@ -403,7 +421,7 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
         listener = _listener() if fast else None
         if on_ready is not None:
             on_ready()
-        _Loop(sock, handle, allow, max_unread_bytes, listener).run(stop)
+        _Loop(sock, handle, allow, max_unread_bytes, listener, spin_s).run(stop)
     finally:
         if listener is not None:
             listener.close()

@@ -199,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     report = {
         "device": server_info["device"], "model": model_dir, "dtype": server_info["dtype"],
         "wire_dtype": args.wire_dtype, "batch": args.batch, "repeat": args.repeat,
-        "transport": ("ipc" if args.ipc else "tcp") + ("+shm" if args.shm else "") + ("+fastlink" if fast else ""),
+        "transport": endpoint.split("://", 1)[0] + ("+shm" if args.shm else "") + ("+fastlink" if fast else ""),
         "host": {"machine": platform.machine(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
         "results": [asdict(r) for r in results], "wire_accuracy": accuracy,
     }

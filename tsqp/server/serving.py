@@ -24,11 +24,13 @@ log = logging.getLogger("tsqp.server")
 
 
 class ServerThread:
-    """A server running in a background thread of this process: for the Python API and tests."""
+    """A server running in a background thread of this process: for the Python API and tests.
+    It does not spin between requests by default (`spin_s`): a spinning thread would hold the
+    GIL its own clients in this process need."""
 
     def __init__(self, server: GpuServer, endpoint: str, keys: "ServerKeys | None" = None,
-                 heartbeat_s: float = DEFAULT_HEARTBEAT_S):
-        self.server, self.endpoint, self.keys = server, endpoint, keys
+                 heartbeat_s: float = DEFAULT_HEARTBEAT_S, spin_s: float = 0.0):
+        self.server, self.endpoint, self.keys, self.spin_s = server, endpoint, keys, spin_s
         self._stop, ready = threading.Event(), threading.Event()
         self._errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, args=(ready, heartbeat_s), daemon=True, name="tsqp-server")
@@ -41,7 +43,7 @@ class ServerThread:
         try:
             serve_forever(self.endpoint, self.server.handle, self._stop, ready.set, keys=self.keys,
                           max_message_bytes=self.server.service.limits.max_message_bytes, heartbeat_s=heartbeat_s,
-                          fast=self.server.shared is not None)
+                          fast=self.server.shared is not None, spin_s=self.spin_s)
         except BaseException as err:  # surfaced to the constructor
             self._errors.append(err)
             ready.set()
@@ -93,10 +95,11 @@ class _LoadedOnBind:
 def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, stop: threading.Event | None = None,
         out: TextIO | None = None, *, keys: "ServerKeys | None" = None, insecure: bool = False,
         limits: Limits | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
-        wrap: Callable[[Handler], Handler] | None = None, shm: bool = False) -> None:
+        wrap: Callable[[Handler], Handler] | None = None, shm: bool = False, spin_s: float | None = None) -> None:
     """Bind, load the model, serve until `stop` is set (or forever), printing the seed's
     start-up lines to `out` (stdout). `wrap` decorates the handler (e.g. audit.audited) without
-    touching the validation inside it. Everything that can be refused without the model (the
+    touching the validation inside it. `spin_s`: the serving loop's spin budget (tsqp.spinning;
+    None: $TSQP_SERVE_SPIN_US or the default). Everything that can be refused without the model (the
     bind policy, the device, the dtype) is, first."""
     check_bind(endpoint, keys, insecure)
     device, defaulted = resolve_device(device)
@@ -124,7 +127,7 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
     serving = _LoadedOnBind(load)
     try:
         serve_forever(endpoint, serving, stop or threading.Event(), serving.bound, keys=keys,
-                      max_message_bytes=limits.max_message_bytes, heartbeat_s=heartbeat_s, fast=shm)
+                      max_message_bytes=limits.max_message_bytes, heartbeat_s=heartbeat_s, fast=shm, spin_s=spin_s)
     finally:
         if serving.server is not None:
             serving.server.release()

@@ -1,0 +1,41 @@
+"""Spin, then block: how both ends wait for a peer that answers within microseconds.
+
+A thread that blocks in poll() is woken by the kernel when its peer writes, and on this
+project's 2-vCPU host that wake-up, and the cold caches it runs with after, cost more than a
+small call's own work (docs/latency.md). Polling without blocking for a short budget first
+keeps the waiting thread on its core. The budget is spent only while the previous wait ended
+within it: a peer that takes longer (a big model's matmul, a long prefill's softmax) gets a
+plain blocking wait and its core to itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+SERVER_SPIN_ENV = "TSQP_SERVE_SPIN_US"  # the serving loop, between requests
+CLIENT_SPIN_ENV = "TSQP_FASTLINK_SPIN_US"  # a fast-link client, for its reply
+SERVER_SPIN_US = 2000.0
+CLIENT_SPIN_US = 0.0
+
+
+def spin_budget(env: str, default_us: float) -> float:
+    """The spin budget in seconds: $env in microseconds (0 turns spinning off), else the default."""
+    text = os.environ.get(env)
+    if text is None:
+        return default_us * 1e-6
+    try:
+        return max(float(text), 0.0) * 1e-6
+    except ValueError:
+        raise ValueError(f"${env} must be a number of microseconds, got {text!r}") from None
+
+
+def spin(poll: Callable[[], T], until: float) -> T:
+    """poll() until it returns something true or time.perf_counter() reaches `until`."""
+    while True:
+        ready = poll()
+        if ready or time.perf_counter() >= until:
+            return ready
