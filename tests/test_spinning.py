@@ -3,14 +3,18 @@ between quick requests but never burns a core while its clients are quiet."""
 
 from __future__ import annotations
 
+import math
+import select
+import socket
 import threading
 import time
 
 import pytest
 
-from tsqp import protocol
+from tsqp import cli, protocol
+from tsqp.fastlink import FastLink
 from tsqp.router import serve_forever
-from tsqp.spinning import SERVER_SPIN_ENV, spin, spin_budget
+from tsqp.spinning import MAX_SPIN_US, SERVER_SPIN_ENV, spin, spin_budget
 from tsqp.transport import Client
 
 
@@ -21,9 +25,24 @@ def test_the_budget_comes_from_the_environment_in_microseconds(monkeypatch):
     assert spin_budget(SERVER_SPIN_ENV, 1500) == pytest.approx(2.5e-4)
     monkeypatch.setenv(SERVER_SPIN_ENV, "0")
     assert spin_budget(SERVER_SPIN_ENV, 1500) == 0
-    monkeypatch.setenv(SERVER_SPIN_ENV, "soon")
-    with pytest.raises(ValueError, match=SERVER_SPIN_ENV):
-        spin_budget(SERVER_SPIN_ENV, 1500)
+    for bad in ("soon", "-5", "inf", "nan", str(2 * MAX_SPIN_US)):
+        monkeypatch.setenv(SERVER_SPIN_ENV, bad)
+        with pytest.raises(ValueError, match=SERVER_SPIN_ENV):
+            spin_budget(SERVER_SPIN_ENV, 1500)
+
+
+@pytest.mark.parametrize("flag, variable", [(["--spin-us", "-1"], None), (["--spin-us", "inf"], None),
+                                            ([], "soon"), ([], "-5")])
+def test_serve_refuses_a_spin_that_is_no_budget_in_one_line_naming_its_source(flag, variable, monkeypatch,
+                                                                                capsys, tmp_path):
+    if variable is None:
+        monkeypatch.delenv(SERVER_SPIN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(SERVER_SPIN_ENV, variable)
+    assert cli.main(["serve", "--model", str(tmp_path), *flag]) == 1  # refused before the model is looked at
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert ("--spin-us" if variable is None else f"${SERVER_SPIN_ENV}") in err[0], err
 
 
 def test_spin_returns_what_the_poll_found_or_nothing_at_the_deadline():
@@ -63,3 +82,40 @@ def test_the_serving_loop_spins_after_quick_requests_and_then_blocks(tmp_path, m
     assert spun > 0.03, spun
     assert quiet < 0.6, quiet
     assert off < 0.02, off
+
+
+def quiet_link(spin_us: float, last_wait_s: float) -> tuple[FastLink, socket.socket]:
+    """A client's end of a fast link whose server never answers, as FastLink.__init__ leaves it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link = FastLink.__new__(FastLink)
+    link.sock, link.lost, link.queries = ours, False, 0
+    link.spin_s, link.sent_at, link.last_wait_s = spin_us * 1e-6, 0.0, last_wait_s
+    link.poller = select.poll()
+    link.poller.register(ours.fileno(), select.POLLIN)
+    return link, theirs
+
+
+@pytest.mark.parametrize("last_wait_s, timeout_ms, spins", [(1e-4, 1000, True), (1.0, 1000, False),
+                                                             (math.inf, 1000, False), (1e-4, 30, True)])
+def test_the_client_spins_for_its_reply_only_after_a_quick_one_and_never_past_the_wait(last_wait_s, timeout_ms,
+                                                                                     spins):
+    """A 150 ms budget: spent in full after a quick reply, not at all after a slow one (or
+    none yet), and never beyond the caller's own timeout (30 ms)."""
+    link, theirs = quiet_link(150_000, last_wait_s)
+    try:
+        link.send([b"request"])
+        cpu, wall = time.thread_time(), time.perf_counter()
+        assert link.poll(timeout_ms if timeout_ms < 1000 else 200) == (False, False)
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        assert theirs.recv(64) == b"request"
+        query_sent_at = link.sent_at
+        link.query(b"status")
+        assert link.sent_at == query_sent_at  # a status query is not the request the reply answers
+    finally:
+        link.close()
+        theirs.close()
+    if spins:
+        assert cpu > 0.5 * min(wall, 0.15), (cpu, wall)
+        assert wall < (0.4 if timeout_ms == 1000 else 0.1), wall  # the spin is part of the wait, not added to it
+    else:
+        assert cpu < 0.05, cpu

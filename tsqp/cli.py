@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from . import __version__
 from .environment import blame, check_choices, env, values_from_environment
 from .report import print_generation, print_report
-from .spinning import SERVER_SPIN_ENV, SERVER_SPIN_US
+from .spinning import SERVER_SPIN_ENV, SERVER_SPIN_US, check_spin_us, spin_budget
 from .tee_commands import DEFAULT_TOKENS
 
 # The TEE side and a CPU server often share cores, and take turns: OpenMP workers that spin while
@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shm", action="store_true",
                    help="also take tensors through shared memory, and headers over a Unix socket, from clients on "
                         "this host that ask (--shm); only for trusted local clients (see tsqp/shm.py, tsqp/fastlink.py)")
-    p.add_argument("--spin-us", type=float, default=env(SERVER_SPIN_ENV, f"{SERVER_SPIN_US:g}"), metavar="US",
-                   help="poll this long for the next request before blocking, while requests come that quickly "
-                        f"(a decode's do); 0: always block [${SERVER_SPIN_ENV}; default {SERVER_SPIN_US:g}]")
+    p.add_argument("--spin-us", type=float, metavar="US",
+                   help="poll this long for the next request before blocking, while requests come that quickly, "
+                        f"as a decode's calls do; 0: always block [${SERVER_SPIN_ENV}; default {SERVER_SPIN_US:g}]")
     p.add_argument("--audit", type=Path, metavar="DIR",
                    help="record every request as received (DIR/requests.jsonl + .npy tensors): what the host sees")
     p.add_argument("--tamper", choices=("element", "row", "scale"),
@@ -136,8 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for flag in ("max_message_mb", "max_reply_mb", "session_memory_mb", "session_idle_s"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
-    if args.spin_us < 0:
-        raise ValueError(f"--spin-us must be 0 (off) or more, got {args.spin_us:g}")
+    spin_s = (check_spin_us(args.spin_us, "--spin-us") if args.spin_us is not None
+              else spin_budget(SERVER_SPIN_ENV, SERVER_SPIN_US))
     if args.shm and (args.audit or args.tamper):
         raise ValueError("--audit and --tamper work on the socket's frames: use them without --shm")
     if args.parent_pid is not None and args.parent_pid != os.getppid():
@@ -154,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.parent_pid is not None:
         _stop_when_orphaned(stop, args.parent_pid)
     server.run(args.model, args.device, args.dtype, endpoint, stop, keys=keys, insecure=args.insecure, limits=limits,
-               wrap=_server_wrapper(args), shm=args.shm, spin_s=args.spin_us * 1e-6)
+               wrap=_server_wrapper(args), shm=args.shm, spin_s=spin_s)
     print("server stopped", flush=True)
 
 

@@ -244,9 +244,13 @@ class FastLink:
         within the budget after the request left, while the last reply came within it (tsqp.spinning)."""
         if self.lost:
             return False, True
-        until = self.sent_at + self.spin_s
-        if self.last_wait_s <= self.spin_s and time.perf_counter() < until and spin(lambda: self.poller.poll(0), until):
-            return True, False
+        now = time.perf_counter()
+        deadline = now + timeout_ms * 1e-3
+        until = min(self.sent_at + self.spin_s, deadline)
+        if self.last_wait_s <= self.spin_s and now < until:
+            if spin(lambda: self.poller.poll(0), until):
+                return True, False
+            timeout_ms = max(deadline - time.perf_counter(), 0.0) * 1e3
         return bool(self.poller.poll(timeout_ms)), False
 
     def receive(self) -> list[bytes] | None:

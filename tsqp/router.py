@@ -168,6 +168,8 @@ class _Loop:
                     self._serve(self.backlog.popleft())
                 elif ready := self._next():
                     self._dispatch(ready)
+                    if not self.backlog:  # a status query, a new link: no sign that a request follows soon
+                        self._gap_s = math.inf
                 else:
                     self._sweep()
         finally:  # the request in progress was answered; queued ones are dropped (their clients resend)
@@ -179,8 +181,8 @@ class _Loop:
             os.close(self._wake_write)
 
     def _next(self) -> dict:
-        """What the sockets hold once something comes (empty after 100 ms of nothing). Spins
-        first while the last gap between requests was within the budget (tsqp.spinning)."""
+        """What the sockets hold once something comes (empty after the spin and 100 ms of nothing).
+        Spins first while the last gap before a request was within the budget (tsqp.spinning)."""
         started = time.perf_counter()
         ready = {}
         if self.spin_s and self._gap_s <= self.spin_s:

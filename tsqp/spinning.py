@@ -10,9 +10,11 @@ plain blocking wait and its core to itself.
 
 from __future__ import annotations
 
-import os
+import math
 import time
 from typing import Callable, TypeVar
+
+from .environment import env
 
 T = TypeVar("T")
 
@@ -20,17 +22,26 @@ SERVER_SPIN_ENV = "TSQP_SERVE_SPIN_US"  # the serving loop, between requests
 CLIENT_SPIN_ENV = "TSQP_FASTLINK_SPIN_US"  # a fast-link client, for its reply
 SERVER_SPIN_US = 2000.0
 CLIENT_SPIN_US = 0.0
+MAX_SPIN_US = 1e6  # a spin does not look at `stop` or deadlines: it must end soon
 
 
-def spin_budget(env: str, default_us: float) -> float:
-    """The spin budget in seconds: $env in microseconds (0 turns spinning off), else the default."""
-    text = os.environ.get(env)
+def check_spin_us(value: float, name: str) -> float:
+    """`value` µs as seconds, if it is a budget: finite, 0 (off) to MAX_SPIN_US."""
+    if not (math.isfinite(value) and 0 <= value <= MAX_SPIN_US):
+        raise ValueError(f"{name} must be 0 (off) to {MAX_SPIN_US:g} microseconds, got {value:g}")
+    return value * 1e-6
+
+
+def spin_budget(name: str, default_us: float) -> float:
+    """The spin budget in seconds from the environment variable `name` (µs), else the default."""
+    text = env(name)
     if text is None:
         return default_us * 1e-6
     try:
-        return max(float(text), 0.0) * 1e-6
+        value = float(text)
     except ValueError:
-        raise ValueError(f"${env} must be a number of microseconds, got {text!r}") from None
+        raise ValueError(f"${name} must be a number of microseconds, got {text!r}") from None
+    return check_spin_us(value, f"${name}")
 
 
 def spin(poll: Callable[[], T], until: float) -> T:
