@@ -166,11 +166,7 @@ class _Loop:
             while not stop.is_set():
                 if self.backlog:
                     self._serve(self.backlog.popleft())
-                elif ready := self._next():
-                    self._dispatch(ready)
-                    if not self.backlog:  # a status query, a new link: no sign that a request follows soon
-                        self._gap_s = math.inf
-                else:
+                elif not self._take_next():
                     self._sweep()
         finally:  # the request in progress was answered; queued ones are dropped (their clients resend)
             self._closing.set()
@@ -180,16 +176,20 @@ class _Loop:
             os.close(self._wake_read)
             os.close(self._wake_write)
 
-    def _next(self) -> dict:
-        """What the sockets hold once something comes (empty after the spin and 100 ms of nothing).
-        Spins first while the last gap before a request was within the budget (tsqp.spinning)."""
+    def _take_next(self) -> bool:
+        """Wait for what comes next and take it in; False after the spin and 100 ms of nothing.
+        Spins first while the last gap before a request was within the budget (tsqp.spinning);
+        anything else that ends a wait (a status query, a new link, silence) is no sign that a
+        request follows soon."""
         started = time.perf_counter()
         ready = {}
         if self.spin_s and self._gap_s <= self.spin_s:
             ready = dict(spin(lambda: self.poller.poll(0), started + self.spin_s))
         ready = ready or dict(self.poller.poll(100))
-        self._gap_s = time.perf_counter() - started if ready else math.inf
-        return ready
+        if ready:
+            self._dispatch(ready)
+        self._gap_s = time.perf_counter() - started if self.backlog else math.inf
+        return bool(ready)
 
     def _serve(self, job: _Job) -> None:
         current_peer.set(job.peer)

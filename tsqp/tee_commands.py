@@ -100,9 +100,7 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shm", action="store_true",
                    help="move tensors through shared memory and headers over the server's fast link instead of "
                         "the socket (same host; the server needs --shm)")
-    p.add_argument("--no-fastlink", dest="fastlink", action="store_false",
-                   help="with --shm: send the headers over ZeroMQ, not the server's fast link (to compare, or "
-                        "where its Unix socket cannot be reached)")
+    add_fastlink_option(p)
     p.add_argument("--server-public-key", metavar="FILE", default=env("TSQP_SERVER_PUBLIC_KEY"),
                    help="CurveZMQ: the server's public key file (pinned) [$TSQP_SERVER_PUBLIC_KEY]")
     p.add_argument("--client-secret-key", metavar="FILE", default=env("TSQP_CLIENT_SECRET_KEY"),
@@ -185,14 +183,26 @@ def _input_ids(args: argparse.Namespace, vocab_size: int, out: TextIO) -> "torch
 # -- connecting -----------------------------------------------------------------------------------
 
 
+def add_fastlink_option(p: argparse.ArgumentParser) -> None:
+    """--no-fastlink, for the TEE commands and the benchmark alike (checked by check_fastlink_option)."""
+    p.add_argument("--no-fastlink", dest="fastlink", action="store_false",
+                   help="with --shm: send the headers over ZeroMQ, not the server's fast link (to compare, or "
+                        "where its Unix socket cannot be reached)")
+
+
+def check_fastlink_option(args: argparse.Namespace) -> None:
+    """--no-fastlink without --shm would change nothing: refused, so nobody thinks it measured something."""
+    if not args.fastlink and not args.shm:
+        raise ValueError("--no-fastlink only applies with --shm (without it every header goes over ZeroMQ)")
+
+
 def _client_options(args: argparse.Namespace) -> dict:
     """api.connect keywords from the runner options: timeouts, retries, CurveZMQ keys, shm, fast link."""
     from .keys import ClientKeys
 
     if args.retries < 0 or args.timeout <= 0 or args.connect_timeout <= 0:
         raise ValueError("--timeout and --connect-timeout must be positive, --retries >= 0")
-    if not args.fastlink and not args.shm:
-        raise ValueError("--no-fastlink only applies with --shm (without it every header goes over ZeroMQ)")
+    check_fastlink_option(args)
     return {"timeout_s": args.timeout, "connect_timeout_s": args.connect_timeout, "retries": args.retries,
             "keys": ClientKeys.from_options(args.server_public_key, args.client_secret_key), "shm": args.shm,
             "fastlink": args.fastlink}

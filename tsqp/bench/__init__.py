@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from ..tee_commands import add_fastlink_option, check_fastlink_option
 from .plot import check_can_plot, plot
 from .results import BREAKDOWN_KEYS, ModeResult, Run, add_overheads
 from .runners import (guarded_modes, measure, split_decode, split_prefill, tee_only, whole_decode,
@@ -57,8 +58,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--shm", action="store_true",
                    help="move the split modes' tensors through shared memory and their headers over the server's "
                         "fast link (same host; tsqp/shm.py, tsqp/fastlink.py)")
-    p.add_argument("--no-fastlink", dest="fastlink", action="store_false",
-                   help="with --shm: send the headers over ZeroMQ, not the fast link")
+    add_fastlink_option(p)
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="server weights dtype (default float32)")
     p.add_argument("--tokens", default="128", help="comma-separated prompt lengths (default 128)")
@@ -132,8 +132,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise InputError("--tokens, --repeat and --batch must be positive")
     if args.decode < 0:
         raise InputError(f"--decode must be >= 0, got {args.decode}")
-    if not args.fastlink and not args.shm:
-        raise InputError("--no-fastlink only applies with --shm (without it every header goes over ZeroMQ)")
+    check_fastlink_option(args)
     if args.verify and args.dtype != "float32":
         raise InputError(f"--verify checks float32 products: it needs --dtype float32, not {args.dtype}")
     if args.verify and args.wire_dtype != "float32":
