@@ -11,10 +11,10 @@
 # Per preset: every mode over tcp (JSON, plot, wire accuracy), then split vs whole on the
 # same-host fast path (ipc:// + shared memory), both with DECODE decode steps after each prompt;
 # then the fast path again (the first preset, the first prompt length) with the serving loop's
-# spin off (TSQP_SERVE_SPIN_US=0, against its default), and with the fast link's client spinning
-# SPIN µs before it blocks (a core to spare per side: docs/latency.md; 0 skips it);
+# spin off (TSQP_SERVE_SPIN_US=0), and with the fast link client's off (TSQP_FASTLINK_SPIN_US=0),
+# each against its default (docs/latency.md, "Spinning");
 # then the guarded modes on GUARDED; then the transport alone (`tsqp bench --rtt`, into tables.md).
-# TOKENS, REPEAT, PRESETS, MODES, DECODE (0 skips decode), SPIN, GUARDED (the preset for private/verify,
+# TOKENS, REPEAT, PRESETS, MODES, DECODE (0 skips decode), GUARDED (the preset for private/verify,
 # always 128 tokens x 3 runs; empty skips them), PLOT (0 skips the plots) and DEVICE override the
 # defaults below;
 # `DEVICE=cpu PRESETS=tiny GUARDED=tiny TOKENS=16 REPEAT=1` smoke-tests the script on a CPU.
@@ -27,7 +27,6 @@ PRESETS=${PRESETS:-"tinyllama-1.1b llama-3.2-1b"}
 MODES=${MODES:-split,split-seed,whole,tee-only}
 GUARDED=${GUARDED-llama-3.2-1b}
 DECODE=${DECODE:-32}
-SPIN=${SPIN:-50}
 PLOT=${PLOT:-1}
 DEVICE=${DEVICE:-cuda:0}
 mkdir -p "$OUT"
@@ -59,15 +58,12 @@ for preset in $PRESETS; do
     bench "gpu-fast-$preset" --preset "$preset" --tokens "$TOKENS" --repeat "$REPEAT" --modes split,whole --ipc --shm \
         --decode "$DECODE"
 done
-# the serving loop's spin (on by default) against none, on the same host
+# each side's spin (on by default) against none, on the same host
 first=${PRESETS%% *}
 TSQP_SERVE_SPIN_US=0 bench "gpu-fast-nospin-$first" --preset "$first" --tokens "${TOKENS%%,*}" --repeat "$REPEAT" \
     --modes split,whole --ipc --shm --decode "$DECODE"
-if [ "$SPIN" != 0 ]; then
-    first=${PRESETS%% *}
-    TSQP_FASTLINK_SPIN_US=$SPIN bench "gpu-spin-$first" --preset "$first" --tokens "${TOKENS%%,*}" --repeat "$REPEAT" \
-        --modes split,whole --ipc --shm --decode "$DECODE"
-fi
+TSQP_FASTLINK_SPIN_US=0 bench "gpu-fast-noclientspin-$first" --preset "$first" --tokens "${TOKENS%%,*}" \
+    --repeat "$REPEAT" --modes split,whole --ipc --shm --decode "$DECODE"
 if [ -n "$GUARDED" ]; then
     bench "gpu-guarded-$GUARDED" --preset "$GUARDED" --tokens 128 --repeat 3 --modes split,whole \
         --protection private --verify --ipc --shm --decode "$DECODE"

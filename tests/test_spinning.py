@@ -10,11 +10,12 @@ import threading
 import time
 
 import pytest
+import torch
 
-from tsqp import cli, protocol
+from tsqp import api, cli, protocol, spinning
 from tsqp.fastlink import FastLink
 from tsqp.router import serve_forever
-from tsqp.spinning import MAX_SPIN_US, SERVER_SPIN_ENV, spin, spin_budget
+from tsqp.spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, MAX_SPIN_US, SERVER_SPIN_ENV, spin, spin_budget
 from tsqp.transport import Client
 
 
@@ -51,6 +52,32 @@ def test_spin_returns_what_the_poll_found_or_nothing_at_the_deadline():
     start = time.perf_counter()
     assert spin(list, start + 0.02) == []
     assert 0.02 <= time.perf_counter() - start < 1
+
+
+def test_a_spin_yields_its_core_between_polls(monkeypatch):
+    """Another thread that wants the spinner's core (an OpenMP worker of a matmul) gets it at
+    the next poll, not at the end of the spinner's time slice."""
+    yields = []
+    monkeypatch.setattr(spinning.os, "sched_yield", lambda: yields.append(1))
+    polls = iter([[], [], [], ["ready"]])
+    assert spin(lambda: next(polls), time.perf_counter() + 10) == ["ready"]
+    assert len(yields) == 3
+
+
+def test_a_client_spins_for_a_server_in_another_process_not_for_one_in_its_own(tiny_dir, tmp_path, monkeypatch):
+    """A server thread in the client's own process would wait for the interpreter lock that the
+    client's spin holds, so that link never spins; a server process gets the default budget."""
+    monkeypatch.delenv(CLIENT_SPIN_ENV, raising=False)
+    x = torch.randn(1, 1, 64)
+    with api.start_server(tiny_dir, device="cpu", shm=True) as here, Client(here.endpoint, shm=True) as client:
+        client.call("Linear", [x], layer_idx=0, module_name="q_proj")
+        assert client.via == "fastlink" and client._link.spin_s == 0
+    endpoint = f"ipc://{tmp_path}/server.sock"
+    with api.spawn_server(tiny_dir, device="cpu", endpoint=endpoint, shm=True), \
+            Client(endpoint, shm=True, timeout_s=30) as client:
+        client.call("Linear", [x], layer_idx=0, module_name="q_proj")
+        assert CLIENT_SPIN_US > 0 and client.via == "fastlink"
+        assert client._link.spin_s == pytest.approx(CLIENT_SPIN_US * 1e-6)
 
 
 def serving_cpu_s(endpoint: str, pause_s: float, monkeypatch, budget_us: float) -> float:

@@ -80,8 +80,10 @@ def read_ticket(answer: list, number: int) -> tuple[str, bytes] | None:
     return path, token
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[1]
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end."""
+    pid, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    return pid, uid
 
 
 def _as_bytes(frame: Any) -> bytes:
@@ -147,7 +149,7 @@ class Listener:
             conn, _ = self.sock.accept()
         except OSError:
             return None, stale
-        if _peer_uid(conn) != os.geteuid() or len(self.peers) >= MAX_PEERS:
+        if _peer(conn)[1] != os.geteuid() or len(self.peers) >= MAX_PEERS:
             conn.close()
             return None, stale
         conn.setblocking(False)
@@ -208,7 +210,8 @@ class FastLink:
         self.sock.settimeout(connect_timeout_s)
         try:
             self.sock.connect(path)
-            if _peer_uid(self.sock) != os.geteuid():
+            server_pid, server_uid = _peer(self.sock)
+            if server_uid != os.geteuid():
                 raise OSError(f"{path} is served by another user")
             self.sock.send(token)
             if self.sock.recv(16) != ACCEPTED:
@@ -216,6 +219,8 @@ class FastLink:
         except OSError:
             self.sock.close()
             raise
+        if server_pid == os.getpid():
+            self.spin_s = 0.0  # a server thread of this process would wait for the interpreter lock the spin holds
         self.sock.setblocking(True)
         self.poller = select.poll()
         self.poller.register(self.sock.fileno(), select.POLLIN)

@@ -5,12 +5,15 @@ project's 2-vCPU host that wake-up, and the cold caches it runs with after, cost
 small call's own work (docs/latency.md). Polling without blocking for a short budget first
 keeps the waiting thread on its core. The budget is spent only while the previous wait ended
 within it: a peer that takes longer (a big model's matmul, a long prefill's softmax) gets a
-plain blocking wait and its core to itself.
+plain blocking wait and its core to itself. Between two polls the spinning thread yields, so a
+thread that becomes runnable on its core (an OpenMP worker of either side's matmul) runs at
+once instead of at the end of the spinner's time slice.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable, TypeVar
 
@@ -21,7 +24,7 @@ T = TypeVar("T")
 SERVER_SPIN_ENV = "TSQP_SERVE_SPIN_US"  # the serving loop, between requests
 CLIENT_SPIN_ENV = "TSQP_FASTLINK_SPIN_US"  # a fast-link client, for its reply
 SERVER_SPIN_US = 2000.0
-CLIENT_SPIN_US = 0.0
+CLIENT_SPIN_US = 2000.0
 MAX_SPIN_US = 1e6  # a spin does not look at `stop` or deadlines: it must end soon
 
 
@@ -45,8 +48,10 @@ def spin_budget(name: str, default_us: float) -> float:
 
 
 def spin(poll: Callable[[], T], until: float) -> T:
-    """poll() until it returns something true or time.perf_counter() reaches `until`."""
+    """poll() until it returns something true or time.perf_counter() reaches `until`, yielding
+    the core between polls to any other thread that wants it."""
     while True:
         ready = poll()
         if ready or time.perf_counter() >= until:
             return ready
+        os.sched_yield()
