@@ -5,7 +5,7 @@ checking inputs finite, and a bare torch op. Medians of many calls, each run rep
 machine is shared).
 
     python scripts/hotpath_profile.py [--device cpu|cuda] [--preset tiny] [--calls 2000] [--repeats 5]
-                                      [--sweep-mb 256]
+                                      [--sweep-mb 256 [--rehearse]]
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from tsqp.tee.runner import TeeRunner  # noqa: E402
 from tsqp.transport import WireStats  # noqa: E402
 
 
-def per_call_us(fn: Callable[[], Any], calls: int, repeats: int, sweep: torch.Tensor | None = None) -> float:
+def per_call_us(fn: Callable[[], Any], calls: int, repeats: int, sweep: torch.Tensor | None = None,
+                before: Callable[[], Any] | None = None) -> float:
     """The median over `repeats` runs of each run's median call, in µs (after a warm-up). With
     `sweep`, that buffer is written (untimed) before each call: the caches then hold what they
-    hold after a big model's matmul, and the call runs cold, as it does in a real decode."""
+    hold after a big model's matmul, and the call runs cold, as it does in a real decode.
+    `before` runs (untimed) after the sweep, right before each call."""
     for _ in range(min(calls, 50)):
         fn()
     runs = []
@@ -43,6 +45,8 @@ def per_call_us(fn: Callable[[], Any], calls: int, repeats: int, sweep: torch.Te
         for _ in range(calls):
             if sweep is not None:
                 sweep.add_(1.0)
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -161,13 +165,17 @@ def main() -> None:
     parser.add_argument("--sweep-mb", type=int, default=0,
                         help="write this many MB before each call, as a big model's weights go through the "
                              "caches between two calls (0: hot caches)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="run the server's rehearsal (GpuServer.rehearse) before each of its calls, after the "
+                             "sweep, as the serving loop does after a long call")
     opts = parser.parse_args()
     sweep = torch.empty(opts.sweep_mb << 18) if opts.sweep_mb else None  # float32: 2^18 per MB
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(opts.preset, Path(tmp) / "model", seed=0)
         server = GpuServer(model_dir, device=opts.device)
-        rows = {**server_rows(server), **client_rows(server.config.hidden_size),
+        served = server_rows(server)
+        rows = {**served, **client_rows(server.config.hidden_size),
                 "TEE lean decode step (in-process)": decode_step(model_dir, server),
                 **finite_rows(server.device, server.config.hidden_size), **op_rows(server.config.hidden_size)}
         caches = f", {opts.sweep_mb} MB written before each call" if sweep is not None else ""
@@ -176,7 +184,8 @@ def main() -> None:
             calls = max(opts.calls // 20, 20) if name.startswith("TEE") else opts.calls
             if sweep is not None:
                 calls = max(calls // 10, 20)  # each sweep takes longer than the call
-            print(f"{name:38s} {per_call_us(fn, calls, opts.repeats, sweep):10.1f} µs")
+            before = server.rehearse if opts.rehearse and name in served else None
+            print(f"{name:38s} {per_call_us(fn, calls, opts.repeats, sweep, before):10.1f} µs")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Spin-then-block waiting (tsqp.spinning): the budget's setting, and a serving loop that spins
-between quick requests but never burns a core while its clients are quiet."""
+between quick requests but never burns a core while its clients are quiet; and the rehearsal
+that the loop runs after a long request."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 
 from tsqp import api, cli, protocol, spinning
 from tsqp.fastlink import FastLink
-from tsqp.router import serve_forever
+from tsqp.router import REHEARSE_AFTER_S, serve_forever
+from tsqp.server import GpuServer
 from tsqp.spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, MAX_SPIN_US, SERVER_SPIN_ENV, spin, spin_budget
 from tsqp.transport import Client
 
@@ -146,3 +148,40 @@ def test_the_client_spins_for_its_reply_only_after_a_quick_one_and_never_past_th
         assert wall < (0.4 if timeout_ms == 1000 else 0.1), wall  # the spin is part of the wait, not added to it
     else:
         assert cpu < 0.05, cpu
+
+
+def test_the_serving_loop_rehearses_after_a_long_request_only(tmp_path):
+    """A request that ran REHEARSE_AFTER_S or longer (a big model's matmul) is followed by one
+    rehearsal; quick ones (a decode's small calls) by none."""
+    rehearsals = []
+
+    def handle(frames):
+        if protocol.decode_header(frames[0])["method"] == "Slow":
+            time.sleep(5 * REHEARSE_AFTER_S)
+        return protocol.encode({"ok": True})
+
+    stop = threading.Event()
+    thread = threading.Thread(target=serve_forever, args=(f"ipc://{tmp_path}/s.sock", handle, stop),
+                              kwargs={"fast": True, "rehearse": lambda: rehearsals.append(1)}, daemon=True)
+    thread.start()
+    try:
+        with Client(f"ipc://{tmp_path}/s.sock", shm=True, timeout_s=10) as client:
+            for _ in range(5):
+                client.call("Quick")
+            quick = len(rehearsals)
+            client.call("Slow")
+            client.call("Quick")  # answered after the rehearsal, which follows the reply
+    finally:
+        stop.set()
+        thread.join(5)
+    assert quick == 0 and len(rehearsals) == 1, (quick, rehearsals)
+
+
+def test_a_rehearsal_runs_a_small_call_uncounted(tiny_dir, monkeypatch):
+    server = GpuServer(tiny_dir)
+    echoed = []
+    echo = server.handlers["Echo"]
+    monkeypatch.setitem(server.handlers, "Echo", lambda args, tensors: echoed.append(1) or echo(args, tensors))
+    requests = server.service.requests
+    server.rehearse()
+    assert echoed == [1] and server.service.requests == requests and not server.service.errors

@@ -48,6 +48,7 @@ UNREAD_GRACE_S = 0.1  # pyzmq marks a frame released from its own thread, a mome
 STAND_IN_AFTER_S = 0.2  # a request running this long gets the stand-in answering status queries
 STAND_IN_POLL_S = 0.05  # how often the stand-in looks while requests run; an idle server wakes it never
 STAND_IN_IDLE_S = 1.0  # no request for this long: the stand-in sleeps until the next one
+REHEARSE_AFTER_S = 1e-3  # a CPU call this long has streamed megabytes of weights through the caches
 
 # Status frames are short msgpack arrays; every TSQP header is a map, so the two never mix. A query
 # is ["status", n] and its answer [state, n]: "pending" (the connection's request is queued or
@@ -141,7 +142,7 @@ class _Loop:
     long request runs, when the stand-in thread may take it to answer status queries."""
 
     def __init__(self, sock: zmq.Socket, handle: Handler, allow: "AllowList | None", max_unread_bytes: int,
-                 fast: Listener | None = None, spin_s: float = 0.0):
+                 fast: Listener | None = None, spin_s: float = 0.0, rehearse: Callable[[], None] | None = None):
         self.sock, self.handle, self.allow, self.max_unread, self.fast = sock, handle, allow, max_unread_bytes, fast
         self.pending: dict[Key, int] = {}  # requests queued or running, per connection
         self.unread: dict[Key, _Unread] = {}
@@ -157,6 +158,7 @@ class _Loop:
             self.poller.register(source, zmq.POLLIN)
         self._swept = time.monotonic()
         self.spin_s, self._gap_s = spin_s, math.inf
+        self.rehearse = rehearse
 
     def run(self, stop: threading.Event) -> None:
         self.owner.acquire()
@@ -198,6 +200,7 @@ class _Loop:
         if not self._busy.is_set():  # once per busy spell, not per request
             self._busy.set()
         self.owner.release()
+        started = time.perf_counter()
         try:
             reply = self.handle(job.body)
         except Exception as err:  # handlers must not raise; if one does, the client still gets an answer
@@ -209,6 +212,9 @@ class _Loop:
                 os.write(self._wake_write, b"\0")  # the stand-in has the socket: hand it back now
                 self.owner.acquire()
         self._send_reply(job, reply)
+        if self.rehearse is not None and time.perf_counter() - started >= REHEARSE_AFTER_S and not self.backlog \
+                and not self.poller.poll(0):
+            self.rehearse()  # while the client computes, before its next request: nothing is waiting
 
     def _stand_in(self) -> None:
         """Hold the socket while a request runs long: answer status queries, queue requests."""
@@ -389,7 +395,7 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
                   context: zmq.Context | None = None, *, keys: "ServerKeys | None" = None,
                   max_message_bytes: int | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
                   max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES, fast: bool = False,
-                  spin_s: float | None = None) -> None:
+                  spin_s: float | None = None, rehearse: Callable[[], None] | None = None) -> None:
     """Answer requests on a ROUTER socket until `stop` is set; the request in progress is answered first.
 
     `handle(frames)` maps request frames to reply frames (one request at a time, on this
@@ -400,7 +406,9 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
     key is checked again, so a key removed from the list stops working on open connections too.
     `fast` also serves same-host shared-memory clients over a Unix socket (tsqp.fastlink).
     `spin_s`: how long to poll for the next request before blocking, while requests come that
-    quickly (tsqp.spinning; default $TSQP_SERVE_SPIN_US, else SERVER_SPIN_US)."""
+    quickly (tsqp.spinning; default $TSQP_SERVE_SPIN_US, else SERVER_SPIN_US). `rehearse()`, if
+    given, runs after a request that took REHEARSE_AFTER_S or longer, when nothing else waits: a
+    small call's path run again, so that it is back in the caches for the next (GpuServer.rehearse)."""
     spin_s = spin_budget(SERVER_SPIN_ENV, SERVER_SPIN_US) if spin_s is None else spin_s
     own_context = context is None
     context = context or zmq.Context()
@@ -423,7 +431,7 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
         listener = _listener() if fast else None
         if on_ready is not None:
             on_ready()
-        _Loop(sock, handle, allow, max_unread_bytes, listener, spin_s).run(stop)
+        _Loop(sock, handle, allow, max_unread_bytes, listener, spin_s, rehearse).run(stop)
     finally:
         if listener is not None:
             listener.close()

@@ -91,6 +91,10 @@ class _LoadedOnBind:
         assert self._handle is not None, "serve_forever calls on_ready before it serves"
         return self._handle(frames)
 
+    def rehearse(self) -> None:
+        if self.server is not None:
+            self.server.rehearse()
+
 
 def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, stop: threading.Event | None = None,
         out: TextIO | None = None, *, keys: "ServerKeys | None" = None, insecure: bool = False,
@@ -127,7 +131,8 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
     serving = _LoadedOnBind(load)
     try:
         serve_forever(endpoint, serving, stop or threading.Event(), serving.bound, keys=keys,
-                      max_message_bytes=limits.max_message_bytes, heartbeat_s=heartbeat_s, fast=shm, spin_s=spin_s)
+                      max_message_bytes=limits.max_message_bytes, heartbeat_s=heartbeat_s, fast=shm, spin_s=spin_s,
+                      rehearse=serving.rehearse)
     finally:
         if serving.server is not None:
             serving.server.release()
