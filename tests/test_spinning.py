@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from tsqp import api, cli, protocol, spinning
+from tsqp import api, cli, protocol, router, spinning
 from tsqp.fastlink import FastLink
-from tsqp.router import REHEARSE_AFTER_S, serve_forever
+from tsqp.router import serve_forever
 from tsqp.server import GpuServer
 from tsqp.spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, MAX_SPIN_US, SERVER_SPIN_ENV, spin, spin_budget
 from tsqp.transport import Client
@@ -150,34 +150,71 @@ def test_the_client_spins_for_its_reply_only_after_a_quick_one_and_never_past_th
         assert cpu < 0.05, cpu
 
 
-def test_the_serving_loop_rehearses_after_a_long_request_only(tmp_path):
-    """A request that ran REHEARSE_AFTER_S or longer (a big model's matmul) is followed by one
-    rehearsal; quick ones (a decode's small calls) by none."""
+def rehearsals_after(tmp_path, monkeypatch, calls) -> int:
+    """Rehearsals the serving loop ran while `calls(endpoint)` made its requests; a `Slow`
+    request takes 5 times the threshold (set to 50 ms, so that no quick call ever reaches it)."""
+    monkeypatch.setattr(router, "REHEARSE_AFTER_S", 0.05)
     rehearsals = []
 
     def handle(frames):
         if protocol.decode_header(frames[0])["method"] == "Slow":
-            time.sleep(5 * REHEARSE_AFTER_S)
+            time.sleep(0.25)
         return protocol.encode({"ok": True})
 
-    stop = threading.Event()
-    thread = threading.Thread(target=serve_forever, args=(f"ipc://{tmp_path}/s.sock", handle, stop),
+    endpoint, stop = f"ipc://{tmp_path}/s.sock", threading.Event()
+    thread = threading.Thread(target=serve_forever, args=(endpoint, handle, stop),
                               kwargs={"fast": True, "rehearse": lambda: rehearsals.append(1)}, daemon=True)
     thread.start()
     try:
-        with Client(f"ipc://{tmp_path}/s.sock", shm=True, timeout_s=10) as client:
-            for _ in range(5):
-                client.call("Quick")
-            quick = len(rehearsals)
-            client.call("Slow")
-            client.call("Quick")  # answered after the rehearsal, which follows the reply
+        calls(endpoint)
     finally:
         stop.set()
         thread.join(5)
-    assert quick == 0 and len(rehearsals) == 1, (quick, rehearsals)
+    return len(rehearsals)
 
 
-def test_a_rehearsal_runs_a_small_call_uncounted(tiny_dir, monkeypatch):
+def test_the_serving_loop_rehearses_after_a_long_request_only(tmp_path, monkeypatch):
+    def calls(endpoint):
+        with Client(endpoint, shm=True, timeout_s=10) as client:
+            for _ in range(5):
+                client.call("Quick")
+            client.call("Slow")
+            client.call("Quick")  # answered after the rehearsal, which follows the reply
+
+    assert rehearsals_after(tmp_path, monkeypatch, calls) == 1
+
+
+def test_no_rehearsal_keeps_a_waiting_request_waiting(tmp_path, monkeypatch):
+    """A request that came in during the long one is served at once, not after a rehearsal."""
+    def calls(endpoint):
+        with Client(endpoint, shm=True, timeout_s=10) as slow, Client(endpoint, shm=True, timeout_s=10) as other:
+            other.call("Quick")  # its link is open before the long request starts
+            behind = threading.Timer(0.1, other.call, ("Quick",))
+            behind.start()
+            slow.call("Slow")
+            behind.join()
+
+    assert rehearsals_after(tmp_path, monkeypatch, calls) == 0
+
+
+def test_a_failed_rehearsal_is_not_tried_again_and_serving_goes_on(tmp_path, monkeypatch):
+    def failing():
+        raise RuntimeError("no rehearsal today")
+
+    monkeypatch.setattr(router, "REHEARSE_AFTER_S", 0.0)
+    endpoint, stop = f"ipc://{tmp_path}/f.sock", threading.Event()
+    thread = threading.Thread(target=serve_forever, args=(endpoint, lambda frames: protocol.encode({"ok": True}), stop),
+                              kwargs={"rehearse": failing}, daemon=True)
+    thread.start()
+    try:
+        with Client(endpoint, timeout_s=10) as client:
+            assert all(client.call("Quick").header["ok"] for _ in range(3))
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_a_rehearsal_runs_a_small_call_uncounted_on_the_cpu_only(tiny_dir, monkeypatch):
     server = GpuServer(tiny_dir)
     echoed = []
     echo = server.handlers["Echo"]
@@ -185,3 +222,6 @@ def test_a_rehearsal_runs_a_small_call_uncounted(tiny_dir, monkeypatch):
     requests = server.service.requests
     server.rehearse()
     assert echoed == [1] and server.service.requests == requests and not server.service.errors
+    monkeypatch.setattr(server, "device", torch.device("cuda"))  # weights in GPU memory: nothing to bring back
+    server.rehearse()
+    assert echoed == [1]

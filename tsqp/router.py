@@ -48,7 +48,7 @@ UNREAD_GRACE_S = 0.1  # pyzmq marks a frame released from its own thread, a mome
 STAND_IN_AFTER_S = 0.2  # a request running this long gets the stand-in answering status queries
 STAND_IN_POLL_S = 0.05  # how often the stand-in looks while requests run; an idle server wakes it never
 STAND_IN_IDLE_S = 1.0  # no request for this long: the stand-in sleeps until the next one
-REHEARSE_AFTER_S = 1e-3  # a CPU call this long has streamed megabytes of weights through the caches
+REHEARSE_AFTER_S = 1e-3  # on the CPU, a call this long has streamed megabytes of weights through the caches
 
 # Status frames are short msgpack arrays; every TSQP header is a map, so the two never mix. A query
 # is ["status", n] and its answer [state, n]: "pending" (the connection's request is queued or
@@ -200,7 +200,7 @@ class _Loop:
         if not self._busy.is_set():  # once per busy spell, not per request
             self._busy.set()
         self.owner.release()
-        started = time.perf_counter()
+        handled_from = time.perf_counter()
         try:
             reply = self.handle(job.body)
         except Exception as err:  # handlers must not raise; if one does, the client still gets an answer
@@ -212,9 +212,19 @@ class _Loop:
                 os.write(self._wake_write, b"\0")  # the stand-in has the socket: hand it back now
                 self.owner.acquire()
         self._send_reply(job, reply)
-        if self.rehearse is not None and time.perf_counter() - started >= REHEARSE_AFTER_S and not self.backlog \
-                and not self.poller.poll(0):
-            self.rehearse()  # while the client computes, before its next request: nothing is waiting
+        if self.rehearse is not None and time.perf_counter() - handled_from >= REHEARSE_AFTER_S \
+                and not self.backlog and not self.poller.poll(0):
+            self._rehearse()
+
+    def _rehearse(self) -> None:
+        """The rehearsal, while the client computes (nothing is waiting); a request that comes
+        meanwhile waits for its end. One that fails is not worth another try."""
+        assert self.rehearse is not None
+        try:
+            self.rehearse()
+        except Exception as err:
+            log_event(log, logging.WARNING, "rehearsal_failed", error=repr(err)[:300])
+            self.rehearse = None
 
     def _stand_in(self) -> None:
         """Hold the socket while a request runs long: answer status queries, queue requests."""

@@ -101,18 +101,8 @@ class GpuServer:
 
     def handle(self, frames: list[Any]) -> list[Any]:
         """Request frames -> reply frames. Never raises: every failure is an error reply."""
-        self.service.requests += 1
-        return self._answer(frames)
-
-    def rehearse(self) -> None:
-        """Answer a canned small call (an Echo of one decode-sized row), uncounted, the reply
-        dropped. The serving loop runs it after a long call while the client computes: that
-        call's weights pushed the checks, the framing and torch's dispatcher out of the caches,
-        and the next request finds them back there (docs/latency.md, "Rehearsal")."""
-        self._answer(self._rehearsal, event="rehearsal")
-
-    def _answer(self, frames: list[Any], event: str = "request") -> list[Any]:
         state, method, peer = self.service, "?", current_peer.get()
+        state.requests += 1
         try:
             request = check_request(frames, self.config, state.limits, self.shared)
             method = request.method.name
@@ -123,7 +113,7 @@ class GpuServer:
                 wire = DTYPES[request.args.get("wire_dtype", "float32")]  # the row allows it (checks)
                 outputs = self.staging.to_host([t.to(dtype=wire) if t.is_floating_point() else t for t in outputs])
             header = {"ok": True, "server_s": time.perf_counter() - start, **extra}
-            log_event(log, logging.DEBUG, event, method=method, peer=peer, server_s=header["server_s"])
+            log_event(log, logging.DEBUG, "request", method=method, peer=peer, server_s=header["server_s"])
             return self._reply(header, outputs, request.reply_to)
         except BadRequest as err:
             return self._refuse(err.code, str(err), method, peer)
@@ -133,6 +123,19 @@ class GpuServer:
             return self._refuse("out_of_memory", str(err).splitlines()[0], method, peer, failed=True)
         except Exception as err:  # a bug or a device error: report it, keep serving
             return self._refuse("internal", f"{type(err).__name__}: {err}", method, peer, failed=True)
+
+    def rehearse(self) -> None:
+        """Go through a small call's path (an Echo of one decode-sized row: checks, framing, a
+        torch op, the reply's encoding), uncounted, the reply dropped. The serving loop runs it
+        after a long call while the client computes: on the CPU that call's weights pushed this
+        code out of the caches, and the next request finds it back there (docs/latency.md,
+        "Rehearsal"). On a GPU the weights never pass through the host's caches: nothing to do."""
+        if self.device.type != "cpu":
+            return
+        with torch.inference_mode():
+            request = check_request(self._rehearsal, self.config, self.service.limits, None)
+            outputs, _ = self.handlers["Echo"](request.args, self._inputs(request))
+            protocol.encode({"ok": True, "server_s": 0.0}, self.staging.to_host(outputs))
 
     def weights_in(self, module: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The module's weight and bias in `dtype`; float64 copies are made once and kept
