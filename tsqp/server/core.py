@@ -107,11 +107,7 @@ class GpuServer:
             request = check_request(frames, self.config, state.limits, self.shared)
             method = request.method.name
             start = time.perf_counter()  # the device is idle: the last call waited for its reply
-            with torch.inference_mode():
-                tensors = self._inputs(request)
-                outputs, extra = self.handlers[method](request.args, tensors)
-                wire = DTYPES[request.args.get("wire_dtype", "float32")]  # the row allows it (checks)
-                outputs = self.staging.to_host([t.to(dtype=wire) if t.is_floating_point() else t for t in outputs])
+            outputs, extra = self._run(request)
             header = {"ok": True, "server_s": time.perf_counter() - start, **extra}
             log_event(log, logging.DEBUG, "request", method=method, peer=peer, server_s=header["server_s"])
             return self._reply(header, outputs, request.reply_to)
@@ -132,10 +128,16 @@ class GpuServer:
         "Rehearsal"). On a GPU the weights never pass through the host's caches: nothing to do."""
         if self.device.type != "cpu":
             return
+        request = check_request(self._rehearsal, self.config, self.service.limits, None)
+        outputs, _ = self._run(request)
+        self._reply({"ok": True, "server_s": 0.0}, outputs, None)
+
+    def _run(self, request: Request) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """A checked request's method on the device; its outputs on the host, in the wire dtype."""
         with torch.inference_mode():
-            request = check_request(self._rehearsal, self.config, self.service.limits, None)
-            outputs, _ = self.handlers["Echo"](request.args, self._inputs(request))
-            protocol.encode({"ok": True, "server_s": 0.0}, self.staging.to_host(outputs))
+            outputs, extra = self.handlers[request.method.name](request.args, self._inputs(request))
+            wire = DTYPES[request.args.get("wire_dtype", "float32")]  # the row allows it (checks)
+            return self.staging.to_host([t.to(dtype=wire) if t.is_floating_point() else t for t in outputs]), extra
 
     def weights_in(self, module: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The module's weight and bias in `dtype`; float64 copies are made once and kept
