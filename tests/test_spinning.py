@@ -183,7 +183,7 @@ def test_the_serving_loop_rehearses_after_a_long_request_only(tmp_path, monkeypa
             for _ in range(5):
                 client.call("Quick")
             client.call("Slow")
-            client.call("Quick")  # answered after the rehearsal, which follows the reply
+            time.sleep(0.2)  # the rehearsal follows the reply, when no request waits: send none yet
 
     assert rehearsals_after(tmp_path, monkeypatch, calls) == 1
 
