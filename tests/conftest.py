@@ -25,7 +25,7 @@ VARIANTS: dict[str, dict] = {
                                         "original_max_position_embeddings": 16}},
     "tied": {"tie_word_embeddings": True},
     "head-dim": {"head_dim": 32, "num_key_value_heads": 1},  # heads * head_dim != hidden_size
-    "attention-bias": {"attention_bias": True},
+    "attention-bias": {"attention_bias": True, "mlp_bias": True},  # biases: lean takes AttnOut + Gate
 }
 
 

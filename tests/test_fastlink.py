@@ -76,7 +76,8 @@ def test_calls_over_the_fast_link_are_exact_and_counted(fast_server, references)
             x = torch.randn(2, n, 64, generator=g)
             (got,) = fast.call("Linear", [x], layer_idx=0, module_name="q_proj").tensors
             (plain,) = framed.call("Linear", [x], layer_idx=0, module_name="q_proj").tensors
-            assert torch.equal(got, plain)
+            # bit-equality is not promised: BLAS may sum in another order for a differently aligned input
+            torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(got, q_proj(references, x), rtol=1e-5, atol=1e-6)
         assert fast.stats.round_trips == 3 and fast.stats.retries == 0
         assert fast.via == "fastlink" and framed.via == "zeromq"

@@ -52,7 +52,8 @@ def test_greedy_generation_matches_transformers(variant, mode, batch, servers, m
         assert relative_error(result.logits[:, step], want_logits[:, step]) <= tolerance
     per_token = result.decode_wire.round_trips / (NEW - 1)
     layers = runner.config.num_layers
-    assert per_token == {"lean": 4 * layers + 1, "seed": 9 * layers + 2}.get(mode, 4 * layers + 1)
+    lean = 4 * layers + 1 if runner.config.mlp_bias else 3 * layers + 1  # AttnGate, unless MLP biases
+    assert per_token == {"lean": lean, "seed": 9 * layers + 2}.get(mode, 4 * layers + 1)
 
 
 def test_tokens_stream_as_they_are_made(servers, tiny_dir):

@@ -78,7 +78,7 @@ def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
     ids = torch.randint(0, c.vocab_size, (batch, n))
     s, l = seed.prefill(ids), lean.prefill(ids)
     assert s.wire.round_trips == 9 * c.num_layers + 2
-    assert l.wire.round_trips == 4 * c.num_layers + 2
+    assert l.wire.round_trips == 3 * c.num_layers + 2  # AttnGate: P·V, o_proj, gate and up in one
     # payload bytes the lean protocol must move, float32 on the wire: no q, k, v or up
     tok, f = batch * n, 4
     h, i = c.hidden_size, c.intermediate_size
@@ -137,6 +137,42 @@ def test_each_fused_method_equals_its_unfused_computation(servers, model_dirs, r
         (many,) = client.call("Linears", [x], layer_idx=1, modules=["q_proj"]).tensors
         assert torch.allclose(many, block.self_attn.q_proj(x), rtol=1e-5, atol=1e-6)
     client.close()
+
+
+def test_attn_gate_is_attn_out_then_gate_and_up_of_the_unscaled_norm(servers, references):
+    """AttnGate: o_proj(P·V) and gate_proj(w * (h + o)) against transformers' modules, up kept
+    for GatedDown; a model with MLP biases refuses it (the bias would not commute with the scale)."""
+    model = references["mha"]
+    c, block = model.config, model.model.layers[1]
+    client = Client(servers["mha"].endpoint, timeout_s=10)
+    b, n, heads, d = 2, 6, c.num_attention_heads, c.head_dim
+    g = torch.Generator().manual_seed(11)
+    x, h = torch.randn(b, n, c.hidden_size, generator=g), torch.randn(b, n, c.hidden_size, generator=g) * 3
+    cos, sin = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    client.call("QKVScores", [x, cos, sin], layer_idx=1, session="fused")
+    probs = torch.softmax(torch.randn(b, heads, n, n, generator=g), dim=-1)
+    o, gate = client.call("AttnGate", [h, probs], layer_idx=1, session="fused").tensors
+    with torch.inference_mode():
+        v = block.self_attn.v_proj(x).view(b, n, heads, d).transpose(1, 2)
+        expected_o = block.self_attn.o_proj((probs @ v).transpose(1, 2).reshape(b, n, heads * d))
+        unscaled = block.post_attention_layernorm.weight * (h + expected_o)
+        assert torch.allclose(o, expected_o, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(gate, block.mlp.gate_proj(unscaled), rtol=1e-5, atol=1e-5)
+        activated = torch.randn(b, n, c.intermediate_size, generator=g)
+        (down,) = client.call("GatedDown", [activated], layer_idx=1, session="fused").tensors
+        assert torch.allclose(down, block.mlp.down_proj(activated * block.mlp.up_proj(unscaled)), rtol=1e-5,
+                              atol=1e-5)
+    with pytest.raises(RemoteError, match="residual"):  # the residual of other queries
+        client.call("AttnGate", [h[:, :-1], probs], layer_idx=1, session="fused")
+    with pytest.raises(RemoteError, match="rank"):  # the residual must come first
+        client.call("AttnGate", [probs, h], layer_idx=1, session="fused")
+    client.close()
+    biased = Client(servers["attention-bias"].endpoint, timeout_s=10)
+    biased.call("QKVScores", [x, cos, sin], layer_idx=0, session="biased")
+    with pytest.raises(RemoteError, match="biases"):
+        biased.call("AttnGate", [h, torch.softmax(torch.randn(b, heads, n, n, generator=g), dim=-1)], layer_idx=0,
+                    session="biased")
+    biased.close()
 
 
 def test_v_is_kept_per_session(servers):

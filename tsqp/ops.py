@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +17,28 @@ import torch.nn.functional as F
 from .config import RopeConfig
 
 
+@dataclass(frozen=True)
+class Normalized:
+    """RMSNorm(h) = weight * (h * scale) in its two parts: `scale`, one number per row and the
+    norm's only non-linear part, and the product, linear in h. A projection without bias of
+    RMSNorm(h) is `scale` times the projection of weight * h, so a protocol may project before
+    the scale is known and apply it after (lean's AttnGate); the others take `.value`."""
+
+    h: torch.Tensor
+    weight: torch.Tensor
+    scale: torch.Tensor  # [..., 1]: rsqrt(mean(h^2) + eps)
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.weight * (self.h * self.scale)
+
+
+def rms_normalize(h: torch.Tensor, weight: torch.Tensor, eps: float) -> Normalized:
+    return Normalized(h, weight, torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    return rms_normalize(x, weight, eps).value
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:

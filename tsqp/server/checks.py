@@ -33,7 +33,7 @@ class Limits:
     max_elements: int = MAX_ELEMENTS  # per input tensor, and per output a request would produce
     max_reply_bytes: int | None = None  # what one request may produce, in its wire dtype (None: from the model)
     max_header_bytes: int = 64 << 10
-    max_tensors: int = 8
+    max_tensors: int = 9  # AttnGate: the residual and 8 causal blocks
     max_rank: int = 8
     max_session_chars: int = 128
     session_bytes: int = 2048 << 20  # all sessions' kept tensors together (least recently used go first)
@@ -131,7 +131,9 @@ def _check_specs(row: Method, specs: Any, payloads: int, limits: Limits) -> list
         if any(d > limits.max_elements for d in shape) or math.prod(shape) > limits.max_elements:
             raise TooLarge(f"tensor of shape {shape} exceeds the limit of {limits.max_elements} elements")
         checked.append((item["dtype"], shape))
-    ranks = row.ranks[:1] * len(checked) if row.variadic and row.ranks else row.ranks
+    ranks = row.ranks
+    if row.variadic and ranks:  # the last rank repeats
+        ranks = ranks[:-1] + ranks[-1:] * (len(checked) - len(ranks) + 1)
     if ranks is not None and [len(s) for _, s in checked] != list(ranks):
         raise BadRequest(f"{row.name} expects tensors of rank {list(ranks)}, got {[len(s) for _, s in checked]}")
     return checked

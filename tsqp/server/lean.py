@@ -3,7 +3,7 @@ calls, and Release, which frees them.
 
 A session holds one KV cache for its batch of sequences, allocated for the capacity the client
 states when it starts them (QKVScores at position 0) and written at explicit positions, so that
-a resent call changes nothing; and the latest layer's up (GatedDown follows its Gate). A decode
+a resent call changes nothing; and the latest layer's up (GatedDown follows its Gate or AttnGate). A decode
 step is a QKVScores at the next position: its queries see every key kept so far. LMHead with
 the session, or Release, frees it.
 """
@@ -104,8 +104,9 @@ def qkv_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> 
 
 
 def _block_ends(ends: Any, n: int, max_tensors: int) -> list[int]:
-    """Causal block ends: increasing, ending at n, no more than AttnOut will take back."""
-    limit = min(n, max_tensors)
+    """Causal block ends: increasing, ending at n, no more than AttnGate will take back (with
+    the residual)."""
+    limit = min(n, max_tensors - 1)
     if not isinstance(ends, list) or not ends or len(ends) > limit or ends[-1] != n \
             or any(type(e) is not int for e in ends) or any(a >= b for a, b in zip([0, *ends], ends)):
         raise BadRequest(f"'blocks' must be at most {limit} increasing block ends ending at {n}, "
@@ -117,44 +118,79 @@ def _attn_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
     return shapes[0][0] * sum(s[2] for s in shapes) * max(c.hidden_size, c.num_heads * c.head_dim)
 
 
-@method("AttnOut", tensors=1, ranks=(4,), variadic=True, args=LAYER_SESSION, required=(LAYER, SESSION),
-        output=_attn_output)
-def attn_out(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
-    """P @ V with the V kept in the session's cache, then o_proj: one round trip instead of two.
-    The probabilities come as the causal query blocks that QKVScores produced, one tensor each:
-    block i is [b, heads, n_i, start + end_i], end_i the running total of the n_i."""
-    c, layer = server.config, layer_index(server.config, args)
-    probs = float_inputs(tensors, len(tensors), "probs [b, heads, n_i, start + end_i] per causal block",
-                         server.dtype)
-    cache = _kept(server, args, "kv", None, "QKVScores")
+def _attention(server: "GpuServer", args: dict, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
+    """o_proj(P·V) with the V kept in the session's cache, for the causal query blocks that
+    QKVScores produced, one tensor each: block i is [b, heads, n_i, start + end_i], end_i the
+    running total of the n_i."""
+    c, cache = server.config, _kept(server, args, "kv", None, "QKVScores")
     n = sum(p.shape[2] for p in probs)
     start = end = probs[-1].shape[3] - n  # the keys before the first new query
     for p in probs:
         end += p.shape[2]
         if p.shape[0] != cache.batch or p.shape[1] != c.num_heads or p.shape[3] != end or start < 0 \
                 or end > cache.filled[layer]:
-            raise BadRequest(f"AttnOut expects causal blocks of probs [{cache.batch}, {c.num_heads}, n_i, start + end_i] "
-                             f"over the {cache.filled[layer]} positions layer {layer} holds; got "
+            raise BadRequest(f"layer {layer} expects causal blocks of probs [{cache.batch}, {c.num_heads}, n_i, "
+                             f"start + end_i] over the {cache.filled[layer]} positions it holds; got "
                              f"{[list(t.shape) for t in probs]}")
-    out = merge_heads(attend(probs, cache.values[layer]))
-    return [server.layers[layer].self_attn.o_proj(out)], {}
+    return server.layers[layer].self_attn.o_proj(merge_heads(attend(probs, cache.values[layer])))
+
+
+def _gate_keeping_up(server: "GpuServer", args: dict, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """gate_proj(x) for the TEE's SiLU; up_proj(x) stays for GatedDown, since the only op that
+    touches it is the element-wise product (linear in it). One layer's up per session."""
+    mlp = server.layers[layer].mlp
+    session = server.sessions.open(current_owner(), args["session"])
+    server.sessions.discard(session, lambda key: key[0] == "up")  # the prefill moved on
+    server.sessions.reserve(session, ("up", layer), rows([list(x.shape)]) * mlp.up_proj.out_features * x.element_size())
+    g = mlp.gate_proj(x)
+    server.sessions.keep(session, ("up", layer), mlp.up_proj(x))
+    return g
+
+
+@method("AttnOut", tensors=1, ranks=(4,), variadic=True, args=LAYER_SESSION, required=(LAYER, SESSION),
+        output=_attn_output)
+def attn_out(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
+    """P @ V with the V kept in the session's cache, then o_proj: one round trip instead of two."""
+    layer = layer_index(server.config, args)
+    probs = float_inputs(tensors, len(tensors), "probs [b, heads, n_i, start + end_i] per causal block",
+                         server.dtype)
+    return [_attention(server, args, layer, probs)], {}
+
+
+def _attn_gate_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
+    return _attn_output(c, args, shapes[1:]) + rows(shapes) * c.intermediate_size
+
+
+@method("AttnGate", tensors=2, ranks=(3, 4), variadic=True, args=LAYER_SESSION, required=(LAYER, SESSION),
+        output=_attn_gate_output)
+def attn_gate(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
+    """AttnOut and Gate in one round trip: o = o_proj(P·V), then gate and up of
+    post_attention_layernorm.weight * (h + o), for the residual h the TEE sends. That is the
+    RMSNorm without its scale per row, the norm's non-linear part: the TEE computes it from its
+    own h + o and applies it to the gate it gets back and to the SiLU(gate) it sends to
+    GatedDown, which a projection without bias lets it do. o goes back for the TEE's residual add."""
+    c, layer = server.config, layer_index(server.config, args)
+    if c.mlp_bias:
+        raise BadRequest("AttnGate needs an MLP without biases (they do not commute with RMSNorm's scale); "
+                         "this model has them: call AttnOut, then Gate")
+    residual, *probs = float_inputs(tensors, len(tensors), "residual [b, n, hidden], then probs per causal block",
+                                    server.dtype)
+    o = _attention(server, args, layer, probs)
+    if residual.shape != o.shape:
+        raise BadRequest(f"AttnGate expects the residual [{o.shape[0]}, {o.shape[1]}, {c.hidden_size}] of its "
+                         f"{o.shape[1]} queries, got {list(residual.shape)}")
+    norm = server.layers[layer].post_attention_layernorm
+    return [o, _gate_keeping_up(server, args, layer, norm.weight * (residual + o))], {}
 
 
 @method("Gate", tensors=1, args=LAYER_SESSION, required=(LAYER, SESSION),
         output=lambda c, args, shapes: rows(shapes) * c.intermediate_size)
 def gate(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
-    """gate and up projections of one input: gate goes back for the TEE's SiLU; up stays for
-    GatedDown, since the only op that touches it is the element-wise product (linear in it)."""
+    """gate and up projections of one input: gate goes back for the TEE's SiLU; up stays."""
     layer = layer_index(server.config, args)
     (x,) = float_inputs(tensors, 1, "hidden_states", server.dtype)
-    mlp = server.layers[layer].mlp
     check_last_dim(x, server.config.hidden_size, f"layer {layer} Gate")
-    session = server.sessions.open(current_owner(), args["session"])
-    server.sessions.discard(session, lambda key: key[0] == "up")  # one layer's up per session: the prefill moved on
-    server.sessions.reserve(session, ("up", layer), rows([list(x.shape)]) * mlp.up_proj.out_features * x.element_size())
-    g = mlp.gate_proj(x)
-    server.sessions.keep(session, ("up", layer), mlp.up_proj(x))
-    return [g], {}
+    return [_gate_keeping_up(server, args, layer, x)], {}
 
 
 @method("GatedDown", tensors=1, args=LAYER_SESSION, required=(LAYER, SESSION),

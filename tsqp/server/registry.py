@@ -46,7 +46,7 @@ class Method:
     tensors: int = 0  # how many tensors it takes (a minimum when variadic)
     dtypes: tuple[str, ...] = WIRE_DTYPES  # of the tensors it takes
     ranks: tuple[int, ...] | None = None  # exact rank of each tensor, where the method relies on it
-    variadic: bool = False  # then every tensor has rank ranks[0]
+    variadic: bool = False  # then the last tensor of the row may repeat (with its rank)
     args: Mapping[str, tuple[type, ...]] = field(default_factory=dict)  # what it reads, with their types
     required: tuple[tuple[str, ...], ...] = ()  # each entry: accepted spellings of one field
     wire: tuple[str, ...] = WIRE_DTYPES  # dtypes its reply may be asked in

@@ -161,13 +161,13 @@ class GuardedSteps:
         keys, _ = cache.update(layer, self.window.start, k, v)
         return ops.causal_scores(q, keys, ops.query_blocks(q.shape[2]), self.window.start)
 
-    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
+    def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
         assert self.cache is not None
         out = ops.attend(probs, self.cache.values[layer][:, :, : self.window.end])
         return self._project(layer, "o", ops.merge_heads(out))[0]
 
-    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        gate, self._up = self._project(layer, "gate_up", x)
+    def gate(self, layer: int, x: ops.Normalized) -> torch.Tensor:
+        gate, self._up = self._project(layer, "gate_up", x.value)
         return gate
 
     def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:

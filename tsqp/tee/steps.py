@@ -4,11 +4,15 @@ unguarded implementations.
 * `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
   the TEE rotates q and k (RoPE), keeps K and V, and expands them for GQA before sending them
   to `Matmul` with each step, as the seed does;
-* `LeanSteps`: fused calls, 4 per layer + 2. q/k/v, RoPE and Q·K^T are one call: RoPE is a
+* `LeanSteps`: fused calls, 3 per layer + 2. q/k/v, RoPE and Q·K^T are one call: RoPE is a
   linear, position-wise rotation, so the server applies it with cos/sin tables the TEE computes
   from its own config, and keeps K and V by position for its session; q, k, v never cross the
-  wire. P·V goes with o_proj. Of gate and up only gate comes back, for SiLU: the product with up
-  is linear in up, so the server applies it in front of down_proj.
+  wire. P·V goes with o_proj, and with gate and up of the next RMSNorm: its one non-linear part
+  is a scale per row, which commutes with a projection without bias, so the server projects
+  weight * (h + o) and the TEE scales what comes back. Of gate and up only gate comes back, for
+  SiLU: the product with up is linear in up, so the server applies it in front of down_proj
+  (with the scale, which the TEE puts into SiLU(gate)). A model with MLP biases takes 4 calls
+  per layer: AttnOut, then Gate of the normalized h.
 
 The guarded steps (private, verify) are in guard.py.
 """
@@ -67,11 +71,12 @@ class Steps(Protocol):
     def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """Unscaled Q·K^T of the window's queries against every key so far, as causal query blocks."""
 
-    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
-        """o_proj(P·V) for the probabilities of `scores`' blocks."""
+    def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        """o_proj(P·V) for the probabilities of `scores`' blocks; `residual` is the h it is added
+        to, for a protocol that starts the MLP's projections in the same call."""
 
-    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The gate projection of x (up is made alongside, for `down`)."""
+    def gate(self, layer: int, x: ops.Normalized) -> torch.Tensor:
+        """The gate projection of RMSNorm(h) (up is made alongside, for `down`)."""
 
     def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
         """down_proj(SiLU(gate) * up) for the TEE's SiLU(gate)."""
@@ -158,16 +163,17 @@ class SeedSteps:
         return self.call("Matmul", q, ops.repeat_kv(keys, c.kv_groups).transpose(2, 3),  # [TEE] Repeat KV
                          expect=[(b, h, n, self.window.end)])  # [GPU] Q·K^T
 
-    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
+    def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
         assert self.cache is not None and len(probs) == 1
         values = ops.repeat_kv(self.cache.values[layer][:, :, : self.window.end], self.config.kv_groups)
         b, h, n, _ = probs[0].shape
         out = self.call("Matmul", probs[0], values, expect=[(b, h, n, self.config.head_dim)])[0]  # [GPU] P·V
         return self._linear(layer, "o_proj", ops.merge_heads(out))  # [GPU] o_proj
 
-    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        gate = self._linear(layer, "gate_proj", x)  # [GPU] gate projection
-        self._up = self._linear(layer, "up_proj", x)  # [GPU] up projection
+    def gate(self, layer: int, x: ops.Normalized) -> torch.Tensor:
+        normed = x.value
+        gate = self._linear(layer, "gate_proj", normed)  # [GPU] gate projection
+        self._up = self._linear(layer, "up_proj", normed)  # [GPU] up projection
         return gate
 
     def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
@@ -191,6 +197,9 @@ class LeanSteps:
         self.capacity = 0
         self.window = Window(0, 0)
         self._released = False  # the session's last LMHead freed it already
+        self.fused = not config.mlp_bias  # AttnGate: a bias would not commute with RMSNorm's scale
+        self._gate: torch.Tensor | None = None  # AttnGate's gate of weight * h, before the scale
+        self._scale: torch.Tensor | None = None  # that scale, for the SiLU(gate) that down sends
 
     def open(self, batch: int, capacity: int) -> None:
         self.session, self.capacity, self._released = secrets.token_hex(16), capacity, False
@@ -200,7 +209,7 @@ class LeanSteps:
         return 0.0
 
     def end(self) -> None:
-        pass
+        self._gate = self._scale = None
 
     def close(self) -> None:
         """Free the session's state on the server, unless its last LMHead already did (a failed
@@ -226,16 +235,28 @@ class LeanSteps:
         return self.call("QKVScores", x, exact=(cos, sin), expect=shapes, layer_idx=layer, session=self.session,
                          blocks=ends, start=self.window.start, capacity=self.capacity)
 
-    def attn_out(self, layer: int, probs: list[torch.Tensor]) -> torch.Tensor:
-        b = probs[0].shape[0]
-        return self.call("AttnOut", *probs, expect=[(b, self.window.tokens, self.config.hidden_size)],
-                         layer_idx=layer, session=self.session)[0]
+    def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        """o_proj(P·V); with it (AttnGate) the gate of post_attention_layernorm.weight * (h + o),
+        which `gate` scales."""
+        c, out = self.config, rows(residual, self.config.hidden_size)
+        if not self.fused:
+            return self.call("AttnOut", *probs, expect=out, layer_idx=layer, session=self.session)[0]
+        o, self._gate = self.call("AttnGate", residual, *probs, expect=[*out, *rows(residual, c.intermediate_size)],
+                                  layer_idx=layer, session=self.session)
+        return o
 
-    def gate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.call("Gate", x, expect=rows(x, self.config.intermediate_size), layer_idx=layer,
-                         session=self.session)[0]
+    def gate(self, layer: int, x: ops.Normalized) -> torch.Tensor:
+        if self._gate is None:
+            return self.call("Gate", x.value, expect=rows(x.h, self.config.intermediate_size), layer_idx=layer,
+                             session=self.session)[0]
+        gate, self._gate, self._scale = self._gate * x.scale, None, x.scale
+        return gate
 
     def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
+        """down_proj(SiLU(gate) * up); after AttnGate the server keeps up before the scale, so
+        SiLU(gate) goes with it."""
+        if self._scale is not None:
+            activated, self._scale = activated * self._scale, None
         return self.call("GatedDown", activated, expect=rows(activated, self.config.hidden_size), layer_idx=layer,
                          session=self.session)[0]
 
