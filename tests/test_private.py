@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsqp import api
+from tsqp import api, ops
 from tsqp.audit import AuditLog, audited, tampering
 from tsqp.server import GpuServer, ServerThread
 from tsqp.tee import freivalds, masks, offline
@@ -91,7 +91,8 @@ def test_one_time_material_is_never_reused(servers, tiny_dir):
     with pytest.raises(MaskReuseError):
         secrets.take(0, "qkv")
     with pytest.raises(MaskReuseError):  # outside a prefill there is no material to use
-        runner.steps.gate(0, torch.randn(1, 12, runner.config.hidden_size))
+        h = torch.randn(1, 12, runner.config.hidden_size)
+        runner.steps.gate(0, ops.rms_normalize(h, torch.ones(h.shape[-1]), 1e-5))
     ids = random_ids(runner.config.vocab_size, 1, seed=1, low=12, high=13)
     assert runner.prefill(ids).offline_s == 0.0  # the prepared set
     assert runner.prefill(ids).offline_s > 0.0  # pool empty: made on demand, timed apart

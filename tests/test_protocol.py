@@ -78,7 +78,7 @@ def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
     ids = torch.randint(0, c.vocab_size, (batch, n))
     s, l = seed.prefill(ids), lean.prefill(ids)
     assert s.wire.round_trips == 9 * c.num_layers + 2
-    assert l.wire.round_trips == 3 * c.num_layers + 2  # AttnGate: P·V, o_proj, gate and up in one
+    assert l.wire.round_trips == 2 * c.num_layers + 3  # AttnGate, DownScores: 2 per layer
     # payload bytes the lean protocol must move, float32 on the wire: no q, k, v or up
     tok, f = batch * n, 4
     h, i = c.hidden_size, c.intermediate_size
@@ -175,6 +175,50 @@ def test_attn_gate_is_attn_out_then_gate_and_up_of_the_unscaled_norm(servers, re
     biased.close()
 
 
+def test_down_scores_is_gated_down_then_the_next_layers_scores_before_the_norms_scale(servers, references):
+    """DownScores: down_proj(SiLU(gate) * up), then layer i + 1's Q·K^T (RoPE'd, causal blocks)
+    of w * (h + d), with K and V kept so: against transformers' modules; refused for the last
+    layer and for a model with attention biases."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = references["gqa"]
+    c, first, second = model.config, model.model.layers[0], model.model.layers[1]
+    client = Client(servers["gqa"].endpoint, timeout_s=10)
+    b, n, heads, kv, d = 2, 5, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    g = torch.Generator().manual_seed(12)
+    x, h = torch.randn(b, n, c.hidden_size, generator=g), torch.randn(b, n, c.hidden_size, generator=g) * 3
+    activated = torch.randn(b, n, c.intermediate_size, generator=g)
+    with torch.inference_mode():
+        cos, sin = model.model.rotary_emb(x, torch.arange(n)[None])
+        client.call("QKVScores", [x, cos[0], sin[0]], layer_idx=0, session="down")
+        client.call("Gate", [x], layer_idx=0, session="down")
+        down, *blocks = client.call("DownScores", [activated, h, cos[0], sin[0]], layer_idx=0, session="down",
+                                    blocks=[2, n]).tensors
+        expected_down = first.mlp.down_proj(activated * first.mlp.up_proj(x))
+        torch.testing.assert_close(down, expected_down, rtol=1e-5, atol=1e-5)
+        unscaled = second.input_layernorm.weight * (h + expected_down)
+        q = second.self_attn.q_proj(unscaled).view(b, n, heads, d).transpose(1, 2)
+        k = second.self_attn.k_proj(unscaled).view(b, n, kv, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        full = q @ k.repeat_interleave(heads // kv, dim=1).transpose(-1, -2)
+        assert [list(t.shape) for t in blocks] == [[b, heads, 2, 2], [b, heads, 3, n]]
+        torch.testing.assert_close(blocks[0], full[:, :, :2, :2], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(blocks[1], full[:, :, 2:, :n], rtol=1e-4, atol=1e-4)
+        probs = torch.softmax(torch.randn(b, heads, n, n, generator=g), dim=-1)
+        (out,) = client.call("AttnOut", [probs], layer_idx=1, session="down").tensors
+        v = second.self_attn.v_proj(unscaled).view(b, n, kv, d).transpose(1, 2).repeat_interleave(heads // kv, dim=1)
+        expected = second.self_attn.o_proj((probs @ v).transpose(1, 2).reshape(b, n, heads * d))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # V was kept before the scale too
+    client.call("Gate", [x], layer_idx=1, session="down")
+    with pytest.raises(RemoteError, match="no next layer"):
+        client.call("DownScores", [activated, h, cos[0], sin[0]], layer_idx=1, session="down")
+    client.close()
+    biased = Client(servers["attention-bias"].endpoint, timeout_s=10)
+    with pytest.raises(RemoteError, match="biases"):
+        biased.call("DownScores", [activated, h, cos[0], sin[0]], layer_idx=0, session="biased")
+    biased.close()
+
+
 def test_v_is_kept_per_session(servers):
     """Two runners' V tensors never mix: AttnOut uses the V of its own session."""
     client = Client(servers["gqa"].endpoint, timeout_s=10)
@@ -219,7 +263,8 @@ def test_scores_and_attn_out_by_causal_blocks(servers, references):
     client.close()
 
 
-@pytest.mark.parametrize("method, protection", [("QKVScores", "none"), ("Gate", "none"), ("GatedDown", "none"),
+@pytest.mark.parametrize("method, protection", [("QKVScores", "none"), ("AttnGate", "none"), ("DownScores", "none"),
+                                                ("GatedDown", "none"),
                                                 ("LMHead", "none"),
                                                 ("Linears", "private")])
 def test_a_reply_of_the_wrong_shape_is_refused(method, protection, servers, model_dirs):

@@ -52,8 +52,10 @@ def run(tiny_dir, method: str, nth: int, value: float, **runner_args) -> None:
 def test_a_non_finite_lean_reply_is_named_by_method_and_layer(tiny_dir, value):
     with pytest.raises(ProtocolError, match=r"LMHead reply holds NaN or infinity"):
         run(tiny_dir, "LMHead", 1, value)
-    with pytest.raises(ProtocolError, match=r"AttnOut \(layer 1\) reply holds NaN or infinity"):
-        run(tiny_dir, "AttnOut", 2, value)  # mid-forward: named here, not by the next call's refusal
+    with pytest.raises(ProtocolError, match=r"AttnGate \(layer 1\) reply holds NaN or infinity"):
+        run(tiny_dir, "AttnGate", 2, value)  # mid-forward: named here, not by the next call's refusal
+    with pytest.raises(ProtocolError, match=r"DownScores \(layer 0\) reply holds NaN or infinity"):
+        run(tiny_dir, "DownScores", 1, value)
 
 
 def test_a_non_finite_seed_reply_is_named(tiny_dir):

@@ -82,7 +82,7 @@ BAD_REQUESTS = [  # (frames, expected code, what the message names)
     ([msgpack.packb([1, 2])], "bad_request", "map"),
     ([header("Ping", {"session": "s" * 500})], "too_large", "session"),
     ([header("Ping", {"pad": "x" * 70_000})], "too_large", "header"),
-    ([header("Ping"), *[b"x"] * 9], "too_large", "frames"),
+    ([header("Ping"), *[b"x"] * 10], "too_large", "frames"),
     ([header("LMHead", {}, [{"dtype": "float32", "shape": [2 ** 40, 2 ** 40]}]), b""], "too_large", "elements"),
     ([header("LMHead", {}, [{"dtype": "float32", "shape": [1] * 9}]), bytes(4)], "too_large", "rank"),
     ([header("Matmul", {}, [{"dtype": "float32", "shape": [1, 4, 100, 16]}, {"dtype": "float32", "shape": [1, 4, 16, 100]}]),

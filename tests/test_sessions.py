@@ -176,15 +176,15 @@ def test_release_frees_a_session_and_is_idempotent(servers):
         assert caught.value.code == "bad_request" and "session" in str(caught.value)
 
 
-@pytest.mark.parametrize("fail_at", ["AttnOut", "GatedDown", "LMHead"])
-def test_a_failed_lean_prefill_leaves_nothing_on_the_server(fail_at, tiny_dir):
+@pytest.mark.parametrize("fail_at, nth", [("AttnGate", 2), ("DownScores", 1), ("GatedDown", 1), ("LMHead", 2)])
+def test_a_failed_lean_prefill_leaves_nothing_on_the_server(fail_at, nth, tiny_dir):
     with api.start_server(tiny_dir, device="cpu") as server:
         runner = api.connect(server.endpoint, tiny_dir)
         original, seen = runner.client.call, []
 
         def failing(method, tensors=(), **args):
             seen.append(method)
-            if method == fail_at and seen.count(method) == 2:  # the second layer's, or a second prefill's LMHead
+            if method == fail_at and seen.count(method) == nth:  # e.g. the second layer's, or a second prefill's LMHead
                 raise RemoteError("internal", "injected failure")
             return original(method, tensors, **args)
 

@@ -115,6 +115,19 @@ def causal_scores(q: torch.Tensor, keys: torch.Tensor, ends: list[int], start: i
             .reshape(b, heads, e - a, start + e) for a, e in zip([0, *ends], ends)]
 
 
+def scaled_scores(blocks: list[torch.Tensor], query_scale: torch.Tensor, key_scale: torch.Tensor) -> list[torch.Tensor]:
+    """`causal_scores`' blocks of rows projected before RMSNorm's scale, times each query's scale
+    and each key's: query_scale [b, n, 1] for the window's queries, key_scale [b, >= m] for every
+    key so far (Q·K^T is linear in each row of either)."""
+    b, begin, out = query_scale.shape[0], 0, []
+    for block in blocks:
+        n, m = block.shape[2], block.shape[3]
+        rows = query_scale[:, begin: begin + n].reshape(b, 1, n, 1)
+        out.append(block * (rows * key_scale[:, None, None, :m]))
+        begin += n
+    return out
+
+
 def attend(probs: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
     """P·V for the causal blocks of `causal_scores`, with V [b, kv, m, d] not expanded for GQA:
     [b, heads, n, d]."""

@@ -75,17 +75,24 @@ def _cache(server: "GpuServer", session: Session, b: int, start: int, n: int, ca
     return cache
 
 
-@method("QKVScores", tensors=3, ranks=(3, 2, 2),
-        args={**LAYER_SESSION, "blocks": (list,), "start": (int,), "capacity": (int,)},
-        required=(LAYER, SESSION), output=_qkv_output)
+SCORE_ARGS = {**LAYER_SESSION, "blocks": (list,), "start": (int,), "capacity": (int,)}
+
+
+@method("QKVScores", tensors=3, ranks=(3, 2, 2), args=SCORE_ARGS, required=(LAYER, SESSION), output=_qkv_output)
 def qkv_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
     """q, k, v of the tokens at positions [start, start + n), RoPE with the TEE's cos/sin tables
     for those positions, K and V written into the session's cache there, then Q @ K^T against
     every key so far with K un-expanded (each group of query heads shares its key head), cut
     into causal query blocks: block i holds the new queries [end_(i-1), end_i) against keys
     [0, start + end_i). q and k never cross the wire. x is [b, n, hidden], cos and sin [n, head_dim]."""
-    c, layer = server.config, layer_index(server.config, args)
+    layer = layer_index(server.config, args)
     x, cos, sin = float_inputs(tensors, 3, "hidden_states [b, n, hidden], cos [n, d], sin [n, d]", server.dtype)
+    return _scores(server, args, layer, x, cos, sin), {}
+
+
+def _scores(server: "GpuServer", args: dict, layer: int, x: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> list[torch.Tensor]:
+    c = server.config
     check_last_dim(x, c.hidden_size, f"layer {layer} QKVScores")
     b, n, _ = x.shape
     if cos.shape != (n, c.head_dim) or sin.shape != (n, c.head_dim):
@@ -100,7 +107,7 @@ def qkv_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> 
     v = attn.v_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, _ = cache.update(layer, start, k, v)
-    return causal_scores(q, keys, ends, start), {}
+    return causal_scores(q, keys, ends, start)
 
 
 def _block_ends(ends: Any, n: int, max_tensors: int) -> list[int]:
@@ -200,11 +207,43 @@ def gated_down(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> 
     up stays until the session's next Gate, so a resent call gets the same answer."""
     layer = layer_index(server.config, args)
     (activated,) = float_inputs(tensors, 1, "SiLU(gate)", server.dtype)
+    return [_down(server, args, layer, activated)], {}
+
+
+def _down(server: "GpuServer", args: dict, layer: int, activated: torch.Tensor) -> torch.Tensor:
     up = _kept(server, args, "up", layer, "Gate")
     if activated.shape != up.shape:
         raise BadRequest(f"GatedDown expects SiLU(gate) of shape {list(up.shape)} (as Gate made it), "
                          f"got {list(activated.shape)}")
-    return [server.layers[layer].mlp.down_proj(activated * up)], {}
+    return server.layers[layer].mlp.down_proj(activated * up)
+
+
+def _down_scores_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
+    return rows(shapes) * c.hidden_size + _qkv_output(c, args, shapes[1:])
+
+
+@method("DownScores", tensors=4, ranks=(3, 3, 2, 2), args=SCORE_ARGS, required=(LAYER, SESSION),
+        output=_down_scores_output)
+def down_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
+    """GatedDown of layer i and QKVScores of layer i + 1 in one round trip. d = down_proj(SiLU(gate)
+    * up) goes back for the TEE's residual add, and layer i + 1's q, k, v are projected from
+    input_layernorm.weight * (h + d), for the residual h the TEE sends: RMSNorm without its scale
+    per row, the TEE's. K and V are kept so, and the TEE applies the scale of each query and key
+    to the scores and of each key to the probabilities (Q·K^T and P·V are linear in each row).
+    Tensors: SiLU(gate) [b, n, intermediate], h [b, n, hidden], cos and sin [n, head_dim]."""
+    c, layer = server.config, layer_index(server.config, args)
+    if c.attention_bias:
+        raise BadRequest("DownScores needs attention projections without biases (they do not commute with "
+                         "RMSNorm's scale); this model has them: call GatedDown, then QKVScores")
+    if layer + 1 >= c.num_layers:
+        raise BadRequest(f"DownScores of layer {layer} has no next layer (the model has {c.num_layers}): "
+                         "call GatedDown")
+    activated, residual, cos, sin = float_inputs(tensors, 4, "SiLU(gate), residual, cos, sin", server.dtype)
+    d = _down(server, args, layer, activated)
+    if residual.shape != d.shape:
+        raise BadRequest(f"DownScores expects the residual {list(d.shape)} of its rows, got {list(residual.shape)}")
+    norm = server.layers[layer + 1].input_layernorm
+    return [d, *_scores(server, args, layer + 1, norm.weight * (residual + d), cos, sin)], {}
 
 
 @method("Release", args=SESSION_ARGS, required=(SESSION,))

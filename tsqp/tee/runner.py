@@ -190,19 +190,19 @@ class TeeRunner:
         scaling = c.head_dim ** -0.5
 
         # RoPE, Q @ K^T, P @ V and * up run where the protocol puts them: all on the GPU (lean); RoPE
-        # and * up in the TEE, the products on the GPU (seed); all in the TEE (guarded). Lean also
-        # sends gate & up with o_proj, of h + o before RMSNorm's scale, which the TEE applies after.
+        # and * up in the TEE, the products on the GPU (seed); all in the TEE (guarded). Lean starts
+        # each RMSNorm's projections in the call before, on h before the scale, applied after.
         h = steps.embed(input_ids)  # [GPU] Embedding (in the TEE when guarded, and for lean decode steps)
         for i in range(c.num_layers):
             # Attention
-            x = ops.rms_norm(h, w.input_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
+            x = ops.rms_normalize(h, w.input_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
             scores = steps.scores(i, x, cos, sin)  # [GPU] q/k/v projections, then RoPE, Q @ K^T: causal blocks
             probs = [ops.causal_softmax(block, scaling) for block in scores]  # [TEE] mask + softmax
             h = h + steps.attn_out(i, probs, h)  # P @ V, [GPU] o_proj; [TEE] residual (lean: gate & up go with it)
             # MLP
             x = ops.rms_normalize(h, w.post_attention_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
             gate = steps.gate(i, x)  # [GPU] gate & up projections
-            h = h + steps.down(i, ops.silu(gate))  # [TEE] SiLU; * up, [GPU] down; [TEE] residual
+            h = h + steps.down(i, ops.silu(gate), h)  # [TEE] SiLU; * up, [GPU] down; [TEE] residual (lean: the next q/k/v go with it)
         if not window.all_positions:
             h = h[:, -1:]
         h = ops.rms_norm(h, w.final_norm(), c.rms_norm_eps)  # [TEE] final RMSNorm

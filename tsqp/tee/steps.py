@@ -4,15 +4,17 @@ unguarded implementations.
 * `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
   the TEE rotates q and k (RoPE), keeps K and V, and expands them for GQA before sending them
   to `Matmul` with each step, as the seed does;
-* `LeanSteps`: fused calls, 3 per layer + 2. q/k/v, RoPE and Q·K^T are one call: RoPE is a
+* `LeanSteps`: fused calls, 2 per layer + 2. q/k/v, RoPE and Q·K^T are one call: RoPE is a
   linear, position-wise rotation, so the server applies it with cos/sin tables the TEE computes
   from its own config, and keeps K and V by position for its session; q, k, v never cross the
-  wire. P·V goes with o_proj, and with gate and up of the next RMSNorm: its one non-linear part
-  is a scale per row, which commutes with a projection without bias, so the server projects
-  weight * (h + o) and the TEE scales what comes back. Of gate and up only gate comes back, for
-  SiLU: the product with up is linear in up, so the server applies it in front of down_proj
-  (with the scale, which the TEE puts into SiLU(gate)). A model with MLP biases takes 4 calls
-  per layer: AttnOut, then Gate of the normalized h.
+  wire. Of gate and up only gate comes back, for SiLU: the product with up is linear in up, so
+  the server applies it in front of down_proj. And each call goes on to the next projections:
+  RMSNorm's one non-linear part is a scale per row, which commutes with a projection without
+  bias, so the server projects weight * h before the scale and the TEE applies it to what comes
+  back. P·V and o_proj go with the gate and up of the next RMSNorm (AttnGate), down_proj with the
+  next layer's q/k/v and Q·K^T (DownScores; K and V stay unscaled on the server, and the TEE
+  scales the scores by each query's and key's scale and the probabilities by each key's).
+  Biases in the MLP or the attention keep their calls apart (up to 4 per layer).
 
 The guarded steps (private, verify) are in guard.py.
 """
@@ -68,8 +70,9 @@ class Steps(Protocol):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
-    def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
-        """Unscaled Q·K^T of the window's queries against every key so far, as causal query blocks."""
+    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+        """Unscaled Q·K^T of the window's queries (of RMSNorm(h)) against every key so far, as
+        causal query blocks."""
 
     def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
         """o_proj(P·V) for the probabilities of `scores`' blocks; `residual` is the h it is added
@@ -78,8 +81,9 @@ class Steps(Protocol):
     def gate(self, layer: int, x: ops.Normalized) -> torch.Tensor:
         """The gate projection of RMSNorm(h) (up is made alongside, for `down`)."""
 
-    def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
-        """down_proj(SiLU(gate) * up) for the TEE's SiLU(gate)."""
+    def down(self, layer: int, activated: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """down_proj(SiLU(gate) * up) for the TEE's SiLU(gate); `residual` is the h it is added
+        to, for a protocol that starts the next layer's projections in the same call."""
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor: ...
 
@@ -151,11 +155,11 @@ class SeedSteps:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.call("Embedding", input_ids, expect=[(*input_ids.shape, self.config.hidden_size)])[0]
 
-    def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """The seed's one block: every new query against every key so far."""
-        c, cache = self.config, self.cache
+        c, cache, normed = self.config, self.cache, x.value
         assert cache is not None
-        q, k, v = (self._linear(layer, m, x) for m in ("q_proj", "k_proj", "v_proj"))  # [GPU] Q/K/V projections
+        q, k, v = (self._linear(layer, m, normed) for m in ("q_proj", "k_proj", "v_proj"))  # [GPU] Q/K/V projections
         q, k, v = (ops.split_heads(t, c.head_dim) for t in (q, k, v))
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)  # [TEE] RoPE
         keys, _ = cache.update(layer, self.window.start, k, v)
@@ -176,7 +180,7 @@ class SeedSteps:
         self._up = self._linear(layer, "up_proj", normed)  # [GPU] up projection
         return gate
 
-    def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
+    def down(self, layer: int, activated: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         assert self._up is not None
         product, self._up = activated * self._up, None  # [TEE] * up
         return self._linear(layer, "down_proj", product)  # [GPU] down projection
@@ -197,19 +201,25 @@ class LeanSteps:
         self.capacity = 0
         self.window = Window(0, 0)
         self._released = False  # the session's last LMHead freed it already
-        self.fused = not config.mlp_bias  # AttnGate: a bias would not commute with RMSNorm's scale
+        # A bias does not commute with RMSNorm's scale; nor may unscaled scores meet float16's range.
+        self.fused_mlp = not config.mlp_bias  # AttnGate
+        self.fused_attn = not config.attention_bias and wire_dtype != torch.float16  # DownScores
+        self.key_scales = torch.ones(0)  # [layers, b, capacity]: each key's scale, where the server keeps it unscaled
+        self._tables: tuple[torch.Tensor, torch.Tensor] = (torch.ones(0), torch.ones(0))  # this pass's cos, sin
         self._gate: torch.Tensor | None = None  # AttnGate's gate of weight * h, before the scale
         self._scale: torch.Tensor | None = None  # that scale, for the SiLU(gate) that down sends
+        self._scores: list[torch.Tensor] | None = None  # DownScores' blocks of the next layer, before the scales
 
     def open(self, batch: int, capacity: int) -> None:
         self.session, self.capacity, self._released = secrets.token_hex(16), capacity, False
+        self.key_scales = torch.ones(self.config.num_layers, batch, capacity)
 
     def begin(self, window: Window) -> float:
         self.window = window
         return 0.0
 
     def end(self) -> None:
-        self._gate = self._scale = None
+        self._gate = self._scale = self._scores = None
 
     def close(self) -> None:
         """Free the session's state on the server, unless its last LMHead already did (a failed
@@ -228,18 +238,26 @@ class LeanSteps:
             return self.weights.read_rows("model.embed_tokens.weight", input_ids)
         return self.call("Embedding", input_ids, expect=[(*input_ids.shape, self.config.hidden_size)])[0]
 
-    def scores(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
         """One call: projections, RoPE and Q·K^T on the server, K and V kept there by position.
-        Only the causal blocks come back, toward half the square."""
-        ends, shapes = causal_blocks(self.window, x, self.config.num_heads)
-        return self.call("QKVScores", x, exact=(cos, sin), expect=shapes, layer_idx=layer, session=self.session,
-                         blocks=ends, start=self.window.start, capacity=self.capacity)
+        Only the causal blocks come back, toward half the square. After the first layer they
+        came with the last call (DownScores) and get their scales here."""
+        self._tables = (cos, sin)
+        if self._scores is None:
+            ends, shapes = causal_blocks(self.window, x.h, self.config.num_heads)
+            return self.call("QKVScores", x.value, exact=(cos, sin), expect=shapes, layer_idx=layer,
+                             session=self.session, blocks=ends, start=self.window.start, capacity=self.capacity)
+        blocks, self._scores = self._scores, None
+        self.key_scales[layer, :, self.window.start: self.window.end] = x.scale[..., 0]
+        return ops.scaled_scores(blocks, x.scale, self.key_scales[layer])
 
     def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
         """o_proj(P·V); with it (AttnGate) the gate of post_attention_layernorm.weight * (h + o),
         which `gate` scales."""
         c, out = self.config, rows(residual, self.config.hidden_size)
-        if not self.fused:
+        if self.fused_attn and layer > 0:  # this layer's V is kept before the scale
+            probs = [p * self.key_scales[layer, :, None, None, : p.shape[3]] for p in probs]
+        if not self.fused_mlp:
             return self.call("AttnOut", *probs, expect=out, layer_idx=layer, session=self.session)[0]
         o, self._gate = self.call("AttnGate", residual, *probs, expect=[*out, *rows(residual, c.intermediate_size)],
                                   layer_idx=layer, session=self.session)
@@ -252,13 +270,19 @@ class LeanSteps:
         gate, self._gate, self._scale = self._gate * x.scale, None, x.scale
         return gate
 
-    def down(self, layer: int, activated: torch.Tensor) -> torch.Tensor:
+    def down(self, layer: int, activated: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """down_proj(SiLU(gate) * up); after AttnGate the server keeps up before the scale, so
-        SiLU(gate) goes with it."""
+        SiLU(gate) goes with it. With it (DownScores) the next layer's scores, which `scores` scales."""
         if self._scale is not None:
             activated, self._scale = activated * self._scale, None
-        return self.call("GatedDown", activated, expect=rows(activated, self.config.hidden_size), layer_idx=layer,
-                         session=self.session)[0]
+        out = rows(activated, self.config.hidden_size)
+        if not self.fused_attn or layer + 1 == self.config.num_layers:
+            return self.call("GatedDown", activated, expect=out, layer_idx=layer, session=self.session)[0]
+        ends, shapes = causal_blocks(self.window, residual, self.config.num_heads)
+        d, *self._scores = self.call("DownScores", activated, residual, exact=self._tables, expect=[*out, *shapes],
+                                     layer_idx=layer, session=self.session, blocks=ends, start=self.window.start,
+                                     capacity=self.capacity)
+        return d
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """A sequence's last pass frees its session with its LMHead, saving a Release round trip."""
