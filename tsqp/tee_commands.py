@@ -87,7 +87,7 @@ def _output_options(p: argparse.ArgumentParser) -> None:
                    help="the products --verify checks: float64 leaves a server no room to move a near-tie "
                         "(docs/security.md), at the cost of float64 GEMMs (default: %(default)s)")
     p.add_argument("--protocol", choices=("lean", "seed"), default="lean",
-                   help="lean: fused calls, 4 round trips per layer (default); seed: the seed's 9 per layer "
+                   help="lean: fused calls, 2 round trips per layer (default); seed: the seed's 9 per layer "
                         "(lean only with --protection private / --verify)")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of activations on the wire (float32 is exact; default: %(default)s)")
