@@ -91,8 +91,9 @@ def server_rows(server: GpuServer) -> dict[str, Callable[[], Any]]:
     x = torch.randn(1, 1, h)
     cos, sin = torch.randn(1, d), torch.randn(1, d)
     session = {"layer_idx": 0, "session": "hotpath"}
-    server.handle(request("QKVScores", [torch.randn(1, prompt, h), torch.randn(prompt, d), torch.randn(prompt, d)],
-                          blocks=[prompt], start=0, capacity=prompt + 1, **session))
+    for layer in (1, 0):  # DownScores of layer 0 writes layer 1's keys
+        server.handle(request("QKVScores", [torch.randn(1, prompt, h), torch.randn(prompt, d), torch.randn(prompt, d)],
+                              blocks=[prompt], start=0, capacity=prompt + 1, **{**session, "layer_idx": layer}))
     server.handle(request("Gate", [x], **session))
     rows = {
         "Echo [1,1,h]": checked(server, request("Echo", [x])),
@@ -103,6 +104,11 @@ def server_rows(server: GpuServer) -> dict[str, Callable[[], Any]]:
         "Gate decode": checked(server, request("Gate", [x], **session)),
         "GatedDown decode": checked(server, request("GatedDown", [torch.randn(1, 1, c.intermediate_size)],
                                                     **session)),
+        "AttnGate decode": checked(server, request("AttnGate", [x, torch.rand(1, c.num_heads, 1, prompt + 1)],
+                                                   **session)),
+        "DownScores decode": checked(server, request("DownScores", [torch.randn(1, 1, c.intermediate_size), x, cos,
+                                                                    sin], blocks=[1], start=prompt,
+                                                     capacity=prompt + 1, **session)),
     }
     return rows
 
