@@ -65,13 +65,13 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
             assert r["overhead_per_round_trip_s"] == pytest.approx((unit[0] - unit[1]) / unit[2])
         if r["phase"] == "decode":
             assert r["new_tokens"] == 3 and r["ms_per_token"] > 0 and r["bytes_per_token"] >= 0
-            per_token = {"split": 2 * 2 + 2, "split-seed": 9 * 2 + 2, "whole": 0, "tee-only": 0}  # lean: AttnGate, DownScores
+            per_token = {"split": 2 * 2 + 1, "split-seed": 9 * 2 + 2, "whole": 0, "tee-only": 0}  # lean: AttnGate, DownScores
             assert r["round_trips_per_token"] == per_token.get(r["mode"], 4 * 2 + 1)
             if r["mode"] in ("split-private", "split-verify", "split-private+verify"):
                 assert r["offline_s_per_token"] > 0
             continue
         if r["mode"] == "split":
-            assert r["round_trips"] == 2 * 2 + 3
+            assert r["round_trips"] == 2 * 2 + 2
         if r["mode"] == "split-seed":
             assert r["round_trips"] == 9 * 2 + 2
         if r["mode"].startswith("split-p") or r["mode"] == "split-verify":

@@ -96,7 +96,7 @@ def test_norm_weights_and_config_come_from_the_tee_directory(servers, model_dirs
     original = runner.client.call
     monkeypatch.setattr(runner.client, "call", lambda method, *a, **k: methods.append(method) or original(method, *a, **k))
     runner.prefill(random_ids(runner.config.vocab_size, 1, seed=3))
-    assert "Init" not in methods and methods[0] == "Embedding" and methods[-1] == "LMHead"
+    assert "Init" not in methods and methods[0] == "Embedding" and methods[-1] == "DownHead"
 
 
 def test_init_fallback_warns_and_matches(servers, references):

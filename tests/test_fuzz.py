@@ -88,15 +88,16 @@ def plausible(draw) -> tuple[str, dict, list[dict]]:
             "wire_dtype": draw(st.sampled_from([*protocol.WIRE_DTYPES, "float64"]))}
     shapes = {"Embedding": [[b, n]], "Whole": [[b, n]], "QKVScores": [x, [n, D], [draw(st.sampled_from([n, m])), D]],
               "AttnOut": [[b, HEADS, n, draw(st.sampled_from([n, m]))]], "GatedDown": [[b, n, I]],
-              "AttnGate": [x, [b, HEADS, n, draw(st.sampled_from([n, m]))]],
+              "AttnGate": [x, [b, HEADS, n, draw(st.sampled_from([n, m]))]], "DownHead": [[b, n, I], x],
+              "DownScores": [[b, n, I], x, [n, D], [draw(st.sampled_from([n, m])), D]],
               "Matmul": draw(st.sampled_from([[[b, HEADS, n, D], [b, HEADS, D, n]], [[b, HEADS, n, n], [b, HEADS, n, D]],
                                               [[b, HEADS, n, D], [b, HEADS, D, m]], [[n, m], [m, 3]]])),
               "Ping": [], "Init": [], "Release": []}.get(method, [x])
     if method in ("Linear",):
         args["module_name"] = draw(st.sampled_from(protocol.LINEAR_MODULES))
-    if method == "QKVScores" and draw(st.booleans()):
+    if method in ("QKVScores", "DownScores") and draw(st.booleans()):
         args["blocks"] = draw(st.sampled_from([[n], [1, n], [n, n], [m], "all"]))
-    if method in ("QKVScores", "AttnOut", "AttnGate", "Gate", "GatedDown", "Release"):
+    if method in ("QKVScores", "AttnOut", "AttnGate", "DownScores", "DownHead", "Gate", "GatedDown", "Release"):
         args["session"] = draw(st.sampled_from(["fuzz-a", "fuzz-b", "x" * 130]))
     if method == "Linears":
         args["modules"] = draw(st.lists(st.sampled_from(protocol.LINEAR_MODULES), min_size=1, max_size=3))

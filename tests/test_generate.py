@@ -52,7 +52,7 @@ def test_greedy_generation_matches_transformers(variant, mode, batch, servers, m
         assert relative_error(result.logits[:, step], want_logits[:, step]) <= tolerance
     per_token = result.decode_wire.round_trips / (NEW - 1)
     layers = runner.config.num_layers
-    lean = 4 * layers + 1 if runner.config.mlp_bias else 2 * layers + 2  # AttnGate and DownScores, unless biases
+    lean = 4 * layers if runner.config.mlp_bias else 2 * layers + 1  # AttnGate, DownScores, unless biases; DownHead
     assert per_token == {"lean": lean, "seed": 9 * layers + 2}.get(mode, 4 * layers + 1)
 
 

@@ -37,7 +37,7 @@ def test_generate_streams_text_and_saves_exact_ids_and_logits(servers, tiny_dir,
                  "New tokens: 10 per sequence"):
         assert line in result.stdout
     figures = json.loads((tmp_path / "run.json").read_text())
-    assert figures["tokens"] == want.tolist() and figures["round_trips_per_token"] == 2 * 2 + 2
+    assert figures["tokens"] == want.tolist() and figures["round_trips_per_token"] == 2 * 2 + 1
 
 
 def test_generate_from_a_chat_prompt_and_random_ids(servers, tiny_dir, tmp_path):

@@ -78,7 +78,7 @@ def test_round_trips_and_bytes_are_counted_from_the_socket(servers, model_dirs):
     ids = torch.randint(0, c.vocab_size, (batch, n))
     s, l = seed.prefill(ids), lean.prefill(ids)
     assert s.wire.round_trips == 9 * c.num_layers + 2
-    assert l.wire.round_trips == 2 * c.num_layers + 3  # AttnGate, DownScores: 2 per layer
+    assert l.wire.round_trips == 2 * c.num_layers + 2  # AttnGate, DownScores (DownHead): 2 per layer
     # payload bytes the lean protocol must move, float32 on the wire: no q, k, v or up
     tok, f = batch * n, 4
     h, i = c.hidden_size, c.intermediate_size
@@ -219,6 +219,35 @@ def test_down_scores_is_gated_down_then_the_next_layers_scores_before_the_norms_
     biased.close()
 
 
+def test_down_head_is_the_last_down_then_the_logits_before_the_final_norms_scale(servers, references):
+    """DownHead: down_proj(SiLU(gate) * up) and lm_head(norm.weight * (h + d)) at the last
+    position or every one, against transformers' modules; `release` frees the session; refused
+    before the last layer."""
+    model = references["tied"]
+    c, last = model.config, model.model.layers[-1]
+    client = Client(servers["tied"].endpoint, timeout_s=10)
+    b, n = 2, 4
+    g = torch.Generator().manual_seed(13)
+    x, h = torch.randn(b, n, c.hidden_size, generator=g), torch.randn(b, n, c.hidden_size, generator=g) * 3
+    activated = torch.randn(b, n, c.intermediate_size, generator=g)
+    sessions = client.ping()["sessions"]
+    client.call("Gate", [x], layer_idx=c.num_hidden_layers - 1, session="head")
+    with torch.inference_mode():
+        expected_down = last.mlp.down_proj(activated * last.mlp.up_proj(x))
+        expected = model.lm_head(model.model.norm.weight * (h + expected_down))
+        d, logits = client.call("DownHead", [activated, h], layer_idx=c.num_hidden_layers - 1, session="head",
+                                all_positions=True).tensors
+        torch.testing.assert_close(d, expected_down, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        _, last_logits = client.call("DownHead", [activated, h], layer_idx=c.num_hidden_layers - 1, session="head",
+                                     release=True).tensors
+        torch.testing.assert_close(last_logits, expected[:, -1:], rtol=1e-5, atol=1e-5)
+    assert client.ping()["sessions"] == sessions  # released
+    with pytest.raises(RemoteError, match="last layer"):
+        client.call("DownHead", [activated, h], layer_idx=0, session="head")
+    client.close()
+
+
 def test_v_is_kept_per_session(servers):
     """Two runners' V tensors never mix: AttnOut uses the V of its own session."""
     client = Client(servers["gqa"].endpoint, timeout_s=10)
@@ -264,8 +293,7 @@ def test_scores_and_attn_out_by_causal_blocks(servers, references):
 
 
 @pytest.mark.parametrize("method, protection", [("QKVScores", "none"), ("AttnGate", "none"), ("DownScores", "none"),
-                                                ("GatedDown", "none"),
-                                                ("LMHead", "none"),
+                                                ("DownHead", "none"),
                                                 ("Linears", "private")])
 def test_a_reply_of_the_wrong_shape_is_refused(method, protection, servers, model_dirs):
     """The TEE checks what comes back: one column short is an error naming the method, not a crash."""

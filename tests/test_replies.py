@@ -50,8 +50,8 @@ def run(tiny_dir, method: str, nth: int, value: float, **runner_args) -> None:
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_lean_reply_is_named_by_method_and_layer(tiny_dir, value):
-    with pytest.raises(ProtocolError, match=r"LMHead reply holds NaN or infinity"):
-        run(tiny_dir, "LMHead", 1, value)
+    with pytest.raises(ProtocolError, match=r"DownHead \(layer 1\) reply holds NaN or infinity"):
+        run(tiny_dir, "DownHead", 1, value)
     with pytest.raises(ProtocolError, match=r"AttnGate \(layer 1\) reply holds NaN or infinity"):
         run(tiny_dir, "AttnGate", 2, value)  # mid-forward: named here, not by the next call's refusal
     with pytest.raises(ProtocolError, match=r"DownScores \(layer 0\) reply holds NaN or infinity"):

@@ -176,7 +176,7 @@ def test_release_frees_a_session_and_is_idempotent(servers):
         assert caught.value.code == "bad_request" and "session" in str(caught.value)
 
 
-@pytest.mark.parametrize("fail_at, nth", [("AttnGate", 2), ("DownScores", 1), ("GatedDown", 1), ("LMHead", 2)])
+@pytest.mark.parametrize("fail_at, nth", [("AttnGate", 2), ("DownScores", 1), ("DownHead", 2)])
 def test_a_failed_lean_prefill_leaves_nothing_on_the_server(fail_at, nth, tiny_dir):
     with api.start_server(tiny_dir, device="cpu") as server:
         runner = api.connect(server.endpoint, tiny_dir)
@@ -184,14 +184,14 @@ def test_a_failed_lean_prefill_leaves_nothing_on_the_server(fail_at, nth, tiny_d
 
         def failing(method, tensors=(), **args):
             seen.append(method)
-            if method == fail_at and seen.count(method) == nth:  # e.g. the second layer's, or a second prefill's LMHead
+            if method == fail_at and seen.count(method) == nth:  # e.g. the second layer's, or a second prefill's DownHead
                 raise RemoteError("internal", "injected failure")
             return original(method, tensors, **args)
 
         runner.client.call = failing
         ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
-        if fail_at == "LMHead":
-            runner.prefill(ids)  # a whole prefill first: LMHead frees its state, no Release needed
+        if fail_at == "DownHead":
+            runner.prefill(ids)  # a whole prefill first: DownHead frees its state, no Release needed
             assert "Release" not in seen
         with pytest.raises(RemoteError, match="injected"):
             runner.prefill(ids)

@@ -15,7 +15,7 @@ OPERATIONS = {
     "seed": ("Softmax, RMSNorm, RotaryEmbedding, SiLU", "Linear, Embedding, Matmul"),
     "lean": ("Softmax, RMSNorm, SiLU (and the rotary tables)",
              "Embedding, QKVScores (q/k/v, RoPE, Q·K^T), AttnGate (P·V + o_proj, then gate, up), "
-             "DownScores (· up, down_proj, then the next layer's QKVScores), GatedDown, LMHead"),
+             "DownScores (· up, down_proj, then the next layer's QKVScores), DownHead (the last down, lm_head)"),
     "guarded": ("Embedding, Softmax, RMSNorm, RotaryEmbedding, SiLU, Q·K^T, P·V",
                 "Linears (the projections and the LM head)"),
 }

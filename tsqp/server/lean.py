@@ -246,6 +246,33 @@ def down_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) ->
     return [d, *_scores(server, args, layer + 1, norm.weight * (residual + d), cos, sin)], {}
 
 
+def _down_head_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
+    b, n, _ = shapes[0]
+    return rows(shapes) * c.hidden_size + b * (n if args.get("all_positions") else 1) * c.vocab_size
+
+
+@method("DownHead", tensors=2, ranks=(3, 3), args={**LAYER_SESSION, "all_positions": (bool,), "release": (bool,)},
+        required=(LAYER, SESSION), output=_down_head_output)
+def down_head(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
+    """The last layer's GatedDown and the LM head in one round trip: d = down_proj(SiLU(gate) * up)
+    goes back for the TEE's residual add, and the logits of model.norm.weight * (h + d) at the
+    last position (every position with `all_positions`), for the residual h the TEE sends: the
+    final RMSNorm without its scale, which the TEE applies to the logits (the LM head has no
+    bias). `release`: the sequences end here, so what the session keeps is freed."""
+    c, layer = server.config, layer_index(server.config, args)
+    if layer != c.num_layers - 1:
+        raise BadRequest(f"DownHead follows the last layer ({c.num_layers - 1}), not layer {layer}: call DownScores")
+    activated, residual = float_inputs(tensors, 2, "SiLU(gate), residual", server.dtype)
+    d = _down(server, args, layer, activated)
+    if residual.shape != d.shape:
+        raise BadRequest(f"DownHead expects the residual {list(d.shape)} of its rows, got {list(residual.shape)}")
+    h = residual + d if args.get("all_positions") else residual[:, -1:] + d[:, -1:]
+    logits = server.model.lm_head(server.model.model.norm.weight * h)
+    if args.get("release"):
+        server.sessions.release(current_owner(), args["session"])
+    return [d, logits], {}
+
+
 @method("Release", args=SESSION_ARGS, required=(SESSION,))
 def release(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
     """Free everything a session keeps. Idempotent: an unknown session (released, expired,

@@ -175,5 +175,5 @@ class GuardedSteps:
         product, self._up = activated * self._up, None  # in the TEE: private mode's server has only a masked up
         return self._project(layer, "down", product)[0]
 
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self._project(None, "lm_head", h)[0]
+    def lm_head(self, x: ops.Normalized) -> torch.Tensor:
+        return self._project(None, "lm_head", x.value)[0]

@@ -205,8 +205,8 @@ class TeeRunner:
             h = h + steps.down(i, ops.silu(gate), h)  # [TEE] SiLU; * up, [GPU] down; [TEE] residual (lean: the next q/k/v go with it)
         if not window.all_positions:
             h = h[:, -1:]
-        h = ops.rms_norm(h, w.final_norm(), c.rms_norm_eps)  # [TEE] final RMSNorm
-        return steps.lm_head(h)  # [GPU] LM head
+        x = ops.rms_normalize(h, w.final_norm(), c.rms_norm_eps)  # [TEE] final RMSNorm
+        return steps.lm_head(x)  # [GPU] LM head (lean: with the last down)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling) -> "Generation":
         """New tokens for `input_ids` [batch, prompt] as they come: iterate for each step's

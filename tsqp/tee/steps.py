@@ -4,7 +4,7 @@ unguarded implementations.
 * `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
   the TEE rotates q and k (RoPE), keeps K and V, and expands them for GQA before sending them
   to `Matmul` with each step, as the seed does;
-* `LeanSteps`: fused calls, 2 per layer + 2. q/k/v, RoPE and Q·K^T are one call: RoPE is a
+* `LeanSteps`: fused calls, 2 per layer + 1. q/k/v, RoPE and Q·K^T are one call: RoPE is a
   linear, position-wise rotation, so the server applies it with cos/sin tables the TEE computes
   from its own config, and keeps K and V by position for its session; q, k, v never cross the
   wire. Of gate and up only gate comes back, for SiLU: the product with up is linear in up, so
@@ -13,7 +13,8 @@ unguarded implementations.
   bias, so the server projects weight * h before the scale and the TEE applies it to what comes
   back. P·V and o_proj go with the gate and up of the next RMSNorm (AttnGate), down_proj with the
   next layer's q/k/v and Q·K^T (DownScores; K and V stay unscaled on the server, and the TEE
-  scales the scores by each query's and key's scale and the probabilities by each key's).
+  scales the scores by each query's and key's scale and the probabilities by each key's), the
+  last layer's down_proj with the LM head of the final norm (DownHead).
   Biases in the MLP or the attention keep their calls apart (up to 4 per layer).
 
 The guarded steps (private, verify) are in guard.py.
@@ -85,7 +86,8 @@ class Steps(Protocol):
         """down_proj(SiLU(gate) * up) for the TEE's SiLU(gate); `residual` is the h it is added
         to, for a protocol that starts the next layer's projections in the same call."""
 
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor: ...
+    def lm_head(self, x: ops.Normalized) -> torch.Tensor:
+        """Logits of the final RMSNorm's output."""
 
 
 class Caller:
@@ -185,8 +187,8 @@ class SeedSteps:
         product, self._up = activated * self._up, None  # [TEE] * up
         return self._linear(layer, "down_proj", product)  # [GPU] down projection
 
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.call("LMHead", h, expect=rows(h, self.config.vocab_size))[0]
+    def lm_head(self, x: ops.Normalized) -> torch.Tensor:
+        return self.call("LMHead", x.value, expect=rows(x.h, self.config.vocab_size))[0]
 
 
 class LeanSteps:
@@ -200,7 +202,7 @@ class LeanSteps:
         self.session: str | None = None
         self.capacity = 0
         self.window = Window(0, 0)
-        self._released = False  # the session's last LMHead freed it already
+        self._released = False  # the session's last DownHead freed it already
         # A bias does not commute with RMSNorm's scale; nor may unscaled scores meet float16's range.
         self.fused_mlp = not config.mlp_bias  # AttnGate
         self.fused_attn = not config.attention_bias and wire_dtype != torch.float16  # DownScores
@@ -209,6 +211,7 @@ class LeanSteps:
         self._gate: torch.Tensor | None = None  # AttnGate's gate of weight * h, before the scale
         self._scale: torch.Tensor | None = None  # that scale, for the SiLU(gate) that down sends
         self._scores: list[torch.Tensor] | None = None  # DownScores' blocks of the next layer, before the scales
+        self._logits: torch.Tensor | None = None  # DownHead's, before the final norm's scale
 
     def open(self, batch: int, capacity: int) -> None:
         self.session, self.capacity, self._released = secrets.token_hex(16), capacity, False
@@ -219,10 +222,10 @@ class LeanSteps:
         return 0.0
 
     def end(self) -> None:
-        self._gate = self._scale = self._scores = None
+        self._gate = self._scale = self._scores = self._logits = None
 
     def close(self) -> None:
-        """Free the session's state on the server, unless its last LMHead already did (a failed
+        """Free the session's state on the server, unless its last DownHead already did (a failed
         or unfinished run leaves it there otherwise, until it is evicted)."""
         session, self.session = self.session, None
         if session is not None and not self._released and self.call.reachable:
@@ -275,8 +278,14 @@ class LeanSteps:
         SiLU(gate) goes with it. With it (DownScores) the next layer's scores, which `scores` scales."""
         if self._scale is not None:
             activated, self._scale = activated * self._scale, None
-        out = rows(activated, self.config.hidden_size)
-        if not self.fused_attn or layer + 1 == self.config.num_layers:
+        c, w, out = self.config, self.window, rows(activated, self.config.hidden_size)
+        if layer + 1 == c.num_layers:  # the LM head has no bias: it always commutes with the final norm's scale
+            head = (activated.shape[0], w.tokens if w.all_positions else 1, c.vocab_size)
+            d, self._logits = self.call("DownHead", activated, residual, expect=[*out, head], layer_idx=layer,
+                                        session=self.session, all_positions=w.all_positions, release=w.final)
+            self._released = w.final
+            return d
+        if not self.fused_attn:
             return self.call("GatedDown", activated, expect=out, layer_idx=layer, session=self.session)[0]
         ends, shapes = causal_blocks(self.window, residual, self.config.num_heads)
         d, *self._scores = self.call("DownScores", activated, residual, exact=self._tables, expect=[*out, *shapes],
@@ -284,11 +293,9 @@ class LeanSteps:
                                      capacity=self.capacity)
         return d
 
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        """A sequence's last pass frees its session with its LMHead, saving a Release round trip."""
-        expect = rows(h, self.config.vocab_size)
-        if not self.window.final:
-            return self.call("LMHead", h, expect=expect)[0]
-        logits = self.call("LMHead", h, expect=expect, session=self.session)[0]
-        self._released = True
+    def lm_head(self, x: ops.Normalized) -> torch.Tensor:
+        """The logits DownHead made before the final norm's scale, scaled. (A sequence's last
+        pass freed its session there, saving a Release round trip.)"""
+        assert self._logits is not None, "DownHead comes first"
+        logits, self._logits = self._logits * x.scale, None
         return logits
