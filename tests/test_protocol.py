@@ -239,12 +239,16 @@ def test_down_head_is_the_last_down_then_the_logits_before_the_final_norms_scale
                                 all_positions=True).tensors
         torch.testing.assert_close(d, expected_down, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-        _, last_logits = client.call("DownHead", [activated, h], layer_idx=c.num_hidden_layers - 1, session="head",
-                                     release=True).tensors
+        _, last_logits = client.call("DownHead", [activated, h[:, -1:]], layer_idx=c.num_hidden_layers - 1,
+                                     session="head", release=True).tensors
         torch.testing.assert_close(last_logits, expected[:, -1:], rtol=1e-5, atol=1e-5)
     assert client.ping()["sessions"] == sessions  # released
     with pytest.raises(RemoteError, match="last layer"):
         client.call("DownHead", [activated, h], layer_idx=0, session="head")
+    client.call("Gate", [x], layer_idx=c.num_hidden_layers - 1, session="head")
+    with pytest.raises(RemoteError, match="residual"):  # every row's, where only the last gets logits
+        client.call("DownHead", [activated, h], layer_idx=c.num_hidden_layers - 1, session="head")
+    client.call("Release", session="head")
     client.close()
 
 

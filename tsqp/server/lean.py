@@ -256,18 +256,19 @@ def _down_head_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> in
 def down_head(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
     """The last layer's GatedDown and the LM head in one round trip: d = down_proj(SiLU(gate) * up)
     goes back for the TEE's residual add, and the logits of model.norm.weight * (h + d) at the
-    last position (every position with `all_positions`), for the residual h the TEE sends: the
-    final RMSNorm without its scale, which the TEE applies to the logits (the LM head has no
+    last position (every position with `all_positions`), for the residual h the TEE sends there:
+    the final RMSNorm without its scale, which the TEE applies to the logits (the LM head has no
     bias). `release`: the sequences end here, so what the session keeps is freed."""
     c, layer = server.config, layer_index(server.config, args)
     if layer != c.num_layers - 1:
         raise BadRequest(f"DownHead follows the last layer ({c.num_layers - 1}), not layer {layer}: call DownScores")
     activated, residual = float_inputs(tensors, 2, "SiLU(gate), residual", server.dtype)
     d = _down(server, args, layer, activated)
-    if residual.shape != d.shape:
-        raise BadRequest(f"DownHead expects the residual {list(d.shape)} of its rows, got {list(residual.shape)}")
-    h = residual + d if args.get("all_positions") else residual[:, -1:] + d[:, -1:]
-    logits = server.model.lm_head(server.model.model.norm.weight * h)
+    last = d if args.get("all_positions") else d[:, -1:]
+    if residual.shape != last.shape:
+        raise BadRequest(f"DownHead expects the residual {list(last.shape)} of the rows it makes logits for, got "
+                         f"{list(residual.shape)}")
+    logits = server.model.lm_head(server.model.model.norm.weight * (residual + last))
     if args.get("release"):
         server.sessions.release(current_owner(), args["session"])
     return [d, logits], {}

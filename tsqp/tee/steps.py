@@ -281,6 +281,7 @@ class LeanSteps:
         c, w, out = self.config, self.window, rows(activated, self.config.hidden_size)
         if layer + 1 == c.num_layers:  # the LM head has no bias: it always commutes with the final norm's scale
             head = (activated.shape[0], w.tokens if w.all_positions else 1, c.vocab_size)
+            residual = residual if w.all_positions else residual[:, -1:]  # the rows that get logits
             d, self._logits = self.call("DownHead", activated, residual, expect=[*out, head], layer_idx=layer,
                                         session=self.session, all_positions=w.all_positions, release=w.final)
             self._released = w.final
