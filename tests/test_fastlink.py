@@ -105,11 +105,11 @@ def test_a_server_killed_mid_call_is_noticed_at_once_and_a_restarted_one_found_a
         with api.spawn_server(tiny_dir, device="cpu", endpoint=endpoint, shm=True) as first:
             (before,) = client.call("Linear", [x], layer_idx=1, module_name="o_proj").tensors
             assert client.via == "fastlink"
-            killer = threading.Timer(0.5, first.process.send_signal, (signal.SIGKILL,))
+            killer = threading.Timer(0.2, first.process.send_signal, (signal.SIGKILL,))
             killer.start()
             start = time.monotonic()
-            with pytest.raises(ServerUnreachable, match="connection was lost"):  # 500 greedy steps: seconds
-                client.call("WholeDecode", [torch.randint(0, 256, (1, 4))], steps=500)
+            with pytest.raises(ServerUnreachable, match="connection was lost"):  # 256 x 500 greedy steps: seconds
+                client.call("WholeDecode", [torch.randint(0, 256, (256, 4))], steps=500)
             assert time.monotonic() - start < 3.0
             killer.join()
             first.process.wait(10)
