@@ -1,11 +1,15 @@
 """The session methods: the lean protocol's fused calls, which keep K, V and up here between
 calls, and Release, which frees them.
 
+AttnGate, DownScores and DownHead go on to the next RMSNorm's projections in the same call, on
+its weight times its input h, before the norm's scale (one number per row, the TEE's: it
+commutes with a projection without bias); the TEE applies the scale to what comes back.
+
 A session holds one KV cache for its batch of sequences, allocated for the capacity the client
 states when it starts them (QKVScores at position 0) and written at explicit positions, so that
-a resent call changes nothing; and the latest layer's up (GatedDown follows its Gate or AttnGate). A decode
-step is a QKVScores at the next position: its queries see every key kept so far. LMHead with
-the session, or Release, frees it.
+a resent call changes nothing; and the latest layer's up (for the down projection after its
+Gate or AttnGate). A decode step writes its keys at the next position: its queries see every key
+kept so far. DownHead with `release`, LMHead with the session, or Release frees it.
 """
 
 from __future__ import annotations
