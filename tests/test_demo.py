@@ -71,7 +71,7 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
                 assert r["offline_s_per_token"] > 0
             continue
         if r["mode"] == "split":
-            assert r["round_trips"] == 2 * 2 + 2
+            assert r["round_trips"] == 2 * 2 + 3  # Embedding, ..., Release
         if r["mode"] == "split-seed":
             assert r["round_trips"] == 9 * 2 + 2
         if r["mode"].startswith("split-p") or r["mode"] == "split-verify":

@@ -13,6 +13,7 @@ import torch
 
 from tsqp import api
 from tsqp import ops
+from tsqp.errors import RemoteError
 
 from conftest import REPO, VARIANTS, reference_logits, relative_error
 
@@ -89,6 +90,33 @@ def test_16_bit_wire_is_close_but_not_exact(wire, servers, model_dirs, reference
     assert 0 < error < 5e-2
 
 
+def test_a_float16_server_refuses_unscaled_scores_and_the_runner_takes_the_unfused_calls(tiny_dir, references):
+    """Q·K^T before RMSNorm's scale is larger by both rows' RMS: a float16 server refuses
+    DownScores (code `unsupported`) and the runner goes on with GatedDown and QKVScores."""
+    with api.start_server(tiny_dir, device="cpu", dtype="float16") as server:
+        runner = api.connect(server.endpoint, tiny_dir)
+        methods, refused = [], []
+        original = runner.client.call
+
+        def recording(method, *args, **kwargs):
+            methods.append(method)
+            try:
+                return original(method, *args, **kwargs)
+            except RemoteError as err:
+                refused.append((method, err.code))
+                raise
+
+        runner.client.call = recording
+        ids = random_ids(runner.config.vocab_size, 1, seed=4)
+        first, second = runner.prefill(ids), runner.prefill(ids)
+        runner.client.close()
+    assert refused == [("DownScores", "unsupported")] and methods.count("DownScores") == 1
+    assert "GatedDown" in methods and methods.count("QKVScores") == 2 * runner.config.num_layers
+    want = reference_logits(references["gqa"], ids)[:, -1:]
+    for result in (first, second):
+        assert relative_error(result.logits, want) <= 5e-2  # float16 products
+
+
 def test_norm_weights_and_config_come_from_the_tee_directory(servers, model_dirs, monkeypatch):
     """With a model directory the TEE never asks the server for Init."""
     runner = api.connect(servers["gqa"].endpoint, model_dirs["gqa"])
@@ -96,7 +124,7 @@ def test_norm_weights_and_config_come_from_the_tee_directory(servers, model_dirs
     original = runner.client.call
     monkeypatch.setattr(runner.client, "call", lambda method, *a, **k: methods.append(method) or original(method, *a, **k))
     runner.prefill(random_ids(runner.config.vocab_size, 1, seed=3))
-    assert "Init" not in methods and methods[0] == "Embedding" and methods[-1] == "DownHead"
+    assert "Init" not in methods and methods[0] == "Embedding" and methods[-2:] == ["DownHead", "Release"]
 
 
 def test_init_fallback_warns_and_matches(servers, references):

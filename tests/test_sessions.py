@@ -191,8 +191,10 @@ def test_a_failed_lean_prefill_leaves_nothing_on_the_server(fail_at, nth, tiny_d
         runner.client.call = failing
         ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
         if fail_at == "DownHead":
-            runner.prefill(ids)  # a whole prefill first: DownHead frees its state, no Release needed
-            assert "Release" not in seen
+            runner.prefill(ids)  # a whole prefill first: it ends with a Release too
+            assert seen[-2:] == ["DownHead", "Release"]
+            health = runner.client.ping()
+            assert (health["sessions"], health["session_bytes"]) == (0, 0)
         with pytest.raises(RemoteError, match="injected"):
             runner.prefill(ids)
         assert seen[-1] == "Release"

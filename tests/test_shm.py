@@ -167,7 +167,7 @@ def test_bench_over_the_same_host_fast_path(tiny_dir, tmp_path, flags, transport
     report = json.loads(out.read_text())
     assert report["transport"] == transport  # what the calls travelled on
     split = next(r for r in report["results"] if r["mode"] == "split")
-    assert split["round_trips"] == 2 * 2 + 2 and split["bytes_received"] > 40 * 64 * 4
+    assert split["round_trips"] == 2 * 2 + 3 and split["bytes_received"] > 40 * 64 * 4
 
 
 def test_the_server_unmaps_segments_whose_clients_are_gone():

@@ -81,8 +81,8 @@ def audited(handle: Handler, log: AuditLog) -> Handler:
 
 
 def tampering(handle: Handler, mode: str, methods: tuple[str, ...] = ("Linear", "Linears", "LMHead", "QKVScores",
-                                                                      "AttnGate", "DownScores", "Gate", "GatedDown",
-                                                                      "AttnOut", "Matmul"),
+                                                                      "AttnGate", "DownScores", "DownHead", "Gate",
+                                                                      "GatedDown", "AttnOut", "Matmul"),
               every: int = 1) -> Handler:
     """A dishonest server: corrupts the first result tensor of every `every`-th compute reply.
     element: +1% of the tensor's largest magnitude on one element; row: one row +1%; scale: x1.001."""

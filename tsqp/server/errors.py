@@ -19,6 +19,13 @@ class MissingState(BadRequest):
     code = "missing_state"
 
 
+class Unsupported(BadRequest):
+    """A method this server has but cannot run exactly for this model or dtype (a fused call
+    whose projections have biases, unscaled scores in float16): the client takes the unfused calls."""
+
+    code = "unsupported"
+
+
 class UnknownMethod(BadRequest):
     code = "unknown_method"
 

@@ -9,7 +9,7 @@ A session holds one KV cache for its batch of sequences, allocated for the capac
 states when it starts them (QKVScores at position 0) and written at explicit positions, so that
 a resent call changes nothing; and the latest layer's up (for the down projection after its
 Gate or AttnGate). A decode step writes its keys at the next position: its queries see every key
-kept so far. DownHead with `release`, LMHead with the session, or Release frees it.
+kept so far. Release (or LMHead with the session) frees it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from ..config import ModelConfig
 from ..kv_cache import KVCache
 from ..ops import apply_rope, attend, causal_scores, merge_heads  # what the TEE runs in the other modes
-from .errors import BadRequest, MissingState
+from .errors import BadRequest, MissingState, Unsupported
 from .model import check_last_dim, float_inputs, layer_index
 from .registry import LAYER, LAYER_ARGS, SESSION, SESSION_ARGS, Result, method
 from .sessions import Session, current_owner
@@ -182,7 +182,7 @@ def attn_gate(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> R
     GatedDown, which a projection without bias lets it do. o goes back for the TEE's residual add."""
     c, layer = server.config, layer_index(server.config, args)
     if c.mlp_bias:
-        raise BadRequest("AttnGate needs an MLP without biases (they do not commute with RMSNorm's scale); "
+        raise Unsupported("AttnGate needs an MLP without biases (they do not commute with RMSNorm's scale); "
                          "this model has them: call AttnOut, then Gate")
     residual, *probs = float_inputs(tensors, len(tensors), "residual [b, n, hidden], then probs per causal block",
                                     server.dtype)
@@ -236,9 +236,10 @@ def down_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) ->
     to the scores and of each key to the probabilities (Q·K^T and P·V are linear in each row).
     Tensors: SiLU(gate) [b, n, intermediate], h [b, n, hidden], cos and sin [n, head_dim]."""
     c, layer = server.config, layer_index(server.config, args)
-    if c.attention_bias:
-        raise BadRequest("DownScores needs attention projections without biases (they do not commute with "
-                         "RMSNorm's scale); this model has them: call GatedDown, then QKVScores")
+    if c.attention_bias or server.dtype == torch.float16:
+        raise Unsupported("DownScores needs attention projections without biases (they do not commute with "
+                          "RMSNorm's scale) and a server dtype with float32's range (unscaled scores are larger "
+                          "by both rows' RMS): call GatedDown, then QKVScores")
     if layer + 1 >= c.num_layers:
         raise BadRequest(f"DownScores of layer {layer} has no next layer (the model has {c.num_layers}): "
                          "call GatedDown")
@@ -255,14 +256,14 @@ def _down_head_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> in
     return rows(shapes) * c.hidden_size + b * (n if args.get("all_positions") else 1) * c.vocab_size
 
 
-@method("DownHead", tensors=2, ranks=(3, 3), args={**LAYER_SESSION, "all_positions": (bool,), "release": (bool,)},
+@method("DownHead", tensors=2, ranks=(3, 3), args={**LAYER_SESSION, "all_positions": (bool,)},
         required=(LAYER, SESSION), output=_down_head_output)
 def down_head(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
     """The last layer's GatedDown and the LM head in one round trip: d = down_proj(SiLU(gate) * up)
     goes back for the TEE's residual add, and the logits of model.norm.weight * (h + d) at the
     last position (every position with `all_positions`), for the residual h the TEE sends there:
     the final RMSNorm without its scale, which the TEE applies to the logits (the LM head has no
-    bias). `release`: the sequences end here, so what the session keeps is freed."""
+    bias). The session keeps what it holds, so that a resent DownHead gets the same answer."""
     c, layer = server.config, layer_index(server.config, args)
     if layer != c.num_layers - 1:
         raise BadRequest(f"DownHead follows the last layer ({c.num_layers - 1}), not layer {layer}: call DownScores")
@@ -272,10 +273,7 @@ def down_head(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> R
     if residual.shape != last.shape:
         raise BadRequest(f"DownHead expects the residual {list(last.shape)} of the rows it makes logits for, got "
                          f"{list(residual.shape)}")
-    logits = server.model.lm_head(server.model.model.norm.weight * (residual + last))
-    if args.get("release"):
-        server.sessions.release(current_owner(), args["session"])
-    return [d, logits], {}
+    return [d, server.model.lm_head(server.model.model.norm.weight * (residual + last))], {}
 
 
 @method("Release", args=SESSION_ARGS, required=(SESSION,))

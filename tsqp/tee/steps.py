@@ -4,7 +4,7 @@ unguarded implementations.
 * `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
   the TEE rotates q and k (RoPE), keeps K and V, and expands them for GQA before sending them
   to `Matmul` with each step, as the seed does;
-* `LeanSteps`: fused calls, 2 per layer + 1. q/k/v, RoPE and Q·K^T are one call: RoPE is a
+* `LeanSteps`: fused calls, 2 per layer + 1 for a decode step (a prefill adds its Embedding). q/k/v, RoPE and Q·K^T are one call: RoPE is a
   linear, position-wise rotation, so the server applies it with cos/sin tables the TEE computes
   from its own config, and keeps K and V by position for its session; q, k, v never cross the
   wire. Of gate and up only gate comes back, for SiLU: the product with up is linear in up, so
@@ -15,7 +15,8 @@ unguarded implementations.
   next layer's q/k/v and Q·K^T (DownScores; K and V stay unscaled on the server, and the TEE
   scales the scores by each query's and key's scale and the probabilities by each key's), the
   last layer's down_proj with the LM head of the final norm (DownHead).
-  Biases in the MLP or the attention keep their calls apart (up to 4 per layer).
+  Biases in the MLP or the attention, or a float16 wire or server, keep their calls apart (up
+  to 4 per layer). The sequences' state on the server goes with a Release when they end.
 
 The guarded steps (private, verify) are in guard.py.
 """
@@ -31,7 +32,7 @@ import torch
 
 from .. import ops
 from ..config import DirectoryWeights, ModelConfig
-from ..errors import ServerUnreachable, TsqpError
+from ..errors import RemoteError, ServerUnreachable, TsqpError
 from ..kv_cache import KVCache
 from ..protocol import DTYPE_NAMES
 from ..transport import Client
@@ -202,7 +203,6 @@ class LeanSteps:
         self.session: str | None = None
         self.capacity = 0
         self.window = Window(0, 0)
-        self._released = False  # the session's last DownHead freed it already
         # A bias does not commute with RMSNorm's scale; nor may unscaled scores meet float16's range.
         self.fused_mlp = not config.mlp_bias  # AttnGate
         self.fused_attn = not config.attention_bias and wire_dtype != torch.float16  # DownScores
@@ -214,7 +214,7 @@ class LeanSteps:
         self._logits: torch.Tensor | None = None  # DownHead's, before the final norm's scale
 
     def open(self, batch: int, capacity: int) -> None:
-        self.session, self.capacity, self._released = secrets.token_hex(16), capacity, False
+        self.session, self.capacity = secrets.token_hex(16), capacity
         self.key_scales = torch.ones(self.config.num_layers, batch, capacity)
 
     def begin(self, window: Window) -> float:
@@ -225,10 +225,11 @@ class LeanSteps:
         self._gate = self._scale = self._scores = self._logits = None
 
     def close(self) -> None:
-        """Free the session's state on the server, unless its last DownHead already did (a failed
-        or unfinished run leaves it there otherwise, until it is evicted)."""
+        """Free the session's state on the server (a Release, not a flag on the last call, so that
+        every call before it can be resent harmlessly; a run that cannot reach the server leaves
+        it there until it is evicted)."""
         session, self.session = self.session, None
-        if session is not None and not self._released and self.call.reachable:
+        if session is not None and self.call.reachable:
             try:
                 self.client.call("Release", session=session)
             except TsqpError:  # best effort: the server drops idle sessions anyway
@@ -246,6 +247,9 @@ class LeanSteps:
         Only the causal blocks come back, toward half the square. After the first layer they
         came with the last call (DownScores) and get their scales here."""
         self._tables = (cos, sin)
+        if self._keys_unscaled(layer) != (self._scores is not None):
+            raise TsqpError(f"layer {layer}: its scores must come from DownScores exactly when its keys are kept "
+                            "before the scale")
         if self._scores is None:
             ends, shapes = causal_blocks(self.window, x.h, self.config.num_heads)
             return self.call("QKVScores", x.value, exact=(cos, sin), expect=shapes, layer_idx=layer,
@@ -258,7 +262,7 @@ class LeanSteps:
         """o_proj(P·V); with it (AttnGate) the gate of post_attention_layernorm.weight * (h + o),
         which `gate` scales."""
         c, out = self.config, rows(residual, self.config.hidden_size)
-        if self.fused_attn and layer > 0:  # this layer's V is kept before the scale
+        if self._keys_unscaled(layer):  # this layer's V too
             probs = [p * self.key_scales[layer, :, None, None, : p.shape[3]] for p in probs]
         if not self.fused_mlp:
             return self.call("AttnOut", *probs, expect=out, layer_idx=layer, session=self.session)[0]
@@ -283,20 +287,28 @@ class LeanSteps:
             head = (activated.shape[0], w.tokens if w.all_positions else 1, c.vocab_size)
             residual = residual if w.all_positions else residual[:, -1:]  # the rows that get logits
             d, self._logits = self.call("DownHead", activated, residual, expect=[*out, head], layer_idx=layer,
-                                        session=self.session, all_positions=w.all_positions, release=w.final)
-            self._released = w.final
+                                        session=self.session, all_positions=w.all_positions)
             return d
-        if not self.fused_attn:
-            return self.call("GatedDown", activated, expect=out, layer_idx=layer, session=self.session)[0]
-        ends, shapes = causal_blocks(self.window, residual, self.config.num_heads)
-        d, *self._scores = self.call("DownScores", activated, residual, exact=self._tables, expect=[*out, *shapes],
-                                     layer_idx=layer, session=self.session, blocks=ends, start=self.window.start,
-                                     capacity=self.capacity)
-        return d
+        if self.fused_attn:
+            ends, shapes = causal_blocks(self.window, residual, self.config.num_heads)
+            try:
+                d, *self._scores = self.call("DownScores", activated, residual, exact=self._tables,
+                                             expect=[*out, *shapes], layer_idx=layer, session=self.session,
+                                             blocks=ends, start=self.window.start, capacity=self.capacity)
+                return d
+            except RemoteError as err:
+                if err.code != "unsupported" or layer > 0 or self.window.start > 0:
+                    raise
+                self.fused_attn = False  # a float16 server: from the first call on, the unfused ones
+        return self.call("GatedDown", activated, expect=out, layer_idx=layer, session=self.session)[0]
+
+    def _keys_unscaled(self, layer: int) -> bool:
+        """Whether the server keeps this layer's K and V before RMSNorm's scale (DownScores)."""
+        return self.fused_attn and layer > 0
 
     def lm_head(self, x: ops.Normalized) -> torch.Tensor:
-        """The logits DownHead made before the final norm's scale, scaled. (A sequence's last
-        pass freed its session there, saving a Release round trip.)"""
-        assert self._logits is not None, "DownHead comes first"
+        """The logits DownHead made before the final norm's scale, scaled."""
+        if self._logits is None:
+            raise TsqpError("lm_head before DownHead: the last layer's down makes the logits")
         logits, self._logits = self._logits * x.scale, None
         return logits
