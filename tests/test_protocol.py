@@ -152,6 +152,8 @@ def test_attn_gate_is_attn_out_then_gate_and_up_of_the_unscaled_norm(servers, re
     client.call("QKVScores", [x, cos, sin], layer_idx=1, session="fused")
     probs = torch.softmax(torch.randn(b, heads, n, n, generator=g), dim=-1)
     o, gate = client.call("AttnGate", [h, probs], layer_idx=1, session="fused").tensors
+    again = client.call("AttnGate", [h, probs], layer_idx=1, session="fused").tensors  # a resend
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip((o, gate), again))
     with torch.inference_mode():
         v = block.self_attn.v_proj(x).view(b, n, heads, d).transpose(1, 2)
         expected_o = block.self_attn.o_proj((probs @ v).transpose(1, 2).reshape(b, n, heads * d))
@@ -194,6 +196,9 @@ def test_down_scores_is_gated_down_then_the_next_layers_scores_before_the_norms_
         client.call("Gate", [x], layer_idx=0, session="down")
         down, *blocks = client.call("DownScores", [activated, h, cos[0], sin[0]], layer_idx=0, session="down",
                                     blocks=[2, n]).tensors
+        again = client.call("DownScores", [activated, h, cos[0], sin[0]], layer_idx=0, session="down",
+                            blocks=[2, n]).tensors  # a resend writes the same keys and values again
+        assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip([down, *blocks], again))
         expected_down = first.mlp.down_proj(activated * first.mlp.up_proj(x))
         torch.testing.assert_close(down, expected_down, rtol=1e-5, atol=1e-5)
         unscaled = second.input_layernorm.weight * (h + expected_down)
