@@ -96,3 +96,27 @@ def test_bad_generation_requests_are_refused_before_any_work(servers, tiny_dir):
     with pytest.raises(InputError, match="--temperature must be >= 0"):
         runner.generate(prompt(512, 1, seed=2), 4, temperature=-1.0)
     assert runner.client.stats.round_trips == before
+
+
+@pytest.mark.parametrize("biases, per_token", [({"mlp_bias": True}, "3L + 1"), ({"attention_bias": True}, "3L")])
+def test_one_kind_of_bias_keeps_only_its_own_calls_apart(biases, per_token, tmp_path):
+    """MLP biases: AttnOut + Gate, DownScores still; attention biases: QKVScores + GatedDown,
+    AttnGate still. Greedy tokens and logits against transformers either way."""
+    from transformers import LlamaForCausalLM
+
+    from tsqp.models import make_model
+
+    model_dir = make_model("tiny", tmp_path / "biased", seed=7, overrides=biases)
+    reference = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    with api.start_server(model_dir, device="cpu") as server:
+        runner = api.connect(server.endpoint, model_dir)
+        ids = prompt(runner.config.vocab_size, 2, seed=len(per_token))
+        want, want_logits = reference_greedy(reference, ids, 6)
+        result = runner.generate(ids, 6, ignore_eos=True, keep_logits=True).run()
+        runner.client.close()
+    assert torch.equal(result.tokens, want)
+    assert all(relative_error(result.logits[:, s], want_logits[:, s]) <= 1e-4 for s in range(6))
+    layers = runner.config.num_layers
+    calls = {"3L + 1": 3 * layers + 1, "3L": 3 * layers}[per_token]
+    assert result.decode_wire.round_trips / 5 == calls
+    assert result.prefill_wire.round_trips == calls + 1  # its Embedding; no call was refused
