@@ -65,7 +65,8 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
             assert r["overhead_per_round_trip_s"] == pytest.approx((unit[0] - unit[1]) / unit[2])
         if r["phase"] == "decode":
             assert r["new_tokens"] == 3 and r["ms_per_token"] > 0 and r["bytes_per_token"] >= 0
-            per_token = {"split": 2 * 2 + 1, "split-seed": 9 * 2 + 2, "whole": 0, "tee-only": 0}  # lean: AttnGate, DownScores
+            # lean: AttnGate and DownScores (DownHead) per layer, and layer 0's QKVScores
+            per_token = {"split": 2 * 2 + 1, "split-seed": 9 * 2 + 2, "whole": 0, "tee-only": 0}
             assert r["round_trips_per_token"] == per_token.get(r["mode"], 4 * 2 + 1)
             if r["mode"] in ("split-private", "split-verify", "split-private+verify"):
                 assert r["offline_s_per_token"] > 0

@@ -184,7 +184,7 @@ def test_a_failed_lean_prefill_leaves_nothing_on_the_server(fail_at, nth, tiny_d
 
         def failing(method, tensors=(), **args):
             seen.append(method)
-            if method == fail_at and seen.count(method) == nth:  # e.g. the second layer's, or a second prefill's DownHead
+            if method == fail_at and seen.count(method) == nth:  # e.g. the second layer's, or the second prefill's
                 raise RemoteError("internal", "injected failure")
             return original(method, tensors, **args)
 

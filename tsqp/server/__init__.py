@@ -5,7 +5,7 @@
     checks.py     a request against the registry and the limits, before any work
     sessions.py   per-session state: bytes-bounded, least recently used first, idle timeout
     stateless.py  Ping, Init, Embedding, Linear, Linears, Matmul, LMHead, Whole
-    lean.py       QKVScores, AttnGate, DownScores (AttnOut, Gate, GatedDown), keeping K, V and up; Release
+    lean.py       QKVScores, AttnGate, DownScores, DownHead (AttnOut, Gate, GatedDown), keeping K, V, up; Release
     model.py      the checkpoint on its device; layer, module and input lookups
     serving.py    ServerThread, run, check_bind
 """

@@ -217,8 +217,8 @@ def gated_down(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> 
 def _down(server: "GpuServer", args: dict, layer: int, activated: torch.Tensor) -> torch.Tensor:
     up = _kept(server, args, "up", layer, "Gate")
     if activated.shape != up.shape:
-        raise BadRequest(f"GatedDown expects SiLU(gate) of shape {list(up.shape)} (as Gate made it), "
-                         f"got {list(activated.shape)}")
+        raise BadRequest(f"layer {layer}'s down projection expects SiLU(gate) of shape {list(up.shape)} (as its Gate "
+                         f"or AttnGate made it), got {list(activated.shape)}")
     return server.layers[layer].mlp.down_proj(activated * up)
 
 

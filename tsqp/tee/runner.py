@@ -202,7 +202,7 @@ class TeeRunner:
             # MLP
             x = ops.rms_normalize(h, w.post_attention_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
             gate = steps.gate(i, x)  # [GPU] gate & up projections
-            h = h + steps.down(i, ops.silu(gate), h)  # [TEE] SiLU; * up, [GPU] down; [TEE] residual (lean: the next q/k/v go with it)
+            h = h + steps.down(i, ops.silu(gate), h)  # [TEE] SiLU; * up, [GPU] down; [TEE] residual (lean: next q/k/v)
         if not window.all_positions:
             h = h[:, -1:]
         x = ops.rms_normalize(h, w.final_norm(), c.rms_norm_eps)  # [TEE] final RMSNorm

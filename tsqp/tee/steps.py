@@ -4,11 +4,12 @@ unguarded implementations.
 * `SeedSteps`: the seed's RPCs, one projection or product per round trip (9 per layer + 2);
   the TEE rotates q and k (RoPE), keeps K and V, and expands them for GQA before sending them
   to `Matmul` with each step, as the seed does;
-* `LeanSteps`: fused calls, 2 per layer + 1 for a decode step (a prefill adds its Embedding). q/k/v, RoPE and Q·K^T are one call: RoPE is a
-  linear, position-wise rotation, so the server applies it with cos/sin tables the TEE computes
-  from its own config, and keeps K and V by position for its session; q, k, v never cross the
-  wire. Of gate and up only gate comes back, for SiLU: the product with up is linear in up, so
-  the server applies it in front of down_proj. And each call goes on to the next projections:
+* `LeanSteps`: fused calls, 2 per layer + 1 for a decode step (a prefill adds its Embedding and
+  a Release). q/k/v, RoPE and Q·K^T are one call: RoPE is a linear, position-wise rotation, so
+  the server applies it with cos/sin tables the TEE computes from its own config, and keeps K
+  and V by position for its session; q, k, v never cross the wire. Of gate and up only gate
+  comes back, for SiLU: the product with up is linear in up, so the server applies it in front
+  of down_proj. And each call goes on to the next projections:
   RMSNorm's one non-linear part is a scale per row, which commutes with a projection without
   bias, so the server projects weight * h before the scale and the TEE applies it to what comes
   back. P·V and o_proj go with the gate and up of the next RMSNorm (AttnGate), down_proj with the
