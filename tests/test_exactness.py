@@ -151,13 +151,17 @@ def test_long_prompts_cut_into_causal_blocks_stay_exact(protocol, servers, model
 
 
 @pytest.mark.parametrize("n, m", [(1, 1), (1, 9), (5, 5), (7, 23), (32, 128)])
-def test_causal_softmax_of_a_block_matches_softmax_over_each_querys_past(n, m):
-    """Block queries are the last n of m positions: query i sees keys [0, m - n + i]."""
+@pytest.mark.parametrize("per_score", [False, True])
+def test_causal_softmax_of_a_block_matches_softmax_over_each_querys_past(n, m, per_score):
+    """Block queries are the last n of m positions: query i sees keys [0, m - n + i]. The
+    scaling is a number, or (lean) a factor per query and key."""
     generator = torch.Generator().manual_seed(n * 1000 + m)
-    scores, scaling = torch.randn(2, 3, n, m, generator=generator) * 4, 0.3
+    scores = torch.randn(2, 3, n, m, generator=generator) * 4
+    scaling = torch.rand(2, 1, n, m, generator=generator) + 0.1 if per_score else 0.3
     probs = ops.causal_softmax(scores, scaling)
     for i in range(n):
         seen = m - n + i + 1
-        expected = torch.softmax(scores[:, :, i, :seen] * scaling, dim=-1)
+        factor = scaling[:, :, i, :seen] if per_score else scaling
+        expected = torch.softmax(scores[:, :, i, :seen] * factor, dim=-1)
         torch.testing.assert_close(probs[:, :, i, :seen], expected, rtol=1e-6, atol=1e-7)
         assert not probs[:, :, i, seen:].any()  # the future gets exactly zero weight

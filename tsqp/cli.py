@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
 from .environment import blame, check_choices, env, values_from_environment
+from .heap import keep_freed_memory
 from .report import print_generation, print_report
 from .spinning import SERVER_SPIN_ENV, SERVER_SPIN_US, check_spin_us, spin_budget
 from .tee_commands import DEFAULT_TOKENS
@@ -322,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handler: Callable[[argparse.Namespace], None] = args.func
     taken = values_from_environment(args.command_parser, args)
+    keep_freed_memory()  # the server, the TEE side and the benchmark's whole model alike
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # serve installs its own
     try:

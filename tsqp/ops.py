@@ -1,7 +1,8 @@
 """The kernels of a LLaMA layer that are not projections, as plain functions over tensors.
 
 The TEE runs them (RMSNorm, mask + softmax, SiLU; RoPE in the seed and guarded modes), and the
-server applies the same RoPE in the lean protocol: both sides import them from here. They reproduce `transformers`' Llama semantics in float32 (RMSNorm in fp32, rotate-half RoPE with
+server applies the same RoPE in the lean protocol: both sides import them from here. They
+reproduce `transformers`' Llama semantics in float32 (RMSNorm in fp32, rotate-half RoPE with
 `attention_scaling`, causal mask, softmax in fp32, the SiLU of the gated MLP).
 """
 
@@ -115,15 +116,28 @@ def causal_scores(q: torch.Tensor, keys: torch.Tensor, ends: list[int], start: i
             .reshape(b, heads, e - a, start + e) for a, e in zip([0, *ends], ends)]
 
 
-def scaled_scores(blocks: list[torch.Tensor], query_scale: torch.Tensor, key_scale: torch.Tensor) -> list[torch.Tensor]:
-    """`causal_scores`' blocks of rows projected before RMSNorm's scale, times each query's scale
-    and each key's: query_scale [b, n, 1] for the window's queries, key_scale [b, >= m] for every
-    key so far (Q·K^T is linear in each row of either)."""
+@dataclass(frozen=True)
+class ScoreBlock:
+    """A causal block of Q·K^T [b, heads, n, m] and the factor its scores still need besides
+    1/sqrt(d): 1, or (lean) each query's RMSNorm scale times each key's, [b, 1, n, m], for rows
+    projected before the scale (Q·K^T is linear in each row of either). The softmax applies it
+    in the same pass as the mask."""
+
+    scores: torch.Tensor
+    scale: torch.Tensor | float = 1.0
+
+
+def score_blocks(blocks: list[torch.Tensor], query_scale: torch.Tensor | None = None,
+                 key_scale: torch.Tensor | None = None) -> list[ScoreBlock]:
+    """`causal_scores`' blocks, with the factors of rows projected before RMSNorm's scale when
+    given: query_scale [b, n, 1] for the window's queries, key_scale [b, >= m] for every key so far."""
+    if query_scale is None or key_scale is None:
+        return [ScoreBlock(block) for block in blocks]
     b, begin, out = query_scale.shape[0], 0, []
     for block in blocks:
         n, m = block.shape[2], block.shape[3]
         rows = query_scale[:, begin: begin + n].reshape(b, 1, n, 1)
-        out.append(block * (rows * key_scale[:, None, None, :m]))
+        out.append(ScoreBlock(block, rows * key_scale[:, None, None, :m]))
         begin += n
     return out
 
@@ -154,12 +168,17 @@ def _causal_bias(n: int, m: int) -> torch.Tensor:
     return torch.zeros(n, m).masked_fill_(future, float("-inf"))
 
 
-def causal_softmax(scores: torch.Tensor, scaling: float) -> torch.Tensor:
+def causal_softmax(scores: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
     """Scale, hide future keys, softmax in fp32. scores: [b, heads, n_query, n_key], the queries
-    being the last n_query of the n_key positions (a causal block). Scaling and masking are one
+    being the last n_query of the n_key positions (a causal block); scaling: a number, or a
+    factor per score broadcast against them ([b, 1, n_query, n_key]). Scaling and masking are one
     pass (bias + scaling * scores), bit-identical to scaling then filling with -inf."""
     n, m = scores.shape[-2:]
-    return F.softmax(torch.add(_causal_bias(n, m), scores, alpha=scaling), dim=-1, dtype=torch.float32)
+    if isinstance(scaling, torch.Tensor):
+        masked = torch.addcmul(_causal_bias(n, m), scores, scaling)
+    else:
+        masked = torch.add(_causal_bias(n, m), scores, alpha=scaling)
+    return F.softmax(masked, dim=-1, dtype=torch.float32)
 
 
 def silu(gate: torch.Tensor) -> torch.Tensor:

@@ -152,14 +152,14 @@ class GuardedSteps:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.weights.rows("model.embed_tokens.weight", input_ids)  # token ids never leave the TEE
 
-    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[ops.ScoreBlock]:
         """Projections outsourced (guarded); RoPE and Q·K^T here, as causal query blocks."""
         c, cache = self.config, self.cache
         assert cache is not None
         q, k, v = (ops.split_heads(t, c.head_dim) for t in self._project(layer, "qkv", x.value))
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         keys, _ = cache.update(layer, self.window.start, k, v)
-        return ops.causal_scores(q, keys, ops.query_blocks(q.shape[2]), self.window.start)
+        return ops.score_blocks(ops.causal_scores(q, keys, ops.query_blocks(q.shape[2]), self.window.start))
 
     def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
         assert self.cache is not None

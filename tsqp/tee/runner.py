@@ -197,7 +197,7 @@ class TeeRunner:
             # Attention
             x = ops.rms_normalize(h, w.input_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
             scores = steps.scores(i, x, cos, sin)  # [GPU] q/k/v projections, then RoPE, Q @ K^T: causal blocks
-            probs = [ops.causal_softmax(block, scaling) for block in scores]  # [TEE] mask + softmax
+            probs = [ops.causal_softmax(b.scores, b.scale * scaling) for b in scores]  # [TEE] mask + softmax
             h = h + steps.attn_out(i, probs, h)  # P @ V, [GPU] o_proj; [TEE] residual (lean: gate & up go with it)
             # MLP
             x = ops.rms_normalize(h, w.post_attention_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm

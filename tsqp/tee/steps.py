@@ -73,20 +73,20 @@ class Steps(Protocol):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
-    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
-        """Unscaled Q·K^T of the window's queries (of RMSNorm(h)) against every key so far, as
-        causal query blocks."""
+    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[ops.ScoreBlock]:
+        """Q·K^T of the window's queries (of RMSNorm(h)) against every key so far, as causal
+        query blocks, before 1/sqrt(d)."""
 
     def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
-        """o_proj(P·V) for the probabilities of `scores`' blocks; `residual` is the h it is added
-        to, for a protocol that starts the MLP's projections in the same call."""
+        """o_proj(P·V) for the probabilities of `scores`' blocks (which it may overwrite); `residual`
+        is the h it is added to, for a protocol that starts the MLP's projections in the same call."""
 
     def gate(self, layer: int, x: ops.Normalized) -> torch.Tensor:
         """The gate projection of RMSNorm(h) (up is made alongside, for `down`)."""
 
     def down(self, layer: int, activated: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """down_proj(SiLU(gate) * up) for the TEE's SiLU(gate); `residual` is the h it is added
-        to, for a protocol that starts the next layer's projections in the same call."""
+        """down_proj(SiLU(gate) * up) for the TEE's SiLU(gate) (which it may overwrite); `residual`
+        is the h it is added to, for a protocol that starts the next layer's projections in the same call."""
 
     def lm_head(self, x: ops.Normalized) -> torch.Tensor:
         """Logits of the final RMSNorm's output."""
@@ -159,7 +159,7 @@ class SeedSteps:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.call("Embedding", input_ids, expect=[(*input_ids.shape, self.config.hidden_size)])[0]
 
-    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[ops.ScoreBlock]:
         """The seed's one block: every new query against every key so far."""
         c, cache, normed = self.config, self.cache, x.value
         assert cache is not None
@@ -168,8 +168,8 @@ class SeedSteps:
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)  # [TEE] RoPE
         keys, _ = cache.update(layer, self.window.start, k, v)
         b, h, n, _ = q.shape
-        return self.call("Matmul", q, ops.repeat_kv(keys, c.kv_groups).transpose(2, 3),  # [TEE] Repeat KV
-                         expect=[(b, h, n, self.window.end)])  # [GPU] Q·K^T
+        keys_t = ops.repeat_kv(keys, c.kv_groups).transpose(2, 3)  # [TEE] Repeat KV
+        return ops.score_blocks(self.call("Matmul", q, keys_t, expect=[(b, h, n, self.window.end)]))  # [GPU] Q·K^T
 
     def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
         assert self.cache is not None and len(probs) == 1
@@ -243,28 +243,29 @@ class LeanSteps:
             return self.weights.read_rows("model.embed_tokens.weight", input_ids)
         return self.call("Embedding", input_ids, expect=[(*input_ids.shape, self.config.hidden_size)])[0]
 
-    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+    def scores(self, layer: int, x: ops.Normalized, cos: torch.Tensor, sin: torch.Tensor) -> list[ops.ScoreBlock]:
         """One call: projections, RoPE and Q·K^T on the server, K and V kept there by position.
         Only the causal blocks come back, toward half the square. After the first layer they
-        came with the last call (DownScores) and get their scales here."""
+        came with the last call (DownScores), with the scales the softmax applies."""
         self._tables = (cos, sin)
         if self._keys_unscaled(layer) != (self._scores is not None):
             raise TsqpError(f"layer {layer}: its scores must come from DownScores exactly when its keys are kept "
                             "before the scale")
         if self._scores is None:
             ends, shapes = causal_blocks(self.window, x.h, self.config.num_heads)
-            return self.call("QKVScores", x.value, exact=(cos, sin), expect=shapes, layer_idx=layer,
-                             session=self.session, blocks=ends, start=self.window.start, capacity=self.capacity)
+            return ops.score_blocks(self.call("QKVScores", x.value, exact=(cos, sin), expect=shapes, layer_idx=layer,
+                                              session=self.session, blocks=ends, start=self.window.start,
+                                              capacity=self.capacity))
         blocks, self._scores = self._scores, None
         self.key_scales[layer, :, self.window.start: self.window.end] = x.scale[..., 0]
-        return ops.scaled_scores(blocks, x.scale, self.key_scales[layer])
+        return ops.score_blocks(blocks, x.scale, self.key_scales[layer])
 
     def attn_out(self, layer: int, probs: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
         """o_proj(P·V); with it (AttnGate) the gate of post_attention_layernorm.weight * (h + o),
         which `gate` scales."""
         c, out = self.config, rows(residual, self.config.hidden_size)
         if self._keys_unscaled(layer):  # this layer's V too
-            probs = [p * self.key_scales[layer, :, None, None, : p.shape[3]] for p in probs]
+            probs = [p.mul_(self.key_scales[layer, :, None, None, : p.shape[3]]) for p in probs]
         if not self.fused_mlp:
             return self.call("AttnOut", *probs, expect=out, layer_idx=layer, session=self.session)[0]
         o, self._gate = self.call("AttnGate", residual, *probs, expect=[*out, *rows(residual, c.intermediate_size)],
@@ -282,7 +283,7 @@ class LeanSteps:
         """down_proj(SiLU(gate) * up); after AttnGate the server keeps up before the scale, so
         SiLU(gate) goes with it. With it (DownScores) the next layer's scores, which `scores` scales."""
         if self._scale is not None:
-            activated, self._scale = activated * self._scale, None
+            activated, self._scale = activated.mul_(self._scale), None
         c, w, out = self.config, self.window, rows(activated, self.config.hidden_size)
         if layer + 1 == c.num_layers:  # the LM head has no bias: it always commutes with the final norm's scale
             head = (activated.shape[0], w.tokens if w.all_positions else 1, c.vocab_size)
