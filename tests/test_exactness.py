@@ -61,8 +61,8 @@ def test_case_seeds_are_the_same_in_every_process():
 
 def test_a_missing_causal_mask_is_caught(servers, model_dirs, references, monkeypatch):
     """The exactness check above must fail if the TEE forgets the mask."""
-    def unmasked_softmax(scores, scaling):
-        return torch.softmax(scores * scaling, dim=-1, dtype=torch.float32)
+    def unmasked_softmax(scores, scaling, factor=None):
+        return torch.softmax(scores * scaling * (1 if factor is None else factor), dim=-1, dtype=torch.float32)
 
     monkeypatch.setattr(ops, "causal_softmax", unmasked_softmax)
     runner = api.connect(servers["gqa"].endpoint, model_dirs["gqa"])
@@ -156,12 +156,12 @@ def test_causal_softmax_of_a_block_matches_softmax_over_each_querys_past(n, m, p
     """Block queries are the last n of m positions: query i sees keys [0, m - n + i]. The
     scaling is a number, or (lean) a factor per query and key."""
     generator = torch.Generator().manual_seed(n * 1000 + m)
-    scores = torch.randn(2, 3, n, m, generator=generator) * 4
-    scaling = torch.rand(2, 1, n, m, generator=generator) + 0.1 if per_score else 0.3
-    probs = ops.causal_softmax(scores, scaling)
+    scores, scaling = torch.randn(2, 3, n, m, generator=generator) * 4, 0.3
+    factor = torch.rand(2, 1, n, m, generator=generator) + 0.1 if per_score else None
+    probs = ops.causal_softmax(scores, scaling, factor)
     for i in range(n):
         seen = m - n + i + 1
-        factor = scaling[:, :, i, :seen] if per_score else scaling
-        expected = torch.softmax(scores[:, :, i, :seen] * factor, dim=-1)
+        expected = scores[:, :, i, :seen] * scaling
+        expected = torch.softmax(expected if factor is None else expected * factor[:, :, i, :seen], dim=-1)
         torch.testing.assert_close(probs[:, :, i, :seen], expected, rtol=1e-6, atol=1e-7)
         assert not probs[:, :, i, seen:].any()  # the future gets exactly zero weight

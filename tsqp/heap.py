@@ -24,4 +24,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all([mallopt(param, value) == 1 for param, value in SETTINGS])
+    return all([mallopt(param, value) == 1 for param, value in SETTINGS])  # a list: every one is set

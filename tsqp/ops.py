@@ -119,12 +119,12 @@ def causal_scores(q: torch.Tensor, keys: torch.Tensor, ends: list[int], start: i
 @dataclass(frozen=True)
 class ScoreBlock:
     """A causal block of Q·K^T [b, heads, n, m] and the factor its scores still need besides
-    1/sqrt(d): 1, or (lean) each query's RMSNorm scale times each key's, [b, 1, n, m], for rows
-    projected before the scale (Q·K^T is linear in each row of either). The softmax applies it
-    in the same pass as the mask."""
+    1/sqrt(d): none, or (lean) each query's RMSNorm scale times each key's, [b, 1, n, m], for
+    rows projected before the scale (Q·K^T is linear in each row of either). The softmax applies
+    it in the same pass as the mask."""
 
     scores: torch.Tensor
-    scale: torch.Tensor | float = 1.0
+    factor: torch.Tensor | None = None
 
 
 def score_blocks(blocks: list[torch.Tensor], query_scale: torch.Tensor | None = None,
@@ -168,16 +168,16 @@ def _causal_bias(n: int, m: int) -> torch.Tensor:
     return torch.zeros(n, m).masked_fill_(future, float("-inf"))
 
 
-def causal_softmax(scores: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
+def causal_softmax(scores: torch.Tensor, scaling: float, factor: torch.Tensor | None = None) -> torch.Tensor:
     """Scale, hide future keys, softmax in fp32. scores: [b, heads, n_query, n_key], the queries
-    being the last n_query of the n_key positions (a causal block); scaling: a number, or a
-    factor per score broadcast against them ([b, 1, n_query, n_key]). Scaling and masking are one
-    pass (bias + scaling * scores), bit-identical to scaling then filling with -inf."""
+    being the last n_query of the n_key positions (a causal block); factor: one per score besides
+    `scaling`, broadcast against them ([b, 1, n_query, n_key]; ScoreBlock). Scaling and masking
+    are one pass (bias + scaling * scores), bit-identical to scaling then filling with -inf."""
     n, m = scores.shape[-2:]
-    if isinstance(scaling, torch.Tensor):
-        masked = torch.addcmul(_causal_bias(n, m), scores, scaling)
-    else:
+    if factor is None:
         masked = torch.add(_causal_bias(n, m), scores, alpha=scaling)
+    else:
+        masked = torch.addcmul(_causal_bias(n, m), scores, factor, value=scaling)
     return F.softmax(masked, dim=-1, dtype=torch.float32)
 
 

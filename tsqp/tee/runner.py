@@ -163,19 +163,17 @@ class TeeRunner:
         start = time.perf_counter()
         self.steps.open(batch, tokens)
         try:
-            logits = self.forward(input_ids, 0, all_positions, final=True)
+            logits = self.forward(input_ids, 0, all_positions)
         finally:
             self.steps.close()
         seconds = time.perf_counter() - start
         return PrefillResult(logits=logits, seconds=seconds, batch=batch, tokens=tokens,
                              wire=self.client.stats.since(before), offline_s=offline_s)
 
-    def forward(self, input_ids: torch.Tensor, input_pos: int, all_positions: bool = False,
-                final: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, input_pos: int, all_positions: bool = False) -> torch.Tensor:
         """Logits [batch, 1 or n, vocab] for the n tokens of `input_ids` at positions
-        [input_pos, input_pos + n), of sequences opened with `steps.open`. `final`: the
-        sequences end with this pass (the lean server frees their state with its last call)."""
-        window = Window(input_pos, input_ids.shape[1], all_positions, final)
+        [input_pos, input_pos + n), of sequences opened with `steps.open` (`steps.close` frees them)."""
+        window = Window(input_pos, input_ids.shape[1], all_positions)
         self.steps.begin(window)
         try:
             with torch.inference_mode():
@@ -197,7 +195,7 @@ class TeeRunner:
             # Attention
             x = ops.rms_normalize(h, w.input_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm
             scores = steps.scores(i, x, cos, sin)  # [GPU] q/k/v projections, then RoPE, Q @ K^T: causal blocks
-            probs = [ops.causal_softmax(b.scores, b.scale * scaling) for b in scores]  # [TEE] mask + softmax
+            probs = [ops.causal_softmax(b.scores, scaling, b.factor) for b in scores]  # [TEE] mask + softmax
             h = h + steps.attn_out(i, probs, h)  # P @ V, [GPU] o_proj; [TEE] residual (lean: gate & up go with it)
             # MLP
             x = ops.rms_normalize(h, w.post_attention_norm(i), c.rms_norm_eps)  # [TEE] RMSNorm

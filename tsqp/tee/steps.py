@@ -47,7 +47,6 @@ class Window:
     start: int
     tokens: int
     all_positions: bool = False  # logits for every new position, not only the last
-    final: bool = False  # the sequence ends with this pass: its state can go with its last call
 
     @property
     def end(self) -> int:
