@@ -76,3 +76,31 @@ def test_refused_inputs_are_refused_before_the_device_sees_them(tiny_dir):
     for ids in (torch.tensor([[0, c.vocab_size]]), torch.tensor([[-1, 3]])):
         error = protocol.decode_header(server.handle(_request("Embedding", [ids]))[0])["error"]
         assert error["code"] == "bad_request" and "token ids must lie in" in error["message"]
+
+
+@pytest.mark.parametrize("variant", ["gqa", "attention-bias"])
+def test_fused_projections_are_the_checkpoint_s_weights_held_once(variant, model_dirs):
+    """q/k/v and gate/up run as one product each; each module's weight (and bias) is a view of
+    its rows in the fused one, so the server holds the model once, and they equal the checkpoint."""
+    from safetensors.torch import load_file
+
+    from tsqp.server.core import GpuServer
+
+    server = GpuServer(model_dirs[variant], device="cpu")
+    stored = {}
+    for path in sorted(model_dirs[variant].glob("*.safetensors")):
+        stored.update(load_file(path))
+    for i, fused in enumerate(server.fused):
+        attn, mlp = server.layers[i].self_attn, server.layers[i].mlp
+        for group, modules, names in ((fused.qkv, (attn.q_proj, attn.k_proj, attn.v_proj), ("self_attn.q_proj",
+                                       "self_attn.k_proj", "self_attn.v_proj")),
+                                      (fused.gate_up, (mlp.gate_proj, mlp.up_proj), ("mlp.gate_proj", "mlp.up_proj"))):
+            assert group.widths == tuple(m.out_features for m in modules)
+            for m, name in zip(modules, names):
+                assert m.weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+                assert torch.equal(m.weight, stored[f"model.layers.{i}.{name}.weight"])
+                if group.bias is not None:
+                    assert m.bias.untyped_storage().data_ptr() == group.bias.untyped_storage().data_ptr()
+                    assert torch.equal(m.bias, stored[f"model.layers.{i}.{name}.bias"])
+            assert torch.equal(group.weight, torch.cat([stored[f"model.layers.{i}.{n}.weight"] for n in names]))
+    assert (server.fused[0].qkv.bias is not None) == (variant == "attention-bias")

@@ -138,10 +138,10 @@ class Checkpoint:
         entry = self.entry(name)
         width = math.prod(entry.shape[1:])
         row_bytes = width * torch.empty((), dtype=entry.dtype).element_size()
-        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-        picked = [torch.frombuffer(_pread_exact(entry.fd, row_bytes, entry.start + int(i) * row_bytes, name),
-                                   dtype=entry.dtype) for i in unique]
-        return torch.stack(picked)[inverse].reshape(*ids.shape, *entry.shape[1:])
+        wanted = ids.reshape(-1).tolist()
+        picked = {i: torch.frombuffer(_pread_exact(entry.fd, row_bytes, entry.start + i * row_bytes, name),
+                                      dtype=entry.dtype) for i in dict.fromkeys(wanted)}  # each distinct row once
+        return torch.stack([picked[i] for i in wanted]).reshape(*ids.shape, *entry.shape[1:])
 
     def fingerprint(self) -> dict[str, str]:
         """Per tensor, a short digest of its dtype, shape and a few evenly spaced samples of its bytes."""

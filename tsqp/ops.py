@@ -78,7 +78,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim]."""
+    """x: [batch, heads, seq, head_dim] with cos/sin [seq, head_dim], or any layout they broadcast
+    against (the server rotates [batch, seq, heads, head_dim] with [seq, 1, head_dim])."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -149,7 +150,7 @@ def attend(probs: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
     heads = probs[0].shape[1]
     outs = [(p.reshape(b, kv, -1, p.shape[3]) @ values[:, :, : p.shape[3]]).reshape(b, kv, heads // kv, p.shape[2], d)
             for p in probs]  # stacked like the scores, for the same reason
-    return torch.cat(outs, dim=3).reshape(b, heads, -1, d)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)).reshape(b, heads, -1, d)
 
 
 def query_blocks(n: int, block: int = 32, max_blocks: int = 8) -> list[int]:

@@ -105,13 +105,11 @@ def _scores(server: "GpuServer", args: dict, layer: int, x: torch.Tensor, cos: t
     ends = _block_ends(args.get("blocks", [n]), n, server.service.limits.max_tensors)
     start, capacity = _window(c, args, n)
     cache = _cache(server, server.sessions.open(current_owner(), args["session"]), b, start, n, capacity, layer)
-    attn = server.layers[layer].self_attn
-    q = attn.q_proj(x).view(b, n, c.num_heads, c.head_dim).transpose(1, 2)  # [b, heads, n, d]
-    k = attn.k_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [b, kv, n, d]
-    v = attn.v_proj(x).view(b, n, c.num_kv_heads, c.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, _ = cache.update(layer, start, k, v)
-    return causal_scores(q, keys, ends, start)
+    heads, rotated = c.num_heads, c.num_heads + c.num_kv_heads
+    qkv = server.fused[layer].qkv.product(x).view(b, n, -1, c.head_dim)  # [b, n, heads + 2 kv, d]
+    qk = apply_rope(qkv[:, :, :rotated], cos[:, None], sin[:, None])  # q's heads and k's in one rotation
+    keys, _ = cache.update(layer, start, qk[:, :, heads:].transpose(1, 2), qkv[:, :, rotated:].transpose(1, 2))
+    return causal_scores(qk[:, :, :heads].transpose(1, 2), keys, ends, start)
 
 
 def _block_ends(ends: Any, n: int, max_tensors: int) -> list[int]:
@@ -149,12 +147,13 @@ def _attention(server: "GpuServer", args: dict, layer: int, probs: list[torch.Te
 def _gate_keeping_up(server: "GpuServer", args: dict, layer: int, x: torch.Tensor) -> torch.Tensor:
     """gate_proj(x) for the TEE's SiLU; up_proj(x) stays for GatedDown, since the only op that
     touches it is the element-wise product (linear in it). One layer's up per session."""
-    mlp = server.layers[layer].mlp
+    fused = server.fused[layer].gate_up
     session = server.sessions.open(current_owner(), args["session"])
     server.sessions.discard(session, lambda key: key[0] == "up")  # the prefill moved on
-    server.sessions.reserve(session, ("up", layer), rows([list(x.shape)]) * mlp.up_proj.out_features * x.element_size())
-    g = mlp.gate_proj(x)
-    server.sessions.keep(session, ("up", layer), mlp.up_proj(x))
+    # up is a view of gate and up's one product, which it keeps whole
+    server.sessions.reserve(session, ("up", layer), rows([list(x.shape)]) * sum(fused.widths) * x.element_size())
+    g, up = fused(x)
+    server.sessions.keep(session, ("up", layer), up)
     return g
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,52 @@ def load_model(model_dir: str | Path, device: str, dtype: torch.dtype) -> tuple[
     except Exception as err:
         raise ModelError(f"cannot load model from {model_dir}: {str(err).splitlines()[0]}") from None
     return model.to(device).eval(), config
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Projections of one input as one weight: a layer's q, k, v, or its gate and up. One
+    product instead of two or three (on a GPU, one kernel launch), and the modules keep working:
+    their weights are views into this one."""
+
+    weight: torch.Tensor  # the modules' weights stacked by rows: [sum of out_features, in_features]
+    bias: torch.Tensor | None
+    widths: tuple[int, ...]  # each module's out_features, in order
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """Every module's output side by side: [..., sum of widths]."""
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.product(x).split(self.widths, dim=-1)
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    qkv: Fused
+    gate_up: Fused
+
+
+def fuse(*modules: torch.nn.Linear) -> Fused:
+    """Stack the modules' weights (and biases, which Llama gives all or none of them) into one
+    tensor and make each module's weight a view of its rows: no second copy of the model."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    bias = torch.cat([m.bias.detach() for m in modules]) if modules[0].bias is not None else None
+    row = 0
+    for m in modules:
+        width = m.out_features
+        m.weight = torch.nn.Parameter(weight[row: row + width], requires_grad=False)
+        if bias is not None:
+            m.bias = torch.nn.Parameter(bias[row: row + width], requires_grad=False)
+        row += width
+    return Fused(weight, bias, tuple(m.out_features for m in modules))
+
+
+def fuse_layers(layers: Any) -> list[FusedLayer]:
+    """Each decoder layer's fused projections, one layer at a time (the unfused weights are freed
+    as their modules move onto the fused ones)."""
+    return [FusedLayer(fuse(block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj),
+                       fuse(block.mlp.gate_proj, block.mlp.up_proj)) for block in layers]
 
 
 def layer_index(config: ModelConfig, args: dict) -> int:
