@@ -33,7 +33,10 @@ def test_no_method_reads_a_device_value_before_the_reply(tiny_dir):
     from tsqp.staging import Staging
 
     server = GpuServer(tiny_dir, device="cpu")
+    from tsqp.server.model import fuse_layers
+
     server.model.to("meta")
+    server.fused = fuse_layers(server.layers)  # the fused weights on meta too
     server.device = torch.device("meta")
     server.staging = Staging(server.device)
     server.staging.to_host = lambda tensors: [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]
@@ -77,6 +80,33 @@ def test_refused_inputs_are_refused_before_the_device_sees_them(tiny_dir):
         error = protocol.decode_header(server.handle(_request("Embedding", [ids]))[0])["error"]
         assert error["code"] == "bad_request" and "token ids must lie in" in error["message"]
 
+
+
+def test_a_down_scores_refused_for_its_next_layer_s_part_runs_no_projection(tiny_dir):
+    """DownScores checks the next layer's blocks, window and residual before its down projection."""
+    from tsqp import protocol
+    from tsqp.server.core import GpuServer
+
+    server = GpuServer(tiny_dir, device="cpu")
+    c, g, n = server.config, torch.Generator().manual_seed(9), 3
+    session = {"session": "d", "layer_idx": 0}
+    tables = [torch.randn(n, c.head_dim, generator=g), torch.randn(n, c.head_dim, generator=g)]
+    for layer in (0, 1):
+        frames = _request("QKVScores", [torch.randn(1, n, c.hidden_size, generator=g), *tables], blocks=[n], start=0,
+                          capacity=n, **{**session, "layer_idx": layer})
+        assert protocol.decode_header(server.handle(frames)[0])["ok"]
+    assert protocol.decode_header(server.handle(_request("Gate", [torch.randn(1, n, c.hidden_size, generator=g)],
+                                                         **session))[0])["ok"]
+    downs = []
+    server.layers[0].mlp.down_proj.register_forward_hook(lambda *_: downs.append(1))
+    activated, residual = torch.randn(1, n, c.intermediate_size, generator=g), torch.randn(1, n, c.hidden_size)
+    for bad, args in ((residual, {"blocks": [n + 1]}), (residual, {"start": 1}), (residual[:, :2], {})):
+        frames = _request("DownScores", [activated, bad, *tables], **{"blocks": [n], "start": 0, "capacity": n,
+                                                                      **session, **args})
+        assert protocol.decode_header(server.handle(frames)[0])["error"]["code"] == "bad_request"
+    assert downs == []
+    frames = _request("DownScores", [activated, residual, *tables], blocks=[n], start=0, capacity=n, **session)
+    assert protocol.decode_header(server.handle(frames)[0])["ok"] and downs == [1]
 
 @pytest.mark.parametrize("variant", ["gqa", "attention-bias"])
 def test_fused_projections_are_the_checkpoint_s_weights_held_once(variant, model_dirs):

@@ -91,11 +91,13 @@ def qkv_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> 
     [0, start + end_i). q and k never cross the wire. x is [b, n, hidden], cos and sin [n, head_dim]."""
     layer = layer_index(server.config, args)
     x, cos, sin = float_inputs(tensors, 3, "hidden_states [b, n, hidden], cos [n, d], sin [n, d]", server.dtype)
-    return _scores(server, args, layer, x, cos, sin), {}
+    return _scores(server, layer, x, cos, sin, _score_plan(server, args, layer, x, cos, sin)), {}
 
 
-def _scores(server: "GpuServer", args: dict, layer: int, x: torch.Tensor, cos: torch.Tensor,
-            sin: torch.Tensor) -> list[torch.Tensor]:
+def _score_plan(server: "GpuServer", args: dict, layer: int, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[list[int], int, KVCache]:
+    """Every check of a QKVScores before its work: the input's width, the tables, the causal
+    blocks, the window; then the blocks' ends, the window's start and the cache it writes."""
     c = server.config
     check_last_dim(x, c.hidden_size, f"layer {layer} QKVScores")
     b, n, _ = x.shape
@@ -105,6 +107,13 @@ def _scores(server: "GpuServer", args: dict, layer: int, x: torch.Tensor, cos: t
     ends = _block_ends(args.get("blocks", [n]), n, server.service.limits.max_tensors)
     start, capacity = _window(c, args, n)
     cache = _cache(server, server.sessions.open(current_owner(), args["session"]), b, start, n, capacity, layer)
+    return ends, start, cache
+
+
+def _scores(server: "GpuServer", layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            plan: tuple[list[int], int, KVCache]) -> list[torch.Tensor]:
+    (ends, start, cache), c = plan, server.config
+    b, n, _ = x.shape
     heads, rotated = c.num_heads, c.num_heads + c.num_kv_heads
     qkv = server.fused[layer].qkv.product(x).view(b, n, -1, c.head_dim)  # [b, n, heads + 2 kv, d]
     qk = apply_rope(qkv[:, :, :rotated], cos[:, None], sin[:, None])  # q's heads and k's in one rotation
@@ -243,11 +252,13 @@ def down_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) ->
         raise BadRequest(f"DownScores of layer {layer} has no next layer (the model has {c.num_layers}): "
                          "call GatedDown")
     activated, residual, cos, sin = float_inputs(tensors, 4, "SiLU(gate), residual, cos, sin", server.dtype)
+    rows_of_d = [*activated.shape[:-1], c.hidden_size]
+    if list(residual.shape) != rows_of_d:
+        raise BadRequest(f"DownScores expects the residual {rows_of_d} of its rows, got {list(residual.shape)}")
+    plan = _score_plan(server, args, layer + 1, residual, cos, sin)  # the next layer's checks, before any work
     d = _down(server, args, layer, activated)
-    if residual.shape != d.shape:
-        raise BadRequest(f"DownScores expects the residual {list(d.shape)} of its rows, got {list(residual.shape)}")
     norm = server.layers[layer + 1].input_layernorm
-    return [d, *_scores(server, args, layer + 1, norm.weight * (residual + d), cos, sin)], {}
+    return [d, *_scores(server, layer + 1, norm.weight * (residual + d), cos, sin, plan)], {}
 
 
 def _down_head_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
