@@ -59,7 +59,7 @@ def test_sessions_evicted_for_each_other_are_replayed_and_both_stay_exact(tiny_d
     with ServerThread(server, api.free_endpoint()) as thread:
         want_a, want_b = (uninterrupted(thread.endpoint, tiny_dir, ids, 6) for ids in (ids_a, ids_b))
         kv = 2 * 2 * 2 * 14 * 16 * 4  # K and V: layers, kv heads, 14 positions, head_dim, float32
-        replay = kv + 14 * 176 * 4  # and the up of a replayed history (intermediate 176)
+        replay = kv + 14 * 2 * 176 * 4  # and the up of a replayed history (a view of gate and up: 2 x 176 wide)
         server.sessions.budget = replay + 512  # room for one replay, not for it beside another session
         a, b = (api.connect(thread.endpoint, tiny_dir) for _ in range(2))
         gen_a, gen_b = a.generate(ids_a, 6, ignore_eos=True), b.generate(ids_b, 6, ignore_eos=True)
