@@ -120,3 +120,35 @@ def test_one_kind_of_bias_keeps_only_its_own_calls_apart(biases, per_token, tmp_
     calls = {"3L + 1": 3 * layers + 1, "3L": 3 * layers}[per_token]
     assert result.decode_wire.round_trips / 5 == calls
     assert result.prefill_wire.round_trips == calls + 1  # its Embedding; no call was refused
+
+
+def test_a_server_without_the_fused_calls_gets_the_unfused_ones_and_stays_exact(tiny_dir, references, monkeypatch):
+    """An older server knows neither AttnGate, DownScores nor DownHead (`unknown_method`): each is
+    tried once, and the runner goes on with AttnOut + Gate, GatedDown + QKVScores and LMHead, 4
+    calls per layer + 1; its greedy tokens and logits still are transformers'."""
+    from tsqp.errors import RemoteError
+    from tsqp.server import checks
+
+    older = {name: row for name, row in checks.METHODS.items() if name not in ("AttnGate", "DownScores", "DownHead")}
+    monkeypatch.setattr(checks, "METHODS", older)
+    with api.start_server(tiny_dir, device="cpu") as server:
+        runner = api.connect(server.endpoint, tiny_dir)
+        refused, original = [], runner.client.call
+
+        def recording(method, *args, **kwargs):
+            try:
+                return original(method, *args, **kwargs)
+            except RemoteError as err:
+                refused.append((method, err.code))
+                raise
+
+        runner.client.call = recording
+        ids = prompt(runner.config.vocab_size, 2, seed=11)
+        want, want_logits = reference_greedy(references["gqa"], ids, 6)
+        result = runner.generate(ids, 6, ignore_eos=True, keep_logits=True).run()
+        runner.client.close()
+    assert sorted(refused) == [("AttnGate", "unknown_method"), ("DownHead", "unknown_method"),
+                               ("DownScores", "unknown_method")]
+    assert torch.equal(result.tokens, want)
+    assert all(relative_error(result.logits[:, s], want_logits[:, s]) <= 1e-4 for s in range(6))
+    assert result.decode_wire.round_trips / 5 == 4 * runner.config.num_layers + 1

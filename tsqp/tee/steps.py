@@ -206,6 +206,8 @@ class LeanSteps:
         # A bias does not commute with RMSNorm's scale; nor may unscaled scores meet float16's range.
         self.fused_mlp = not config.mlp_bias  # AttnGate
         self.fused_attn = not config.attention_bias and wire_dtype != torch.float16  # DownScores
+        self.fused_head = True  # DownHead
+        self._answered: set[str] = set()  # the fused methods this server has run: their errors are errors
         self.key_scales = torch.ones(0)  # [layers, b, capacity]: each key's scale, where the server keeps it unscaled
         self._tables: tuple[torch.Tensor, torch.Tensor] = (torch.ones(0), torch.ones(0))  # this pass's cos, sin
         self._gate: torch.Tensor | None = None  # AttnGate's gate of weight * h, before the scale
@@ -265,11 +267,14 @@ class LeanSteps:
         c, out = self.config, rows(residual, self.config.hidden_size)
         if self._keys_unscaled(layer):  # this layer's V too
             probs = [p.mul_(self.key_scales[layer, :, None, None, : p.shape[3]]) for p in probs]
-        if not self.fused_mlp:
-            return self.call("AttnOut", *probs, expect=out, layer_idx=layer, session=self.session)[0]
-        o, self._gate = self.call("AttnGate", residual, *probs, expect=[*out, *rows(residual, c.intermediate_size)],
-                                  layer_idx=layer, session=self.session)
-        return o
+        if self.fused_mlp:
+            fused = self._fused("AttnGate", residual, *probs, expect=[*out, *rows(residual, c.intermediate_size)],
+                                layer_idx=layer, session=self.session)
+            if fused is not None:
+                o, self._gate = fused
+                return o
+            self.fused_mlp = False
+        return self.call("AttnOut", *probs, expect=out, layer_idx=layer, session=self.session)[0]
 
     def gate(self, layer: int, x: ops.Normalized) -> torch.Tensor:
         if self._gate is None:
@@ -284,31 +289,47 @@ class LeanSteps:
         if self._scale is not None:
             activated, self._scale = activated.mul_(self._scale), None
         c, w, out = self.config, self.window, rows(activated, self.config.hidden_size)
-        if layer + 1 == c.num_layers:  # the LM head has no bias: it always commutes with the final norm's scale
+        if layer + 1 == c.num_layers and self.fused_head:  # the LM head has no bias: it commutes with the scale
             head = (activated.shape[0], w.tokens if w.all_positions else 1, c.vocab_size)
-            residual = residual if w.all_positions else residual[:, -1:]  # the rows that get logits
-            d, self._logits = self.call("DownHead", activated, residual, expect=[*out, head], layer_idx=layer,
-                                        session=self.session, all_positions=w.all_positions)
-            return d
-        if self.fused_attn:
-            ends, shapes = causal_blocks(self.window, residual, self.config.num_heads)
-            try:
-                d, *self._scores = self.call("DownScores", activated, residual, exact=self._tables,
-                                             expect=[*out, *shapes], layer_idx=layer, session=self.session,
-                                             blocks=ends, start=self.window.start, capacity=self.capacity)
+            last = residual if w.all_positions else residual[:, -1:]  # the rows that get logits
+            fused = self._fused("DownHead", activated, last, expect=[*out, head], layer_idx=layer,
+                                session=self.session, all_positions=w.all_positions)
+            if fused is not None:
+                d, self._logits = fused
                 return d
-            except RemoteError as err:
-                if err.code != "unsupported" or layer > 0 or self.window.start > 0:
-                    raise
-                self.fused_attn = False  # a float16 server: from the first call on, the unfused ones
+            self.fused_head = False
+        elif layer + 1 < c.num_layers and self.fused_attn:
+            ends, shapes = causal_blocks(self.window, residual, self.config.num_heads)
+            fused = self._fused("DownScores", activated, residual, exact=self._tables, expect=[*out, *shapes],
+                                layer_idx=layer, session=self.session, blocks=ends, start=self.window.start,
+                                capacity=self.capacity)
+            if fused is not None:
+                d, *self._scores = fused
+                return d
+            self.fused_attn = False
         return self.call("GatedDown", activated, expect=out, layer_idx=layer, session=self.session)[0]
+
+    def _fused(self, method: str, *tensors: torch.Tensor, **args) -> list[torch.Tensor] | None:
+        """A fused call's reply, or None where this server cannot run the method at all (a float16
+        server's `unsupported` DownScores, an older server's `unknown_method`): the caller then takes
+        the unfused calls from here on. Its first call is the only one that may be refused so."""
+        try:
+            reply = self.call(method, *tensors, **args)
+        except RemoteError as err:
+            if err.code not in ("unsupported", "unknown_method") or method in self._answered:
+                raise
+            return None
+        self._answered.add(method)
+        return reply
 
     def _keys_unscaled(self, layer: int) -> bool:
         """Whether the server keeps this layer's K and V before RMSNorm's scale (DownScores)."""
         return self.fused_attn and layer > 0
 
     def lm_head(self, x: ops.Normalized) -> torch.Tensor:
-        """The logits DownHead made before the final norm's scale, scaled."""
+        """The logits DownHead made before the final norm's scale, scaled; LMHead's, from a server without DownHead."""
+        if not self.fused_head:
+            return self.call("LMHead", x.value, expect=rows(x.h, self.config.vocab_size))[0]
         if self._logits is None:
             raise TsqpError("lm_head before DownHead: the last layer's down makes the logits")
         logits, self._logits = self._logits * x.scale, None
