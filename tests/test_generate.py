@@ -122,14 +122,16 @@ def test_one_kind_of_bias_keeps_only_its_own_calls_apart(biases, per_token, tmp_
     assert result.prefill_wire.round_trips == calls + 1  # its Embedding; no call was refused
 
 
-def test_a_server_without_the_fused_calls_gets_the_unfused_ones_and_stays_exact(tiny_dir, references, monkeypatch):
-    """An older server knows neither AttnGate, DownScores nor DownHead (`unknown_method`): each is
-    tried once, and the runner goes on with AttnOut + Gate, GatedDown + QKVScores and LMHead, 4
-    calls per layer + 1; its greedy tokens and logits still are transformers'."""
+@pytest.mark.parametrize("missing", [("AttnGate", "DownScores", "DownHead"), ("DownHead",), ("DownScores",)])
+def test_a_server_without_fused_calls_gets_the_unfused_ones_and_stays_exact(missing, tiny_dir, references,
+                                                                             monkeypatch):
+    """An older server knows some of AttnGate, DownScores, DownHead not (`unknown_method`): each is
+    tried once, and the runner goes on with AttnOut + Gate, GatedDown + QKVScores, or GatedDown +
+    LMHead in their place; its greedy tokens and logits still are transformers'."""
     from tsqp.errors import RemoteError
     from tsqp.server import checks
 
-    older = {name: row for name, row in checks.METHODS.items() if name not in ("AttnGate", "DownScores", "DownHead")}
+    older = {name: row for name, row in checks.METHODS.items() if name not in missing}
     monkeypatch.setattr(checks, "METHODS", older)
     with api.start_server(tiny_dir, device="cpu") as server:
         runner = api.connect(server.endpoint, tiny_dir)
@@ -143,12 +145,35 @@ def test_a_server_without_the_fused_calls_gets_the_unfused_ones_and_stays_exact(
                 raise
 
         runner.client.call = recording
-        ids = prompt(runner.config.vocab_size, 2, seed=11)
+        ids = prompt(runner.config.vocab_size, 2, seed=11 + len(missing))
         want, want_logits = reference_greedy(references["gqa"], ids, 6)
         result = runner.generate(ids, 6, ignore_eos=True, keep_logits=True).run()
         runner.client.close()
-    assert sorted(refused) == [("AttnGate", "unknown_method"), ("DownHead", "unknown_method"),
-                               ("DownScores", "unknown_method")]
+    assert sorted(refused) == sorted((method, "unknown_method") for method in missing)
     assert torch.equal(result.tokens, want)
     assert all(relative_error(result.logits[:, s], want_logits[:, s]) <= 1e-4 for s in range(6))
-    assert result.decode_wire.round_trips / 5 == 4 * runner.config.num_layers + 1
+    layers = runner.config.num_layers
+    per_token = {3: 4 * layers + 1, 1: 2 * layers + 2 if missing == ("DownHead",) else 3 * layers}[len(missing)]
+    assert result.decode_wire.round_trips / 5 == per_token
+
+
+def test_a_fused_call_refused_after_it_has_answered_is_an_error(tiny_dir):
+    """Only a server that never ran a fused method gets the unfused calls in its place."""
+    from tsqp.errors import RemoteError
+    from tsqp.server.core import GpuServer
+    from tsqp.server.errors import Unsupported
+    from tsqp.server.serving import ServerThread
+
+    server = GpuServer(tiny_dir, "cpu")
+    with ServerThread(server, api.free_endpoint()) as thread:
+        runner = api.connect(thread.endpoint, tiny_dir)
+        ids = prompt(runner.config.vocab_size, 1, seed=12)
+        runner.prefill(ids)
+
+        def refusing(args, tensors):
+            raise Unsupported("AttnGate is not available any more")
+
+        server.handlers["AttnGate"] = refusing
+        with pytest.raises(RemoteError, match="unsupported"):
+            runner.prefill(ids)
+        runner.client.close()

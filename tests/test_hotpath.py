@@ -81,9 +81,9 @@ def test_refused_inputs_are_refused_before_the_device_sees_them(tiny_dir):
         assert error["code"] == "bad_request" and "token ids must lie in" in error["message"]
 
 
-
-def test_a_down_scores_refused_for_its_next_layer_s_part_runs_no_projection(tiny_dir):
-    """DownScores checks the next layer's blocks, window and residual before its down projection."""
+def test_a_refused_down_scores_runs_no_projection_and_leaves_the_session_as_it_was(tiny_dir):
+    """DownScores checks its up, the next layer's blocks, window and residual, and the cache's
+    room before its down projection; a refusal creates no session and replaces no cache."""
     from tsqp import protocol
     from tsqp.server.core import GpuServer
 
@@ -97,16 +97,23 @@ def test_a_down_scores_refused_for_its_next_layer_s_part_runs_no_projection(tiny
         assert protocol.decode_header(server.handle(frames)[0])["ok"]
     assert protocol.decode_header(server.handle(_request("Gate", [torch.randn(1, n, c.hidden_size, generator=g)],
                                                          **session))[0])["ok"]
-    downs = []
+    downs, cache, held = [], server.sessions.find("", "d").tensors["kv"], server.sessions.nbytes
     server.layers[0].mlp.down_proj.register_forward_hook(lambda *_: downs.append(1))
     activated, residual = torch.randn(1, n, c.intermediate_size, generator=g), torch.randn(1, n, c.hidden_size)
-    for bad, args in ((residual, {"blocks": [n + 1]}), (residual, {"start": 1}), (residual[:, :2], {})):
-        frames = _request("DownScores", [activated, bad, *tables], **{"blocks": [n], "start": 0, "capacity": n,
-                                                                      **session, **args})
-        assert protocol.decode_header(server.handle(frames)[0])["error"]["code"] == "bad_request"
-    assert downs == []
+    wrong_width = torch.randn(1, n, c.intermediate_size - 1, generator=g)
+    for code, tensors, args in (("bad_request", (activated, residual), {"blocks": [n + 1]}),
+                                ("bad_request", (activated, residual), {"start": 1}),
+                                ("bad_request", (activated, residual[:, :2]), {}),
+                                ("bad_request", (wrong_width, residual), {"capacity": n + 4}),  # a new cache's shape
+                                ("missing_state", (activated, residual), {"session": "evicted"})):
+        frames = _request("DownScores", [*tensors, *tables], **{"blocks": [n], "start": 0, "capacity": n,
+                                                                **session, **args})
+        assert protocol.decode_header(server.handle(frames)[0])["error"]["code"] == code
+    assert downs == [] and server.sessions.find("", "evicted") is None
+    assert server.sessions.find("", "d").tensors["kv"] is cache and server.sessions.nbytes == held
     frames = _request("DownScores", [activated, residual, *tables], blocks=[n], start=0, capacity=n, **session)
     assert protocol.decode_header(server.handle(frames)[0])["ok"] and downs == [1]
+
 
 @pytest.mark.parametrize("variant", ["gqa", "attention-bias"])
 def test_fused_projections_are_the_checkpoint_s_weights_held_once(variant, model_dirs):

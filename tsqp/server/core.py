@@ -68,6 +68,8 @@ class GpuServer:
         self.model, self.config = load_model(self.model_dir, str(self.device), self.dtype)
         self.layers = self.model.model.layers
         self.fused = fuse_layers(self.layers)  # q/k/v and gate/up as one product each (lean's calls)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the unfused weights' blocks, which the caching allocator would keep
         self.identity = model_identity(self.model_dir)  # what Ping reports, for the TEE to compare
         limits = limits or Limits()
         if limits.max_reply_bytes is None:

@@ -91,18 +91,19 @@ def qkv_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> 
     [0, start + end_i). q and k never cross the wire. x is [b, n, hidden], cos and sin [n, head_dim]."""
     layer = layer_index(server.config, args)
     x, cos, sin = float_inputs(tensors, 3, "hidden_states [b, n, hidden], cos [n, d], sin [n, d]", server.dtype)
-    return _scores(server, layer, x, cos, sin, _score_plan(server, args, layer, x, cos, sin)), {}
+    return _scores(server, layer, x, cos, sin, _score_plan(server, args, layer, x, cos, sin, "QKVScores")), {}
 
 
 def _score_plan(server: "GpuServer", args: dict, layer: int, x: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[list[int], int, KVCache]:
-    """Every check of a QKVScores before its work: the input's width, the tables, the causal
-    blocks, the window; then the blocks' ends, the window's start and the cache it writes."""
+                sin: torch.Tensor, method: str) -> tuple[list[int], int, KVCache]:
+    """Every check of a QKVScores before its work, those that touch no state first: the input's
+    width, the tables, the causal blocks, the window, then the cache's room (which a batch that
+    starts at position 0 allocates); the blocks' ends, the window's start and the cache."""
     c = server.config
-    check_last_dim(x, c.hidden_size, f"layer {layer} QKVScores")
+    check_last_dim(x, c.hidden_size, f"layer {layer} {method}")
     b, n, _ = x.shape
     if cos.shape != (n, c.head_dim) or sin.shape != (n, c.head_dim):
-        raise BadRequest(f"QKVScores expects cos and sin [{n}, {c.head_dim}] for {n} positions, got "
+        raise BadRequest(f"{method} expects cos and sin [{n}, {c.head_dim}] for {n} positions, got "
                          f"{list(cos.shape)} and {list(sin.shape)}")
     ends = _block_ends(args.get("blocks", [n]), n, server.service.limits.max_tensors)
     start, capacity = _window(c, args, n)
@@ -222,12 +223,17 @@ def gated_down(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> 
     return [_down(server, args, layer, activated)], {}
 
 
-def _down(server: "GpuServer", args: dict, layer: int, activated: torch.Tensor) -> torch.Tensor:
+def _up(server: "GpuServer", args: dict, layer: int, activated: torch.Tensor) -> torch.Tensor:
+    """The up this layer's Gate or AttnGate kept, if SiLU(gate) matches it."""
     up = _kept(server, args, "up", layer, "Gate")
     if activated.shape != up.shape:
         raise BadRequest(f"layer {layer}'s down projection expects SiLU(gate) of shape {list(up.shape)} (as its Gate "
                          f"or AttnGate made it), got {list(activated.shape)}")
-    return server.layers[layer].mlp.down_proj(activated * up)
+    return up
+
+
+def _down(server: "GpuServer", args: dict, layer: int, activated: torch.Tensor) -> torch.Tensor:
+    return server.layers[layer].mlp.down_proj(activated * _up(server, args, layer, activated))
 
 
 def _down_scores_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
@@ -255,8 +261,9 @@ def down_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) ->
     rows_of_d = [*activated.shape[:-1], c.hidden_size]
     if list(residual.shape) != rows_of_d:
         raise BadRequest(f"DownScores expects the residual {rows_of_d} of its rows, got {list(residual.shape)}")
-    plan = _score_plan(server, args, layer + 1, residual, cos, sin)  # the next layer's checks, before any work
-    d = _down(server, args, layer, activated)
+    up = _up(server, args, layer, activated)
+    plan = _score_plan(server, args, layer + 1, residual, cos, sin, "DownScores")  # before any work
+    d = server.layers[layer].mlp.down_proj(activated * up)
     norm = server.layers[layer + 1].input_layernorm
     return [d, *_scores(server, layer + 1, norm.weight * (residual + d), cos, sin, plan)], {}
 

@@ -59,7 +59,7 @@ def load_model(model_dir: str | Path, device: str, dtype: torch.dtype) -> tuple[
     return model.to(device).eval(), config
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Fused:
     """Projections of one input as one weight: a layer's q, k, v, or its gate and up. One
     product instead of two or three (on a GPU, one kernel launch), and the modules keep working:
@@ -77,7 +77,7 @@ class Fused:
         return self.product(x).split(self.widths, dim=-1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FusedLayer:
     qkv: Fused
     gate_up: Fused
@@ -100,7 +100,8 @@ def fuse(*modules: torch.nn.Linear) -> Fused:
 
 def fuse_layers(layers: Any) -> list[FusedLayer]:
     """Each decoder layer's fused projections, one layer at a time (the unfused weights are freed
-    as their modules move onto the fused ones)."""
+    as their modules move onto the fused ones). Call it again after moving or converting the
+    model: `.to()` gives the modules new weights, and the fused ones would be left behind."""
     return [FusedLayer(fuse(block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj),
                        fuse(block.mlp.gate_proj, block.mlp.up_proj)) for block in layers]
 

@@ -312,7 +312,7 @@ class LeanSteps:
     def _fused(self, method: str, *tensors: torch.Tensor, **args) -> list[torch.Tensor] | None:
         """A fused call's reply, or None where this server cannot run the method at all (a float16
         server's `unsupported` DownScores, an older server's `unknown_method`): the caller then takes
-        the unfused calls from here on. Its first call is the only one that may be refused so."""
+        the unfused calls from here on. Only until the method has answered once: then its errors are errors."""
         try:
             reply = self.call(method, *tensors, **args)
         except RemoteError as err:
