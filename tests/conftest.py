@@ -68,6 +68,25 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
+def record_calls(runner) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every method the runner's client calls from now on, and the (method, code) of each the
+    server refuses; both lists fill as it runs."""
+    from tsqp.errors import RemoteError
+
+    methods, refused, original = [], [], runner.client.call
+
+    def recording(method, *args, **kwargs):
+        methods.append(method)
+        try:
+            return original(method, *args, **kwargs)
+        except RemoteError as err:
+            refused.append((method, err.code))
+            raise
+
+    runner.client.call = recording
+    return methods, refused
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120, script: str | None = None) -> subprocess.CompletedProcess:
     """Run `tsqp ARGS` (or a root script) in a fresh process, as a user would."""
     cmd = [sys.executable, script] if script else [sys.executable, "-m", "tsqp"]

@@ -13,9 +13,8 @@ import torch
 
 from tsqp import api
 from tsqp import ops
-from tsqp.errors import RemoteError
 
-from conftest import REPO, VARIANTS, reference_logits, relative_error
+from conftest import REPO, VARIANTS, record_calls, reference_logits, relative_error
 
 TOLERANCE = 1e-4  # max|Δ| / max|ref| in float32
 
@@ -95,18 +94,7 @@ def test_a_float16_server_refuses_unscaled_scores_and_the_runner_takes_the_unfus
     DownScores (code `unsupported`) and the runner goes on with GatedDown and QKVScores."""
     with api.start_server(tiny_dir, device="cpu", dtype="float16") as server:
         runner = api.connect(server.endpoint, tiny_dir)
-        methods, refused = [], []
-        original = runner.client.call
-
-        def recording(method, *args, **kwargs):
-            methods.append(method)
-            try:
-                return original(method, *args, **kwargs)
-            except RemoteError as err:
-                refused.append((method, err.code))
-                raise
-
-        runner.client.call = recording
+        methods, refused = record_calls(runner)
         ids = random_ids(runner.config.vocab_size, 1, seed=4)
         first, second = runner.prefill(ids), runner.prefill(ids)
         runner.client.close()

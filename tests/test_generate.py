@@ -9,7 +9,7 @@ import torch
 from tsqp import api
 from tsqp.errors import InputError
 
-from conftest import VARIANTS, relative_error
+from conftest import VARIANTS, record_calls, relative_error
 
 NEW = 12
 MODES = {"lean": {}, "seed": {"protocol": "seed"}, "private": {"protection": "private"}, "verify": {"verify": True},
@@ -128,23 +128,13 @@ def test_a_server_without_fused_calls_gets_the_unfused_ones_and_stays_exact(miss
     """An older server knows some of AttnGate, DownScores, DownHead not (`unknown_method`): each is
     tried once, and the runner goes on with AttnOut + Gate, GatedDown + QKVScores, or GatedDown +
     LMHead in their place; its greedy tokens and logits still are transformers'."""
-    from tsqp.errors import RemoteError
     from tsqp.server import checks
 
     older = {name: row for name, row in checks.METHODS.items() if name not in missing}
     monkeypatch.setattr(checks, "METHODS", older)
     with api.start_server(tiny_dir, device="cpu") as server:
         runner = api.connect(server.endpoint, tiny_dir)
-        refused, original = [], runner.client.call
-
-        def recording(method, *args, **kwargs):
-            try:
-                return original(method, *args, **kwargs)
-            except RemoteError as err:
-                refused.append((method, err.code))
-                raise
-
-        runner.client.call = recording
+        _, refused = record_calls(runner)
         ids = prompt(runner.config.vocab_size, 2, seed=11 + len(missing))
         want, want_logits = reference_greedy(references["gqa"], ids, 6)
         result = runner.generate(ids, 6, ignore_eos=True, keep_logits=True).run()

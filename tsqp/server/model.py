@@ -82,6 +82,10 @@ class FusedLayer:
     qkv: Fused
     gate_up: Fused
 
+    def group(self, modules: list[str]) -> Fused | None:
+        """The fused product of exactly these modules, in this order, if the layer has one."""
+        return {("q_proj", "k_proj", "v_proj"): self.qkv, ("gate_proj", "up_proj"): self.gate_up}.get(tuple(modules))
+
 
 def fuse(*modules: torch.nn.Linear) -> Fused:
     """Stack the modules' weights (and biases, which Llama gives all or none of them) into one

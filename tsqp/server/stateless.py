@@ -131,17 +131,18 @@ def linears(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Res
         raise BadRequest("'modules' must be a non-empty list of module names")
     x = tensors[0]  # one floating-point tensor (the row's dtypes)
     dtype = torch.float64 if x.dtype == torch.float64 else server.dtype
+    fused = None
     if modules == ["lm_head"]:
         targets = [server.model.lm_head]
     else:
         layer = layer_index(server.config, args)
         targets = [linear_module(server.layers, layer, name) for name in modules]
-    outputs = []
+        fused = server.fused[layer].group(modules) if dtype == server.dtype else None  # verify's q/k/v, gate/up
     for module in targets:
         check_last_dim(x, module.in_features, "Linears")
-        weight, bias = server.weights_in(module, dtype)
-        outputs.append(torch.nn.functional.linear(x.to(dtype), weight, bias))
-    return outputs, {}
+    if fused is not None:
+        return list(fused(x.to(dtype))), {}
+    return [torch.nn.functional.linear(x.to(dtype), *server.weights_in(module, dtype)) for module in targets], {}
 
 
 def _whole_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
