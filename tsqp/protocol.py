@@ -60,7 +60,8 @@ def tensor_spec(t: torch.Tensor) -> dict[str, Any]:
 
 def tensor_frame(t: torch.Tensor) -> memoryview:
     """The tensor's bytes as a buffer ZeroMQ can send without copying."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
@@ -131,10 +132,8 @@ def tensor_from_frame(dtype: torch.dtype, shape: list[int], frame: Any) -> torch
     buffer = _frame_buffer(frame)
     if buffer.nbytes != math.prod(shape) * _ITEMSIZE[dtype]:
         raise ProtocolError(f"payload of {buffer.nbytes} bytes does not match {DTYPE_NAMES[dtype]}{shape}")
-    tensor = torch.from_numpy(np.frombuffer(buffer, dtype=_NUMPY_DTYPE[dtype]))
-    if dtype in _NUMPY_CARRIER:
-        tensor = tensor.view(dtype)
-    return tensor.reshape(shape)
+    tensor = torch.from_numpy(np.frombuffer(buffer, dtype=_NUMPY_DTYPE[dtype]).reshape(shape))  # numpy's reshape is the cheaper
+    return tensor.view(dtype) if dtype in _NUMPY_CARRIER else tensor
 
 
 def frames_nbytes(frames: Sequence[Any]) -> int:

@@ -112,6 +112,8 @@ class Staging:
 
     def to_device(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Host tensors on the device: one host-side pack and one asynchronous copy for a GPU."""
+        if self.device.type == "cpu":
+            return list(tensors)
         if self._uploaded is None or not tensors:
             return [t.to(self.device) for t in tensors]
         offsets, size = layout(tensors)
@@ -126,6 +128,8 @@ class Staging:
         """Device tensors on the host, complete when this returns: one copy and the call's one wait
         for a GPU. Several outputs are first packed on the device, which briefly takes their size
         again in device memory (bounded by the server's output limit)."""
+        if self.device.type == "cpu":
+            return list(tensors)
         devices = {t.device for t in tensors}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
             return [t.cpu() for t in tensors]

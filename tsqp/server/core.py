@@ -140,7 +140,8 @@ class GpuServer:
         with torch.inference_mode():
             outputs, extra = self.handlers[request.method.name](request.args, self._inputs(request))
             wire = DTYPES[request.args.get("wire_dtype", "float32")]  # the row allows it (checks)
-            return self.staging.to_host([t.to(dtype=wire) if t.is_floating_point() else t for t in outputs]), extra
+            return self.staging.to_host([t.to(dtype=wire) if t.is_floating_point() and t.dtype != wire else t
+                                           for t in outputs]), extra
 
     def weights_in(self, module: torch.nn.Linear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The module's weight and bias in `dtype`; float64 copies are made once and kept

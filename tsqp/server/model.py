@@ -131,7 +131,7 @@ def float_inputs(tensors: list[torch.Tensor], count: int, names: str, dtype: tor
     for t in tensors:
         if not t.is_floating_point():
             raise BadRequest(f"expected floating-point tensors ({names}), got {DTYPE_NAMES[t.dtype]}")
-    return [t.to(dtype=dtype) for t in tensors]
+    return [t if t.dtype == dtype else t.to(dtype=dtype) for t in tensors]
 
 
 def check_last_dim(x: torch.Tensor, size: int, what: str) -> None:

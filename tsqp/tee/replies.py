@@ -30,7 +30,7 @@ def checked_reply(tensors: Sequence[torch.Tensor], expect: Sequence[tuple[int, .
     """`tensors` as float32 if they are floating-point tensors of the `expect`ed shapes and
     finite; else `error` naming `what` (a method, and its layer)."""
     check_shapes(tensors, expect, what, error)
-    out = [t.float() for t in tensors]
+    out = [t if t.dtype == torch.float32 else t.float() for t in tensors]
     check_finite(out, what, error)
     return out
 

@@ -101,7 +101,7 @@ class Caller:
 
     def __call__(self, method: str, *tensors: torch.Tensor, expect: list[tuple[int, ...]],
                  exact: tuple[torch.Tensor, ...] = (), **args) -> list[torch.Tensor]:
-        sent = [t.to(self.wire) if t.is_floating_point() else t for t in tensors]
+        sent = [t.to(self.wire) if t.is_floating_point() and t.dtype != self.wire else t for t in tensors]
         reply_bytes = sum(math.prod(shape) for shape in expect) * self.wire.itemsize
         try:
             reply = self.client.call(method, [*sent, *exact], wire_dtype=self.wire_name, reply_bytes=reply_bytes,
