@@ -313,3 +313,31 @@ def test_verify_refuses_16_bit_products(servers, tiny_dir):
 def test_serve_refuses_a_parent_pid_that_is_not_its_parent(tiny_dir):
     one_error_line(run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", "--parent-pid", "1"),
                    "--parent-pid 1", "not this server's parent")
+
+
+def test_what_a_command_will_write_and_read_is_checked_before_any_work(tiny_dir, tmp_path):
+    """Nothing listens at the endpoint: each error must come before a connection is tried."""
+    nowhere, model = api.free_endpoint(), str(tiny_dir)
+    prefill = ("prefill", "--endpoint", nowhere, "--model", model, "--tokens", "8")
+    generate = ("generate", "--endpoint", nowhere, "--model", model, "--tokens", "8", "--max-new-tokens", "2")
+    cases = [
+        ((*prefill, "--json", str(tmp_path / "no" / "x.json")), "--json", "no such directory"),
+        ((*generate, "--save-ids", str(tmp_path)), "--save-ids", "is a directory"),
+        ((*prefill, "--verify-dtype", "float64"), "--verify-dtype only applies with --verify"),
+        ((*generate, "--top-p", "0.9"), "only apply when sampling"),
+        (("bench", "--tokens", "8", "--plot", str(tmp_path / "no" / "x.png")), "--plot", "no such directory"),
+    ]
+    np.save(tmp_path / "ragged.npy", np.array([[1, 5, 6], [1, 7]], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "outside.npy", np.array([[1, 600, 3]]))
+    for name, message in (("ragged.npy", "unequal length"), ("outside.npy", "holds token id 600")):
+        cases.append((("prefill", "--endpoint", nowhere, "--model", model, "--input-ids", str(tmp_path / name)),
+                      message))
+    (tmp_path / "file").write_text("")
+    for flags, message in ((("--audit", str(tmp_path / "file" / "audit")), "--audit"),
+                           (("--session-memory-mb", "nan"), "must be a positive number"),
+                           (("--endpoint", "foo:bar"), "bad endpoint")):
+        cases.append((("serve", "--model", model, "--device", "cpu", *flags), message))
+    for command, *fragments in cases:
+        result = run_cli(*command)
+        one_error_line(result, *fragments)
+        assert "no reply" not in result.stderr and "Connected" not in result.stdout, command

@@ -43,7 +43,9 @@ def test_top_k_and_top_p_keep_exactly_the_tokens_they_should():
 
 @pytest.mark.parametrize("bad, message", [({"temperature": -0.5}, "--temperature"), ({"temperature": math.nan},
                                           "--temperature"), ({"top_k": 0}, "--top-k"), ({"top_p": 0.0}, "--top-p"),
-                                          ({"top_p": 1.5}, "--top-p")])
+                                          ({"top_p": 1.5}, "--top-p"), ({"temperature": math.inf}, "--temperature"),
+                                          ({"top_k": 5}, "only apply when sampling"),
+                                          ({"top_p": 0.9}, "only apply when sampling")])
 def test_bad_settings_are_named(bad, message):
     with pytest.raises(InputError, match=message):
         Sampling(**bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from . import __version__
 from .environment import blame, check_choices, env, values_from_environment
 from .heap import keep_freed_memory
+from .logs import configure as configure_logs
 from .report import print_generation, print_report
 from .spinning import SERVER_SPIN_ENV, SERVER_SPIN_US, check_spin_us, spin_budget
 from .tee_commands import DEFAULT_TOKENS
@@ -132,19 +134,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .logs import configure
     from .transport import bind_endpoint
 
+    from .config import load_config
+    from .outputs import make_dir
+
     if not args.model:
         raise SystemExit("error: no model: pass --model DIR or set LLAMA_MODEL_PATH")
     for flag in ("max_message_mb", "max_reply_mb", "session_memory_mb", "session_idle_s"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < math.inf:  # refuses NaN too
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
     spin_s = (check_spin_us(args.spin_us, "--spin-us") if args.spin_us is not None
               else spin_budget(SERVER_SPIN_ENV, SERVER_SPIN_US))
     if args.shm and (args.audit or args.tamper):
         raise ValueError("--audit and --tamper work on the socket's frames: use them without --shm")
     if args.parent_pid is not None and args.parent_pid != os.getppid():
         raise ValueError(f"--parent-pid {args.parent_pid} is not this server's parent (that is {os.getppid()})")
+    make_dir(args.audit, "--audit")
+    endpoint = bind_endpoint(args.endpoint) if args.endpoint else bind_endpoint(args.port, args.host)
+    load_config(args.model)  # a directory that is no model is named before the port is taken
     configure(args.log_level)
-    endpoint = args.endpoint or bind_endpoint(args.port, args.host)
     keys = ServerKeys.from_options(args.server_secret_key, args.allow_keys)
     mib = 1 << 20
     limits = server.Limits(max_message_bytes=int(args.max_message_mb * mib),
@@ -220,8 +228,13 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 
 def cmd_make_model(args: argparse.Namespace) -> None:
-    from .models import make_model
+    from .errors import InputError
+    from .models import PRESETS, make_model
+    from .outputs import make_dir
 
+    if args.preset not in PRESETS:
+        raise InputError(f"unknown preset '{args.preset}' (choose from: {', '.join(PRESETS)})")
+    make_dir(args.out.parent, "--out")
     dtype = args.dtype or ("float32" if args.preset == "tiny" else "bfloat16")
     print(f"Making preset '{args.preset}' (seed {args.seed}, {dtype}) in {args.out} ...", flush=True)
     path = make_model(args.preset, args.out, seed=args.seed, dtype=dtype, force=args.force)
@@ -280,7 +293,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from . import api
     from .models import cached_model
 
+    from .config import load_config
+    from .errors import InputError
+
     model_dir = cached_model("tiny")
+    longest = load_config(model_dir).max_position_embeddings - DEMO_NEW_TOKENS
+    if not 1 <= args.tokens <= longest:
+        raise InputError(f"--tokens must be 1 to {longest} (the tiny model's {longest + DEMO_NEW_TOKENS} positions "
+                         f"less the {DEMO_NEW_TOKENS} the demo generates), got {args.tokens}")
     print(f"Model: {model_dir} (random tiny LLaMA, made locally)")
     with tempfile.TemporaryDirectory(prefix="tsqp-demo-keys-") as key_dir:
         server_options, keys = _demo_keys(Path(key_dir))
@@ -328,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # serve installs its own
     try:
         check_choices(args.command_parser, args)
+        if args.command != "serve":  # the client's warnings (a retry, a lost link) as the server's: key=value
+            configure_logs("WARNING")
         handler(args)
     except (TsqpError, ValueError, OSError) as err:  # OSError: a file the user named (--json, --out...)
         print(f"error: {blame(str(err), taken)}", file=sys.stderr)

@@ -83,9 +83,9 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="check every outsourced product with Freivalds' algorithm; stop on a wrong result "
                         "(a float32 server and wire)")
-    p.add_argument("--verify-dtype", choices=("float32", "float64"), default="float32",
-                   help="the products --verify checks: float64 leaves a server no room to move a near-tie "
-                        "(docs/security.md), at the cost of float64 GEMMs (default: %(default)s)")
+    p.add_argument("--verify-dtype", choices=("float32", "float64"),
+                   help="with --verify, the products it checks: float64 leaves a server no room to move a near-tie "
+                        "(docs/security.md), at the cost of float64 GEMMs (default: float32)")
     p.add_argument("--protocol", choices=("lean", "seed"), default="lean",
                    help="lean: fused calls, 2 round trips per layer (default); seed: the seed's 9 per layer "
                         "(lean only with --protection private / --verify)")
@@ -121,7 +121,12 @@ def _read_ids_file(path: Path) -> "torch.Tensor":
         with open(path, "rb") as f:
             magic = f.read(len(NPY_MAGIC))
         array = np.load(path, allow_pickle=False) if magic == NPY_MAGIC else None
-    except (OSError, ValueError) as err:
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # an object array: what numpy makes of rows of unequal length
+            raise InputError(f"--input-ids {path} holds Python objects, not int64 [batch, seq] (prompts of "
+                             "unequal length? a batch's prompts must have the same length)") from None
+        raise InputError(f"cannot read --input-ids {path}: {err}") from None
+    except OSError as err:
         raise InputError(f"cannot read --input-ids {path}: {err}") from None
     if array is None:
         raise InputError(f"--input-ids {path} is not a .npy file: it must hold {wanted}")
@@ -233,14 +238,33 @@ def _local_prompt(args: argparse.Namespace, out: TextIO, new_tokens: int = 0):
 
     config = load_config(args.model) if args.model else None
     input_ids = _input_ids(args, config.vocab_size, out) if config else None
-    if config and input_ids.shape[1] + new_tokens > config.max_position_embeddings:
-        what = f"{input_ids.shape[1]} prompt + {new_tokens} new tokens" if new_tokens else \
-            f"{input_ids.shape[1]} tokens"
-        raise InputError(f"{what} exceed the model's max_position_embeddings ({config.max_position_embeddings})")
+    if config:
+        if input_ids.shape[1] + new_tokens > config.max_position_embeddings:
+            what = f"{input_ids.shape[1]} prompt + {new_tokens} new tokens" if new_tokens else \
+                f"{input_ids.shape[1]} tokens"
+            raise InputError(f"{what} exceed the model's max_position_embeddings ({config.max_position_embeddings})")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= config.vocab_size:
+            source = f"--input-ids {args.input_ids}" if args.input_ids is not None else "the prompt"
+            raise InputError(f"{source} holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                             f"[0, {config.vocab_size})")
     return config, input_ids
 
 
 # -- the commands ---------------------------------------------------------------------------------
+
+
+def _check_outputs(args: argparse.Namespace, *names: str) -> None:
+    """The files the command will write, and the options that only mean something together:
+    refused before any work, naming the flag."""
+    from .errors import InputError
+    from .outputs import check_writable
+
+    for name in names:
+        check_writable(getattr(args, name), "--" + name.replace("_", "-"))
+    if args.verify_dtype is not None and not args.verify:
+        raise InputError("--verify-dtype only applies with --verify")
+    args.verify_dtype = args.verify_dtype or "float32"
 
 
 def run_prefill(args: argparse.Namespace, runner, input_ids: "torch.Tensor", out: TextIO) -> None:
@@ -266,6 +290,7 @@ def cmd_prefill(args: argparse.Namespace) -> None:
     out = sys.stderr if json_to_stdout(args.json) else sys.stdout
     if args.warmup < 0:
         raise InputError("--warmup must be >= 0")
+    _check_outputs(args, "save_logits", "json")
     _check_ids_options(args)  # before torch is even imported
     _, input_ids = _local_prompt(args, out)
     runner = _connect(args, out)
@@ -285,6 +310,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # refuses bad settings now
+    _check_outputs(args, "save_ids", "save_logits", "json")
     _check_ids_options(args, seed_seeds_sampling=True)
     _, input_ids = _local_prompt(args, out, args.max_new_tokens)
     runner = _connect(args, out)

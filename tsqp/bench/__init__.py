@@ -77,8 +77,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--protection", choices=("none", "private"), default="none",
                    help="private: also measure split-private (one-time masks, offline phase reported apart)")
     p.add_argument("--verify", action="store_true", help="also measure split-verify (Freivalds checks; float32 only)")
-    p.add_argument("--verify-dtype", choices=("float32", "float64"), default="float32",
-                   help="the products split-verify checks (default: %(default)s)")
+    p.add_argument("--verify-dtype", choices=("float32", "float64"),
+                   help="with --verify, the products split-verify checks (default: float32)")
     p.add_argument("--accuracy", action="store_true",
                    help="also measure each wire dtype's logits error against the whole model")
     p.add_argument("--json", type=Path, metavar="FILE",
@@ -115,6 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from ..config import load_config
     from ..errors import InputError
     from ..models import cached_model
+    from ..outputs import check_writable
     from ..report import json_to_stdout, write_json
     from ..transport import Client
 
@@ -135,10 +136,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     check_fastlink_option(args)
     if args.verify and args.dtype != "float32":
         raise InputError(f"--verify checks float32 products: it needs --dtype float32, not {args.dtype}")
+    if args.verify_dtype is not None and not args.verify:
+        raise InputError("--verify-dtype only applies with --verify")
+    args.verify_dtype = args.verify_dtype or "float32"
     if args.verify and args.wire_dtype != "float32":
         raise InputError(f"--verify checks float32 products: it needs --wire-dtype float32, not {args.wire_dtype}")
     if args.plot:
         check_can_plot()
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        check_writable(path, flag)
     model_dir = str(args.model or cached_model(args.preset or "tiny"))
     config = load_config(model_dir)
     if max(token_counts) + args.decode + 1 > config.max_position_embeddings:
@@ -185,7 +191,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 runners[(mode, "decode")] = split_decode(runner, steps)
         print(f"Benchmarking {model_dir} on server device {server_info['device']} ({server_info['dtype']}), "
               f"tokens {token_counts}, {args.repeat} runs per mode after a warm-up", file=sys.stderr)
-        results = measure(runners, token_counts, args.batch, args.repeat, config.vocab_size)
+        results = measure(runners, token_counts, args.batch, args.repeat, config.vocab_size,
+                          progress=sys.stderr.isatty())
         add_overheads(results)
         accuracy = wire_accuracy(endpoint, model_dir, min(token_counts), config.vocab_size) if args.accuracy else []
         fast = any(client.via == "fastlink" for client in clients)  # what the calls took, not what was asked

@@ -134,8 +134,10 @@ class TeeRunner:
         if total > c.max_position_embeddings:
             what = f"{input_ids.shape[1]} prompt + {new_tokens} new tokens" if new_tokens else f"{total} tokens"
             raise InputError(f"{what} exceed the model's max_position_embeddings ({c.max_position_embeddings})")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size:
-            raise InputError(f"token ids must lie in [0, {c.vocab_size})")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= c.vocab_size:
+            raise InputError(f"token ids must lie in [0, {c.vocab_size}), the model's vocabulary; got "
+                             f"{low if low < 0 else high}")
         return input_ids
 
     def prefill(self, input_ids: torch.Tensor, all_positions: bool = False) -> PrefillResult:

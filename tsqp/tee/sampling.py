@@ -7,6 +7,7 @@ the caller seeds (for reproducible runs) or that is seeded from os.urandom.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -23,12 +24,15 @@ class Sampling:
     seed: int | None = None  # None: from os.urandom
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # `not >=` also refuses NaN
-            raise InputError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # refuses NaN too
+            raise InputError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise InputError(f"--top-k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InputError(f"--top-p must lie in (0, 1], got {self.top_p}")
+        if self.temperature == 0 and (self.top_k, self.top_p) != (None, None):
+            raise InputError("--top-k and --top-p only apply when sampling (--temperature > 0); at 0 decoding "
+                             "is greedy")
 
     def generator(self) -> torch.Generator:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
