@@ -93,7 +93,7 @@ def test_bad_generation_requests_are_refused_before_any_work(servers, tiny_dir):
         runner.generate(torch.randint(3, 512, (1, 500)), 13)
     with pytest.raises(InputError, match="unequal length"):
         runner.generate([[5, 6, 7], [8, 9]], 4)
-    with pytest.raises(InputError, match="--temperature must be >= 0"):
+    with pytest.raises(InputError, match="--temperature must be a finite number >= 0"):
         runner.generate(prompt(512, 1, seed=2), 4, temperature=-1.0)
     assert runner.client.stats.round_trips == before
 

@@ -38,6 +38,8 @@ def test_generate_streams_text_and_saves_exact_ids_and_logits(servers, tiny_dir,
         assert line in result.stdout
     figures = json.loads((tmp_path / "run.json").read_text())
     assert figures["tokens"] == want.tolist() and figures["round_trips_per_token"] == 2 * 2 + 1
+    assert (figures["protocol"], figures["protection"], figures["verify"]) == ("lean", "none", False)
+    assert figures["sampling"] == {"temperature": 0.0, "top_k": None, "top_p": None, "seed": None, "ignore_eos": True}
 
 
 def test_generate_from_a_chat_prompt_and_random_ids(servers, tiny_dir, tmp_path):
@@ -64,7 +66,7 @@ def test_generate_from_a_chat_prompt_and_random_ids(servers, tiny_dir, tmp_path)
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--max-new-tokens", "20", "--tokens", "500"], "500 prompt + 20 new tokens exceed the model's "
                                                     "max_position_embeddings (512)"),
-    (["--max-new-tokens", "2", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--max-new-tokens", "2", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--max-new-tokens", "2", "--top-p", "2"], "--top-p must lie in (0, 1]"),
     (["--max-new-tokens", "2", "--chat"], "--chat needs --prompt"),
     (["--max-new-tokens", "2", "--prompt", "hi", "--chat"], "has no chat template"),

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop a session unused this long (default: %(default)g)")
     p.add_argument("--shm", action="store_true",
                    help="also take tensors through shared memory, and headers over a Unix socket, from clients on "
-                        "this host that ask (--shm); only for trusted local clients (see tsqp/shm.py, tsqp/fastlink.py)")
+                        "this host that ask for it (their own --shm); only for trusted local clients (see tsqp/shm.py, tsqp/fastlink.py)")
     p.add_argument("--spin-us", type=float, metavar="US",
                    help="poll this long for the next request before blocking, while requests come that quickly, "
                         f"as a decode's calls do; 0: always block [${SERVER_SPIN_ENV}; default {SERVER_SPIN_US:g}]")

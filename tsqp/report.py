@@ -60,14 +60,19 @@ def print_report(result, runner, offline=None, out: TextIO | None = None) -> Non
     print(*lines, sep="\n", file=out, flush=True)
 
 
+def run_settings(runner) -> dict[str, Any]:
+    """How a run crossed the boundary: the settings every --json document states."""
+    return {"protocol": runner.protocol, "wire_dtype": runner.wire_dtype, "endpoint": runner.client.endpoint,
+            "protection": runner.protection, "verify": runner.verify}
+
+
 def result_json(result, runner) -> dict[str, Any]:
     return {
-        "tokens": result.tokens, "batch": result.batch, "protocol": runner.protocol,
-        "wire_dtype": runner.wire_dtype, "endpoint": runner.client.endpoint,
+        "tokens": result.tokens, "batch": result.batch, **run_settings(runner),
         "prefill_s": result.seconds, "throughput_tokens_per_s": result.throughput,
         "round_trips": result.wire.round_trips, "bytes_sent": result.wire.bytes_sent,
         "bytes_received": result.wire.bytes_received, "breakdown_s": result.breakdown_s,
-        "logits_shape": list(result.logits.shape), "protection": runner.protection, "verify": runner.verify,
+        "logits_shape": list(result.logits.shape),
     }
 
 
@@ -93,7 +98,7 @@ def print_generation(result, runner, out: TextIO | None = None) -> None:
     decode = result.decode_wire
     steps = max(len(result.token_s), 1)
     via = _carrier(runner.client)
-    stopped = "at the end-of-sequence token" if result.stopped == "eos" else "at --max-new-tokens"
+    stopped = "at the end-of-sequence token" if result.stopped == "eos" else "after the new tokens asked for"
     lines = [
         RULE, "Generation", RULE,
         f"Prompt tokens: {result.prompt_tokens}" + (f" x batch {result.batch}" if result.batch > 1 else ""),
@@ -114,11 +119,11 @@ def print_generation(result, runner, out: TextIO | None = None) -> None:
     print(*lines, RULE, sep="\n", file=out, flush=True)
 
 
-def generation_json(result) -> dict[str, Any]:
+def generation_json(result, runner, sampling: dict[str, Any]) -> dict[str, Any]:
     steps = max(len(result.token_s), 1)
     decode = result.decode_wire
     return {
-        "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens, "batch": result.batch,
+        **run_settings(runner), "sampling": sampling, "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens, "batch": result.batch,
         "stopped": result.stopped, "ttft_s": result.ttft_s, "token_s": result.token_s,
         "itl_median_s": result.itl_median_s, "itl_p90_s": result.itl_p90_s, "tokens_per_s": result.tokens_per_s,
         "round_trips_per_token": decode.round_trips / steps,

@@ -325,7 +325,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     finally:
         runner.client.close()
     print_generation(result, runner, out=out)
-    _save_generation(args, input_ids, result, out)
+    _save_generation(args, runner, input_ids, result, out)
 
 
 def _stream(generation, model_dir, batch: int, out: TextIO) -> None:
@@ -344,7 +344,7 @@ def _stream(generation, model_dir, batch: int, out: TextIO) -> None:
             print(f"[{i}] {tokenizer.decode(row, skip_special_tokens=True)}", file=out)
 
 
-def _save_generation(args: argparse.Namespace, input_ids: "torch.Tensor", result, out: TextIO) -> None:
+def _save_generation(args: argparse.Namespace, runner, input_ids: "torch.Tensor", result, out: TextIO) -> None:
     import numpy as np
     import torch
 
@@ -357,4 +357,5 @@ def _save_generation(args: argparse.Namespace, input_ids: "torch.Tensor", result
         np.save(args.save_logits, result.logits.float().numpy())
         print(f"logits written to {args.save_logits}", file=out)
     if args.json:
-        write_json(args.json, generation_json(result), "figures", notes=out)
+        sampling = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "seed", "ignore_eos")}
+        write_json(args.json, generation_json(result, runner, sampling), "figures", notes=out)
