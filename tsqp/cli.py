@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop a session unused this long (default: %(default)g)")
     p.add_argument("--shm", action="store_true",
                    help="also take tensors through shared memory, and headers over a Unix socket, from clients on "
-                        "this host that ask for it (their own --shm); only for trusted local clients (see tsqp/shm.py, tsqp/fastlink.py)")
+                        "this host that ask for it (their own --shm); only for trusted local clients (see "
+                        "tsqp/shm.py, tsqp/fastlink.py)")
     p.add_argument("--spin-us", type=float, metavar="US",
                    help="poll this long for the next request before blocking, while requests come that quickly, "
                         f"as a decode's calls do; 0: always block [${SERVER_SPIN_ENV}; default {SERVER_SPIN_US:g}]")
@@ -131,11 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> None:
     from . import server
     from .keys import ServerKeys
-    from .logs import configure
-    from .transport import bind_endpoint
-
     from .config import load_config
+    from .logs import configure
     from .outputs import make_dir
+    from .transport import bind_endpoint
 
     if not args.model:
         raise SystemExit("error: no model: pass --model DIR or set LLAMA_MODEL_PATH")
@@ -291,10 +291,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
     from . import api
-    from .models import cached_model
-
     from .config import load_config
     from .errors import InputError
+    from .models import cached_model
 
     model_dir = cached_model("tiny")
     longest = load_config(model_dir).max_position_embeddings - DEMO_NEW_TOKENS

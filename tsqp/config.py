@@ -254,5 +254,5 @@ def identity_mismatch(mine: dict[str, Any], theirs: Any) -> str | None:
     for name in weights:
         if weights[name] != other_weights[name]:
             changed = sum(weights[n] != other_weights[n] for n in weights)
-            return f"weights differ: {name} ({changed} of {len(weights)} tensors)"
+            return f"weights differ: {changed} of the {len(weights)} tensors, {name} the first"
     return None

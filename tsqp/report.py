@@ -123,7 +123,8 @@ def generation_json(result, runner, sampling: dict[str, Any]) -> dict[str, Any]:
     steps = max(len(result.token_s), 1)
     decode = result.decode_wire
     return {
-        **run_settings(runner), "sampling": sampling, "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens, "batch": result.batch,
+        **run_settings(runner), "sampling": sampling,
+        "prompt_tokens": result.prompt_tokens, "new_tokens": result.new_tokens, "batch": result.batch,
         "stopped": result.stopped, "ttft_s": result.ttft_s, "token_s": result.token_s,
         "itl_median_s": result.itl_median_s, "itl_p90_s": result.itl_p90_s, "tokens_per_s": result.tokens_per_s,
         "round_trips_per_token": decode.round_trips / steps,

@@ -190,7 +190,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             if steps:
                 runners[(mode, "decode")] = split_decode(runner, steps)
         print(f"Benchmarking {model_dir} on server device {server_info['device']} ({server_info['dtype']}), "
-              f"tokens {token_counts}, {args.repeat} run{'s' if args.repeat != 1 else ''} per mode after a warm-up", file=sys.stderr)
+              f"tokens {token_counts}, {args.repeat} run{'s' if args.repeat != 1 else ''} per mode after a warm-up",
+              file=sys.stderr)
         results = measure(runners, token_counts, args.batch, args.repeat, config.vocab_size,
                           progress=sys.stderr.isatty())
         add_overheads(results)
