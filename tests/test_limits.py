@@ -96,9 +96,10 @@ def test_serve_takes_a_reply_limit(tiny_dir):
             assert client.call("LMHead", [torch.randn(512, 64)]).tensors[0].shape == (512, 512)  # exactly 1 MiB
             code, message = refused(client, "LMHead", [torch.randn(513, 64)])
             assert code == "too_large" and "limit 1048576 bytes" in message
-    for flag in ("--max-reply-mb", "--session-memory-mb", "--session-idle-s"):
-        result = run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", flag, "0")
-        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"error: {flag} must be positive"
+    for flag, value in (("--max-reply-mb", "0"), ("--session-memory-mb", "nan"), ("--session-idle-s", "-1")):
+        result = run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", flag, value)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == f"error: {flag} must be a positive number, got {float(value)}"
 
 
 # -- the server's memory under hostile input ---------------------------------------------------------
