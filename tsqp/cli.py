@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from . import server
-    from .keys import ServerKeys
     from .config import load_config
+    from .keys import ServerKeys
     from .logs import configure
     from .outputs import make_dir
     from .transport import bind_endpoint

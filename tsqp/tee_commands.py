@@ -201,6 +201,13 @@ def check_fastlink_option(args: argparse.Namespace) -> None:
         raise ValueError("--no-fastlink only applies with --shm (without it every header goes over ZeroMQ)")
 
 
+def resolve_verify_dtype(args: argparse.Namespace) -> None:
+    """--verify-dtype without --verify would check nothing: refused; else float32 when not given."""
+    if args.verify_dtype is not None and not args.verify:
+        raise ValueError("--verify-dtype only applies with --verify")
+    args.verify_dtype = args.verify_dtype or "float32"
+
+
 def _client_options(args: argparse.Namespace) -> dict:
     """api.connect keywords from the runner options: timeouts, retries, CurveZMQ keys, shm, fast link."""
     from .keys import ClientKeys
@@ -234,20 +241,13 @@ def _connect(args: argparse.Namespace, out: TextIO):
 def _local_prompt(args: argparse.Namespace, out: TextIO, new_tokens: int = 0):
     """The config and prompt from the TEE's own directory, checked before the server is contacted."""
     from .config import load_config
-    from .errors import InputError
+    from .tee.runner import check_ids
 
     config = load_config(args.model) if args.model else None
     input_ids = _input_ids(args, config.vocab_size, out) if config else None
     if config:
-        if input_ids.shape[1] + new_tokens > config.max_position_embeddings:
-            what = f"{input_ids.shape[1]} prompt + {new_tokens} new tokens" if new_tokens else \
-                f"{input_ids.shape[1]} tokens"
-            raise InputError(f"{what} exceed the model's max_position_embeddings ({config.max_position_embeddings})")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= config.vocab_size:
-            source = f"--input-ids {args.input_ids}" if args.input_ids is not None else "the prompt"
-            raise InputError(f"{source} holds token id {low if low < 0 else high}, outside the model's vocabulary "
-                             f"[0, {config.vocab_size})")
+        source = f"--input-ids {args.input_ids}" if args.input_ids is not None else "the prompt"
+        check_ids(input_ids, config, new_tokens, source)
     return config, input_ids
 
 
@@ -255,16 +255,11 @@ def _local_prompt(args: argparse.Namespace, out: TextIO, new_tokens: int = 0):
 
 
 def _check_outputs(args: argparse.Namespace, *names: str) -> None:
-    """The files the command will write, and the options that only mean something together:
-    refused before any work, naming the flag."""
-    from .errors import InputError
+    """The files the command will write, refused before any work, naming the flag."""
     from .outputs import check_writable
 
     for name in names:
         check_writable(getattr(args, name), "--" + name.replace("_", "-"))
-    if args.verify_dtype is not None and not args.verify:
-        raise InputError("--verify-dtype only applies with --verify")
-    args.verify_dtype = args.verify_dtype or "float32"
 
 
 def run_prefill(args: argparse.Namespace, runner, input_ids: "torch.Tensor", out: TextIO) -> None:
@@ -291,6 +286,7 @@ def cmd_prefill(args: argparse.Namespace) -> None:
     if args.warmup < 0:
         raise InputError("--warmup must be >= 0")
     _check_outputs(args, "save_logits", "json")
+    resolve_verify_dtype(args)
     _check_ids_options(args)  # before torch is even imported
     _, input_ids = _local_prompt(args, out)
     runner = _connect(args, out)
@@ -311,6 +307,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # refuses bad settings now
     _check_outputs(args, "save_ids", "save_logits", "json")
+    resolve_verify_dtype(args)
     _check_ids_options(args, seed_seeds_sampling=True)
     _, input_ids = _local_prompt(args, out, args.max_new_tokens)
     runner = _connect(args, out)

@@ -31,7 +31,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from ..tee_commands import add_fastlink_option, check_fastlink_option
+from ..tee_commands import add_fastlink_option, check_fastlink_option, resolve_verify_dtype
 from .plot import check_can_plot, plot
 from .results import BREAKDOWN_KEYS, ModeResult, Run, add_overheads
 from .runners import (guarded_modes, measure, split_decode, split_prefill, tee_only, whole_decode,
@@ -136,9 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     check_fastlink_option(args)
     if args.verify and args.dtype != "float32":
         raise InputError(f"--verify checks float32 products: it needs --dtype float32, not {args.dtype}")
-    if args.verify_dtype is not None and not args.verify:
-        raise InputError("--verify-dtype only applies with --verify")
-    args.verify_dtype = args.verify_dtype or "float32"
+    resolve_verify_dtype(args)
     if args.verify and args.wire_dtype != "float32":
         raise InputError(f"--verify checks float32 products: it needs --wire-dtype float32, not {args.wire_dtype}")
     if args.plot:

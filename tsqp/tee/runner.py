@@ -55,6 +55,24 @@ class PrefillResult:
         return self.wire.breakdown(self.seconds)
 
 
+def check_ids(input_ids: torch.Tensor, config: ModelConfig, new_tokens: int = 0,
+              source: str = "the input ids") -> torch.Tensor:
+    """`input_ids` if it is an int64 [batch, seq] tensor of the model's token ids that, with
+    `new_tokens` more, fits the model; else an InputError naming the problem (and `source`)."""
+    if input_ids.dtype != torch.int64 or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise InputError(f"{source} must be a non-empty int64 [batch, seq] tensor, got {input_ids.dtype} "
+                         f"{list(input_ids.shape)}")
+    total = input_ids.shape[1] + new_tokens
+    if total > config.max_position_embeddings:
+        what = f"{input_ids.shape[1]} prompt + {new_tokens} new tokens" if new_tokens else f"{total} tokens"
+        raise InputError(f"{what} exceed the model's max_position_embeddings ({config.max_position_embeddings})")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= config.vocab_size:
+        raise InputError(f"{source} holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                         f"[0, {config.vocab_size})")
+    return input_ids
+
+
 class TeeRunner:
     """Runs prefills and generations for one model against one GPU server."""
 
@@ -124,21 +142,8 @@ class TeeRunner:
         return ModelConfig.from_dict(reply.header["config"]), weights, inv_freq, float(reply.header["attention_scaling"])
 
     def check_input(self, input_ids: torch.Tensor, new_tokens: int = 0) -> torch.Tensor:
-        """`input_ids` if it is an int64 [batch, seq] tensor of valid ids that, with `new_tokens`
-        more, fits the model; else an InputError naming the problem."""
-        c = self.config
-        if input_ids.dtype != torch.int64 or input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise InputError(f"input ids must be a non-empty int64 [batch, seq] tensor, got {input_ids.dtype} "
-                             f"{list(input_ids.shape)}")
-        total = input_ids.shape[1] + new_tokens
-        if total > c.max_position_embeddings:
-            what = f"{input_ids.shape[1]} prompt + {new_tokens} new tokens" if new_tokens else f"{total} tokens"
-            raise InputError(f"{what} exceed the model's max_position_embeddings ({c.max_position_embeddings})")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= c.vocab_size:
-            raise InputError(f"token ids must lie in [0, {c.vocab_size}), the model's vocabulary; got "
-                             f"{low if low < 0 else high}")
-        return input_ids
+        """`input_ids`, checked against this model (check_ids)."""
+        return check_ids(input_ids, self.config, new_tokens)
 
     def prefill(self, input_ids: torch.Tensor, all_positions: bool = False) -> PrefillResult:
         """Logits for `input_ids` [batch, seq]: the last position, or every position.
