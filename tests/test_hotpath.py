@@ -3,6 +3,8 @@ the host before any device work, persistent staging buffers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -33,10 +35,10 @@ def test_no_method_reads_a_device_value_before_the_reply(tiny_dir):
     from tsqp.staging import Staging
 
     server = GpuServer(tiny_dir, device="cpu")
-    from tsqp.server.model import fuse_layers
+    from tsqp.server.model import fuse_layers, head_weights
 
     server.model.to("meta")
-    server.fused = fuse_layers(server.layers)  # the fused weights on meta too
+    server.fused, server.head = fuse_layers(server.layers), head_weights(server.model)  # the plain weights on meta too
     server.device = torch.device("meta")
     server.staging = Staging(server.device)
     server.staging.to_host = lambda tensors: [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]
@@ -98,7 +100,14 @@ def test_a_refused_down_scores_runs_no_projection_and_leaves_the_session_as_it_w
     assert protocol.decode_header(server.handle(_request("Gate", [torch.randn(1, n, c.hidden_size, generator=g)],
                                                          **session))[0])["ok"]
     downs, cache, held = [], server.sessions.find("", "d").tensors["kv"], server.sessions.nbytes
-    server.layers[0].mlp.down_proj.register_forward_hook(lambda *_: downs.append(1))
+    down_proj = server.fused[0].down_proj
+
+    class Counted:  # the lean calls multiply by the plain weights, not through the module
+        def product(self, x: torch.Tensor) -> torch.Tensor:
+            downs.append(1)
+            return down_proj.product(x)
+
+    server.fused[0] = dataclasses.replace(server.fused[0], down_proj=Counted())
     activated, residual = torch.randn(1, n, c.intermediate_size, generator=g), torch.randn(1, n, c.hidden_size)
     wrong_width = torch.randn(1, n, c.intermediate_size - 1, generator=g)
     for code, tensors, args in (("bad_request", (activated, residual), {"blocks": [n + 1]}),

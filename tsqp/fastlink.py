@@ -96,6 +96,13 @@ class Peer:
     def __init__(self, sock: socket.socket):
         self.sock, self.name, self.since = sock, None, time.monotonic()
         self.key = (b"fast", sock.fileno().to_bytes(4, "little"), secrets.token_bytes(8))  # never a ROUTER identity
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+
+    def readable(self) -> bool:
+        """Whether a receive would find something (a datagram, or the end): a poll costs a third
+        of the receive that fails when nothing is there."""
+        return bool(self._poller.poll(0))
 
     def send(self, frames: Sequence[Any]) -> bool:
         """One datagram; never blocks the serving loop. A reply that is not one frame (it did not
@@ -177,6 +184,8 @@ class Listener:
                     return peer, []
             else:
                 datagrams.append(data)
+            if not peer.readable():
+                break
         return peer, datagrams
 
     def _redeem(self, token: bytes) -> str | None:

@@ -118,7 +118,7 @@ def _tensor_from_frame(spec: Any, frame: Any, max_elements: int | None) -> torch
     if dtype is None:
         raise ProtocolError(f"unsupported dtype {spec.get('dtype')!r} (allowed: {', '.join(DTYPES)})")
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):  # bool is no dim
         raise ProtocolError(f"bad tensor shape {shape!r}")
     numel = math.prod(shape)  # Python ints: no overflow, however absurd the shape
     if max_elements is not None and numel > max_elements:

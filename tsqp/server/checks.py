@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -97,7 +97,7 @@ def check_args(row: Method, args: dict, limits: Limits) -> None:
             wanted = " or ".join(t.__name__ for t in types)
             raise BadRequest(f"'{name}' must be {wanted}, got {type(value).__name__}")
     for spellings in row.required:
-        if not any(s in args for s in spellings):
+        if spellings[0] not in args and not any(s in args for s in spellings[1:]):
             raise BadRequest(f"{row.name} needs '{spellings[0]}'")
     if "wire_dtype" in args and args["wire_dtype"] not in row.wire:
         raise BadRequest(f"unsupported wire_dtype {args['wire_dtype']!r} for {row.name} "
@@ -123,13 +123,13 @@ def _check_specs(row: Method, specs: Any, payloads: int, limits: Limits) -> list
         if not isinstance(item, dict) or item.get("dtype") not in row.dtypes:
             got = item.get("dtype") if isinstance(item, dict) else item
             raise BadRequest(f"{row.name} takes {' or '.join(row.dtypes)} tensors, got {str(got)[:40]!r}")
-        shape = item.get("shape")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise BadRequest(f"bad tensor shape {str(shape)[:80]}")
+        shape, most = item.get("shape"), limits.max_elements
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d <= most for d in shape)):
+            _refuse_shape(shape, most)
         if len(shape) > limits.max_rank:
             raise TooLarge(f"tensor of rank {len(shape)} (limit {limits.max_rank})")
-        if any(d > limits.max_elements for d in shape) or math.prod(shape) > limits.max_elements:
-            raise TooLarge(f"tensor of shape {shape} exceeds the limit of {limits.max_elements} elements")
+        if math.prod(shape) > most:
+            _refuse_shape(shape, most)
         checked.append((item["dtype"], shape))
     ranks = row.ranks
     if row.variadic and ranks:  # the last rank repeats
@@ -137,6 +137,13 @@ def _check_specs(row: Method, specs: Any, payloads: int, limits: Limits) -> list
     if ranks is not None and [len(s) for _, s in checked] != list(ranks):
         raise BadRequest(f"{row.name} expects tensors of rank {list(ranks)}, got {[len(s) for _, s in checked]}")
     return checked
+
+
+def _refuse_shape(shape: Any, most: int) -> NoReturn:
+    """The error for a shape that failed the one-pass check: malformed, or too large."""
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest(f"bad tensor shape {str(shape)[:80]}")
+    raise TooLarge(f"tensor of shape {shape} exceeds the limit of {most} elements")
 
 
 def _check_output(row: Method, args: dict, shapes: list[list[int]], config: ModelConfig, limits: Limits) -> None:

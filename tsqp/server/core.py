@@ -28,7 +28,7 @@ from ..router import current_peer
 from . import lean, stateless  # noqa: F401  (their @method rows fill the registry)
 from .checks import Limits, Request, check_request, default_reply_bytes
 from .errors import BadRequest
-from .model import check_finite, fuse_layers, load_model, parse_dtype, resolve_device
+from .model import check_finite, fuse_layers, head_weights, load_model, parse_dtype, resolve_device
 from .registry import METHODS
 from .sessions import SessionStore
 
@@ -68,6 +68,7 @@ class GpuServer:
         self.model, self.config = load_model(self.model_dir, str(self.device), self.dtype)
         self.layers = self.model.model.layers
         self.fused = fuse_layers(self.layers)  # q/k/v and gate/up as one product each (lean's calls)
+        self.head = head_weights(self.model)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the unfused weights' blocks, which the caching allocator would keep
         self.identity = model_identity(self.model_dir)  # what Ping reports, for the TEE to compare

@@ -151,7 +151,7 @@ def _attention(server: "GpuServer", args: dict, layer: int, probs: list[torch.Te
             raise BadRequest(f"layer {layer} expects causal blocks of probs [{cache.batch}, {c.num_heads}, n_i, "
                              f"start + end_i] over the {cache.filled[layer]} positions it holds; got "
                              f"{[list(t.shape) for t in probs]}")
-    return server.layers[layer].self_attn.o_proj(merge_heads(attend(probs, cache.values[layer])))
+    return server.fused[layer].o_proj.product(merge_heads(attend(probs, cache.values[layer])))
 
 
 def _gate_keeping_up(server: "GpuServer", args: dict, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -199,8 +199,8 @@ def attn_gate(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> R
     if residual.shape != o.shape:
         raise BadRequest(f"AttnGate expects the residual [{o.shape[0]}, {o.shape[1]}, {c.hidden_size}] of its "
                          f"{o.shape[1]} queries, got {list(residual.shape)}")
-    norm = server.layers[layer].post_attention_layernorm
-    return [o, _gate_keeping_up(server, args, layer, norm.weight * (residual + o))], {}
+    norm = server.fused[layer].mlp_norm
+    return [o, _gate_keeping_up(server, args, layer, norm * (residual + o))], {}
 
 
 @method("Gate", tensors=1, args=LAYER_SESSION, required=(LAYER, SESSION),
@@ -233,7 +233,7 @@ def _up(server: "GpuServer", args: dict, layer: int, activated: torch.Tensor) ->
 
 
 def _down(server: "GpuServer", args: dict, layer: int, activated: torch.Tensor) -> torch.Tensor:
-    return server.layers[layer].mlp.down_proj(activated * _up(server, args, layer, activated))
+    return server.fused[layer].down_proj.product(activated * _up(server, args, layer, activated))
 
 
 def _down_scores_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
@@ -263,9 +263,9 @@ def down_scores(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) ->
         raise BadRequest(f"DownScores expects the residual {rows_of_d} of its rows, got {list(residual.shape)}")
     up = _up(server, args, layer, activated)
     plan = _score_plan(server, args, layer + 1, residual, cos, sin, "DownScores")  # before any work
-    d = server.layers[layer].mlp.down_proj(activated * up)
-    norm = server.layers[layer + 1].input_layernorm
-    return [d, *_scores(server, layer + 1, norm.weight * (residual + d), cos, sin, plan)], {}
+    d = server.fused[layer].down_proj.product(activated * up)
+    norm = server.fused[layer + 1].attn_norm
+    return [d, *_scores(server, layer + 1, norm * (residual + d), cos, sin, plan)], {}
 
 
 def _down_head_output(c: ModelConfig, args: dict, shapes: list[list[int]]) -> int:
@@ -290,7 +290,7 @@ def down_head(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> R
     if residual.shape != last.shape:
         raise BadRequest(f"DownHead expects the residual {list(last.shape)} of the rows it makes logits for, got "
                          f"{list(residual.shape)}")
-    return [d, server.model.lm_head(server.model.model.norm.weight * (residual + last))], {}
+    return [d, server.head.lm_head.product(server.head.norm * (residual + last))], {}
 
 
 @method("Release", args=SESSION_ARGS, required=(SESSION,))

@@ -79,17 +79,35 @@ class Fused:
 
 @dataclass(frozen=True, eq=False)
 class FusedLayer:
+    """A decoder layer's weights as plain tensors, for the lean calls: q/k/v and gate/up fused,
+    o_proj and down_proj as one-module products, and the two RMSNorm weights. Calling through
+    the nn.Modules costs a small call more than its product (hooks, attribute lookups)."""
+
     qkv: Fused
     gate_up: Fused
+    o_proj: Fused
+    down_proj: Fused
+    attn_norm: torch.Tensor  # input_layernorm.weight
+    mlp_norm: torch.Tensor  # post_attention_layernorm.weight
 
     def group(self, modules: list[str]) -> Fused | None:
         """The fused product of exactly these modules, in this order, if the layer has one."""
         return {("q_proj", "k_proj", "v_proj"): self.qkv, ("gate_proj", "up_proj"): self.gate_up}.get(tuple(modules))
 
 
+@dataclass(frozen=True, eq=False)
+class Head:
+    """The final RMSNorm's weight and the LM head, as plain tensors (as FusedLayer's)."""
+
+    norm: torch.Tensor
+    lm_head: Fused
+
+
 def fuse(*modules: torch.nn.Linear) -> Fused:
     """Stack the modules' weights (and biases, which Llama gives all or none of them) into one
     tensor and make each module's weight a view of its rows: no second copy of the model."""
+    if len(modules) == 1:
+        return Fused(modules[0].weight, modules[0].bias, (modules[0].out_features,))
     weight = torch.cat([m.weight.detach() for m in modules])
     bias = torch.cat([m.bias.detach() for m in modules]) if modules[0].bias is not None else None
     row = 0
@@ -103,11 +121,17 @@ def fuse(*modules: torch.nn.Linear) -> Fused:
 
 
 def fuse_layers(layers: Any) -> list[FusedLayer]:
-    """Each decoder layer's fused projections, one layer at a time (the unfused weights are freed
+    """Each decoder layer's plain weights, one layer at a time (the unfused weights are freed
     as their modules move onto the fused ones). Call it again after moving or converting the
     model: `.to()` gives the modules new weights, and the fused ones would be left behind."""
     return [FusedLayer(fuse(block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj),
-                       fuse(block.mlp.gate_proj, block.mlp.up_proj)) for block in layers]
+                       fuse(block.mlp.gate_proj, block.mlp.up_proj), fuse(block.self_attn.o_proj),
+                       fuse(block.mlp.down_proj), block.input_layernorm.weight,
+                       block.post_attention_layernorm.weight) for block in layers]
+
+
+def head_weights(model: Any) -> Head:
+    return Head(model.model.norm.weight, fuse(model.lm_head))
 
 
 def layer_index(config: ModelConfig, args: dict) -> int:

@@ -94,16 +94,22 @@ class SessionStore:
 
     def keep(self, session: Session, key: Hashable, t: torch.Tensor) -> None:
         """Keep `t` under `key` for the session's later requests."""
-        self.reserve(session, key, tensor_bytes(t))
-        self.discard(session, lambda k: k == key)
+        nbytes = tensor_bytes(t)
+        self.reserve(session, key, nbytes)
+        self._forget(session, key)
         session.tensors[key] = t
-        session.nbytes += tensor_bytes(t)
-        self.nbytes += tensor_bytes(t)
+        session.nbytes += nbytes
+        self.nbytes += nbytes
 
     def discard(self, session: Session, which: Callable[[Hashable], bool]) -> None:
         """Drop the session's tensors whose key matches (it keeps existing, maybe empty)."""
         for key in [k for k in session.tensors if which(k)]:
-            freed = tensor_bytes(session.tensors.pop(key))
+            self._forget(session, key)
+
+    def _forget(self, session: Session, key: Hashable) -> None:
+        kept = session.tensors.pop(key, None)
+        if kept is not None:
+            freed = tensor_bytes(kept)
             session.nbytes -= freed
             self.nbytes -= freed
 
