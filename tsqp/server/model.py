@@ -105,7 +105,8 @@ class Head:
 
 def fuse(*modules: torch.nn.Linear) -> Fused:
     """Stack the modules' weights (and biases, which Llama gives all or none of them) into one
-    tensor and make each module's weight a view of its rows: no second copy of the model."""
+    tensor and make each module's weight a view of its rows: no second copy of the model. One
+    module keeps its own weight."""
     if len(modules) == 1:
         return Fused(modules[0].weight, modules[0].bias, (modules[0].out_features,))
     weight = torch.cat([m.weight.detach() for m in modules])
