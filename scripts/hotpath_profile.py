@@ -171,12 +171,15 @@ def main() -> None:
     parser.add_argument("--sweep-mb", type=int, default=0,
                         help="write this many MB before each call, as a big model's weights go through the "
                              "caches between two calls (0: hot caches)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (run with OMP_WAIT_POLICY=PASSIVE, as `tsqp` sets it, to see what "
+                             "waking an idle worker costs)")
     parser.add_argument("--rehearse", action="store_true",
                         help="run the server's rehearsal (GpuServer.rehearse) before each of its calls, after the "
                              "sweep, as the serving loop does after a long call")
     opts = parser.parse_args()
     sweep = torch.empty(opts.sweep_mb << 18) if opts.sweep_mb else None  # float32: 2^18 per MB
-    torch.set_num_threads(1)
+    torch.set_num_threads(opts.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(opts.preset, Path(tmp) / "model", seed=0)
         server = GpuServer(model_dir, device=opts.device)
@@ -185,7 +188,8 @@ def main() -> None:
                 "TEE lean decode step (in-process)": decode_step(model_dir, server),
                 **finite_rows(server.device, server.config.hidden_size), **op_rows(server.config.hidden_size)}
         caches = f", {opts.sweep_mb} MB written before each call" if sweep is not None else ""
-        print(f"{opts.preset} on {server.device}, median of {opts.repeats} runs x {opts.calls} calls{caches}")
+        print(f"{opts.preset} on {server.device}, {opts.threads} thread(s), median of {opts.repeats} runs x "
+              f"{opts.calls} calls{caches}")
         for name, fn in rows.items():
             calls = max(opts.calls // 20, 20) if name.startswith("TEE") else opts.calls
             if sweep is not None:

@@ -153,3 +153,22 @@ def test_causal_softmax_of_a_block_matches_softmax_over_each_querys_past(n, m, p
         expected = torch.softmax(expected if factor is None else expected * factor[:, :, i, :seen], dim=-1)
         torch.testing.assert_close(probs[:, :, i, :seen], expected, rtol=1e-6, atol=1e-7)
         assert not probs[:, :, i, seen:].any()  # the future gets exactly zero weight
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 4, 16, 33), (2, 8, 128, 64, 160)])  # a decode's product, a prefill's
+def test_batched_matmul_equals_matmul_and_keeps_the_thread_count(shape):
+    """Small products run on one thread (ops.SMALL_PRODUCT), big ones on all; either way the
+    result is a @ b and the caller's thread count is back afterwards, also after an error."""
+    b, kv, n, d, m = shape
+    generator = torch.Generator().manual_seed(m)
+    a, k = torch.randn(b, kv, n, d, generator=generator), torch.randn(b, kv, d, m, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.testing.assert_close(ops.batched_matmul(a, k), torch.matmul(a, k), rtol=0, atol=0)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            ops.batched_matmul(a, k[..., :-1, :])  # mismatched inner dims
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

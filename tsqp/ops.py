@@ -103,6 +103,23 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv, groups, n, d).reshape(b, kv * groups, n, d)
 
 
+SMALL_PRODUCT = 1 << 22  # multiply-adds under which one thread beats waking a second (docs/latency.md)
+
+
+def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, on this thread alone when the product is small. ATen splits a batched matmul over
+    its batch at any size, and a CPU worker that sleeps between parallel regions (as
+    OMP_WAIT_POLICY=PASSIVE has them) takes ~50 µs to wake: more than a decode step's Q·K^T."""
+    threads = torch.get_num_threads()
+    if threads == 1 or not a.is_cpu or a.shape[:-1].numel() * a.shape[-1] * b.shape[-1] >= SMALL_PRODUCT:
+        return a @ b
+    torch.set_num_threads(1)
+    try:
+        return a @ b
+    finally:
+        torch.set_num_threads(threads)
+
+
 def causal_scores(q: torch.Tensor, keys: torch.Tensor, ends: list[int], start: int = 0) -> list[torch.Tensor]:
     """Q·K^T in causal query blocks, with K not expanded for GQA (each group of query heads
     shares its key head). q [b, heads, n, d] holds the queries at positions [start, start + n),
@@ -113,7 +130,7 @@ def causal_scores(q: torch.Tensor, keys: torch.Tensor, ends: list[int], start: i
     transposed = keys.transpose(-1, -2)  # [b, kv, d, m]
     # a group's query rows stacked against their one key head: a plain batched matmul, where
     # broadcasting K over the group would copy it once per query head
-    return [(grouped[..., a:e, :].reshape(b, kv, -1, d) @ transposed[..., : start + e])
+    return [batched_matmul(grouped[..., a:e, :].reshape(b, kv, -1, d), transposed[..., : start + e])
             .reshape(b, heads, e - a, start + e) for a, e in zip([0, *ends], ends)]
 
 
@@ -148,8 +165,8 @@ def attend(probs: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
     [b, heads, n, d]."""
     b, kv, _, d = values.shape
     heads = probs[0].shape[1]
-    outs = [(p.reshape(b, kv, -1, p.shape[3]) @ values[:, :, : p.shape[3]]).reshape(b, kv, heads // kv, p.shape[2], d)
-            for p in probs]  # stacked like the scores, for the same reason
+    outs = [batched_matmul(p.reshape(b, kv, -1, p.shape[3]), values[:, :, : p.shape[3]])
+            .reshape(b, kv, heads // kv, p.shape[2], d) for p in probs]  # stacked like the scores, for the same reason
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)).reshape(b, heads, -1, d)
 
 

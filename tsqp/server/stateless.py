@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import ModelConfig
+from ..ops import batched_matmul
 from ..protocol import LINEAR_MODULES, WIRE_DTYPES
 from ..reference import greedy_step_seconds
 from .errors import BadRequest
@@ -101,7 +102,7 @@ def seed_product(c: ModelConfig, a: list[int], b: list[int]) -> int:
 def matmul(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
     a, b = float_inputs(tensors, 2, "a, b", server.dtype)
     seed_product(server.config, list(a.shape), list(b.shape))
-    return [torch.matmul(a, b)], {}
+    return [batched_matmul(a, b)], {}
 
 
 @method("LMHead", tensors=1, args=SESSION_ARGS, output=lambda c, args, shapes: rows(shapes) * c.vocab_size)
