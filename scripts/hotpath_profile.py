@@ -5,7 +5,8 @@ checking inputs finite, and a bare torch op. Medians of many calls, each run rep
 machine is shared).
 
     python scripts/hotpath_profile.py [--device cpu|cuda] [--preset tiny] [--calls 2000] [--repeats 5]
-                                      [--sweep-mb 256 [--rehearse]]
+                                      [--sweep-mb 256 [--rehearse]] [--threads N]
+    OMP_WAIT_POLICY=PASSIVE python scripts/hotpath_profile.py --preset llama-3.2-1b --prefill 128 --threads 2
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 
 from tsqp import protocol  # noqa: E402
 from tsqp.errors import RemoteError  # noqa: E402
-from tsqp.models import make_model  # noqa: E402
+from tsqp.models import cached_model, make_model  # noqa: E402
 from tsqp.server.core import GpuServer  # noqa: E402
 from tsqp.tee.runner import TeeRunner  # noqa: E402
 from tsqp.transport import WireStats  # noqa: E402
@@ -133,6 +134,26 @@ def decode_step(model_dir: Path, server: GpuServer) -> Callable[[], Any]:
     return lambda: runner.forward(token, 8)
 
 
+def prefill_rounds(model_dir: Path, server: GpuServer, tokens: int, rounds: int) -> None:
+    """The lean prefill (the TEE's forward against `handle`, no transport) against the whole
+    model (`Whole`, transformers) in the same process, alternating: what the split's work costs
+    before any second process."""
+    runner = TeeRunner(InProcessClient(server), model_dir, protocol="lean")  # type: ignore[arg-type]
+    ids = torch.randint(0, runner.config.vocab_size, (1, tokens))
+    whole = request("Whole", [ids])
+
+    def seconds(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    for _ in range(2):
+        runner.prefill(ids), server.handle(whole)
+    for round_ in range(1, rounds + 1):
+        split_s, whole_s = seconds(lambda: runner.prefill(ids)), seconds(lambda: server.handle(whole))
+        print(f"round {round_}: split {split_s:.3f} s, whole {whole_s:.3f} s, split x whole {split_s / whole_s:.3f}")
+
+
 def finite_rows(device: torch.device, hidden: int) -> dict[str, Callable[[], Any]]:
     """Three ways to check one input finite: stacked sums then isfinite (the server's, before),
     isfinite().all(), and one sum read back (the server's now, on the host)."""
@@ -177,7 +198,15 @@ def main() -> None:
     parser.add_argument("--rehearse", action="store_true",
                         help="run the server's rehearsal (GpuServer.rehearse) before each of its calls, after the "
                              "sweep, as the serving loop does after a long call")
+    parser.add_argument("--prefill", type=int, metavar="TOKENS",
+                        help="instead: a lean prefill of TOKENS tokens against the whole model, --repeats rounds "
+                             "(the preset's cached model, as `tsqp bench` makes it)")
     opts = parser.parse_args()
+    if opts.prefill:
+        torch.set_num_threads(opts.threads)
+        model_dir = cached_model(opts.preset)
+        prefill_rounds(model_dir, GpuServer(model_dir, device=opts.device), opts.prefill, opts.repeats)
+        return
     sweep = torch.empty(opts.sweep_mb << 18) if opts.sweep_mb else None  # float32: 2^18 per MB
     torch.set_num_threads(opts.threads)
     with tempfile.TemporaryDirectory() as tmp:
