@@ -156,9 +156,10 @@ def test_causal_softmax_of_a_block_matches_softmax_over_each_querys_past(n, m, p
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 4, 16, 33), (2, 8, 128, 64, 160)])  # a decode's product, a prefill's
-def test_batched_matmul_equals_matmul_and_keeps_the_thread_count(shape):
-    """Small products run on one thread (ops.SMALL_PRODUCT), big ones on all; either way the
-    result is a @ b and the caller's thread count is back afterwards, also after an error."""
+def test_small_ops_on_one_thread_give_the_same_result_and_keep_the_thread_count(shape):
+    """Small products and softmaxes run on one thread (ops.SMALL_PRODUCT, SMALL_SOFTMAX), big
+    ones on all; either way the result is the op's, and the caller's thread count is back
+    afterwards, also after an error."""
     b, kv, n, d, m = shape
     generator = torch.Generator().manual_seed(m)
     a, k = torch.randn(b, kv, n, d, generator=generator), torch.randn(b, kv, d, m, generator=generator)
@@ -169,6 +170,10 @@ def test_batched_matmul_equals_matmul_and_keeps_the_thread_count(shape):
         assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError):
             ops.batched_matmul(a, k[..., :-1, :])  # mismatched inner dims
+        assert torch.get_num_threads() == 2
+        scores = torch.randn(b, kv, n, m, generator=generator)
+        expected = torch.softmax(scores * 0.5 + ops._causal_bias(n, m), dim=-1)
+        torch.testing.assert_close(ops.causal_softmax(scores, 0.5), expected, rtol=1e-6, atol=1e-7)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,21 +104,30 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv, groups, n, d).reshape(b, kv * groups, n, d)
 
 
-SMALL_PRODUCT = 1 << 22  # multiply-adds under which one thread beats waking a second (docs/latency.md)
+# Under these sizes one thread beats waking a second (docs/latency.md): a CPU worker that sleeps
+# between parallel regions, as OMP_WAIT_POLICY=PASSIVE has them, takes ~50 µs to wake, while ATen
+# splits a batched matmul over its batch, and a softmax over its rows, at sizes far below that.
+SMALL_PRODUCT = 1 << 22  # multiply-adds
+SMALL_SOFTMAX = 1 << 18  # scores
+
+
+def on_one_thread(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    """fn(*args, **kwargs) with torch's intra-op threads set to 1 for the call (0.2 µs to toggle)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return fn(*args, **kwargs)
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b, on this thread alone when the product is small. ATen splits a batched matmul over
-    its batch at any size, and a CPU worker that sleeps between parallel regions (as
-    OMP_WAIT_POLICY=PASSIVE has them) takes ~50 µs to wake: more than a decode step's Q·K^T."""
-    threads = torch.get_num_threads()
-    if threads == 1 or not a.is_cpu or a.shape[:-1].numel() * a.shape[-1] * b.shape[-1] >= SMALL_PRODUCT:
-        return a @ b
-    torch.set_num_threads(1)
-    try:
-        return a @ b
-    finally:
-        torch.set_num_threads(threads)
+    """a @ b, on the calling thread alone when the product is small (a decode step's Q·K^T or P·V)."""
+    if a.is_cpu and a.shape[:-1].numel() * a.shape[-1] * b.shape[-1] < SMALL_PRODUCT:
+        return on_one_thread(torch.matmul, a, b)
+    return a @ b
 
 
 def causal_scores(q: torch.Tensor, keys: torch.Tensor, ends: list[int], start: int = 0) -> list[torch.Tensor]:
@@ -196,6 +206,8 @@ def causal_softmax(scores: torch.Tensor, scaling: float, factor: torch.Tensor | 
         masked = torch.add(_causal_bias(n, m), scores, alpha=scaling)
     else:
         masked = torch.addcmul(_causal_bias(n, m), scores, factor, value=scaling)
+    if masked.is_cpu and masked.numel() < SMALL_SOFTMAX:
+        return on_one_thread(F.softmax, masked, dim=-1, dtype=torch.float32)
     return F.softmax(masked, dim=-1, dtype=torch.float32)
 
 
