@@ -9,6 +9,7 @@ and receive on each side, the server's `handle`), so each segment also carries o
 warm-up):
 
     python scripts/call_timeline.py [--model DIR] [--tokens 32] [--new-tokens 64] [--repeat 3]
+                                    [--server-threads N] [--client-threads N]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,7 +119,7 @@ class ClientStamps:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
         self._open: dict[str, Any] = {}
-        self.on = False
+        self.recording = False
         stamp(Client, "call", self._call_in, self._call_out)
         stamp(fastlink.FastLink, "send", None, lambda t, *_: self._open.__setitem__("client_sent", t))
         stamp(fastlink.FastLink, "receive", None, lambda t, *_: self._open.__setitem__("client_received", t))
@@ -126,7 +128,7 @@ class ClientStamps:
         self._open = {"method": method, "call_in": t}
 
     def _call_out(self, t: float, *_: Any, **__: Any) -> None:
-        if self.on and "client_sent" in self._open and "client_received" in self._open:
+        if self.recording and "client_sent" in self._open and "client_received" in self._open:
             self.calls.append({**self._open, "call_out": t})
 
 
@@ -198,6 +200,11 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, help="the server's OpenMP threads (default: torch's)")
     parser.add_argument("--client-threads", type=int, help="this side's torch threads (default: torch's)")
     args = parser.parse_args()
+    # the first decode step is warm-up: 3 new tokens give one timed step
+    for name, least in (("tokens", 1), ("new_tokens", 3), ("repeat", 1), ("server_threads", 1), ("client_threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
     if args.client_threads:
         torch.set_num_threads(args.client_threads)
     work = Path(tempfile.mkdtemp(prefix="tsqp-timeline-"))
@@ -212,13 +219,15 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         for run in range(args.repeat + 1):  # the first generation warms both sides up
             ids = torch.randint(0, vocab, (1, args.tokens), generator=generator)
-            client_stamps.on = run > 0
+            client_stamps.recording = run > 0
             list(runner.generate(ids, args.new_tokens, ignore_eos=True))
         runner.client.close()
-    finally:
         server.terminate()
         server.wait(30)
-    server_stamps = json.loads(out.read_text())
+        server_stamps = json.loads(out.read_text())
+    finally:
+        server.kill()
+        shutil.rmtree(work, ignore_errors=True)
     paired = pair(client_stamps.calls, server_stamps)
     timed: list[dict[str, Any]] = []
     for start in range(0, len(paired), len(paired) // args.repeat):  # each generation's own prefill is skipped
