@@ -13,7 +13,8 @@
 # then the fast path again (the first preset, the first prompt length) with the serving loop's
 # spin off (TSQP_SERVE_SPIN_US=0), and with the fast link client's off (TSQP_FASTLINK_SPIN_US=0),
 # each against its default (docs/latency.md, "Spinning");
-# then the guarded modes on GUARDED; then the transport alone (`tsqp bench --rtt`, into tables.md).
+# then the guarded modes on GUARDED; then a served decode call's timeline (scripts/call_timeline.py)
+# and the transport alone (`tsqp bench --rtt`), into tables.md.
 # TOKENS, REPEAT, PRESETS, MODES, DECODE (0 skips decode), GUARDED (the preset for private/verify,
 # always 128 tokens x 3 runs; empty skips them), PLOT (0 skips the plots) and DEVICE override the
 # defaults below;
@@ -68,6 +69,8 @@ if [ -n "$GUARDED" ]; then
     bench "gpu-guarded-$GUARDED" --preset "$GUARDED" --tokens 128 --repeat 3 --modes split,whole \
         --protection private --verify --ipc --shm --decode "$DECODE"
 fi
+echo "== call timeline, tiny preset, fast link ($(date +%T))" | tee -a "$TABLES"
+python3 scripts/call_timeline.py | tee -a "$TABLES"  # what dominates a decode call, on each side
 echo "== rtt ($(date +%T))" | tee -a "$TABLES"
 python3 -m tsqp bench --rtt --device "$DEVICE" | tee -a "$TABLES"
 echo "== done ($(date +%T))" | tee -a "$TABLES"
