@@ -9,7 +9,7 @@ and receive on each side, the server's `handle`), so each segment also carries o
 warm-up):
 
     python scripts/call_timeline.py [--model DIR] [--tokens 32] [--new-tokens 64] [--repeat 3]
-                                    [--server-threads N] [--client-threads N]
+                                    [--device D] [--server-threads N] [--client-threads N]
 """
 
 from __future__ import annotations
@@ -119,22 +119,22 @@ class ClientStamps:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
         self._open: dict[str, Any] = {}
-        self.recording = False
+        self.recording, self.generation = False, 0
         stamp(Client, "call", self._call_in, self._call_out)
         stamp(fastlink.FastLink, "send", None, lambda t, *_: self._open.__setitem__("client_sent", t))
         stamp(fastlink.FastLink, "receive", None, lambda t, *_: self._open.__setitem__("client_received", t))
 
     def _call_in(self, t: float, client: Client, method: str, *_: Any, **__: Any) -> None:
-        self._open = {"method": method, "call_in": t}
+        self._open = {"method": method, "call_in": t, "generation": self.generation}
 
     def _call_out(self, t: float, *_: Any, **__: Any) -> None:
         if self.recording and "client_sent" in self._open and "client_received" in self._open:
             self.calls.append({**self._open, "call_out": t})
 
 
-def server_process(model: Path, endpoint: str, out: Path, threads: int | None) -> subprocess.Popen:
+def server_process(model: Path, endpoint: str, out: Path, threads: int | None, device: str | None) -> subprocess.Popen:
     argv = ["serve", "--model", str(model), "--endpoint", endpoint, "--shm", "--parent-pid", str(os.getpid()),
-            "--log-level", "WARNING"]
+            "--log-level", "WARNING", *(["--device", device] if device else [])]
     code = SERVER.format(root=str(ROOT), scripts=str(ROOT / "scripts"), out=str(out), argv=argv)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     return subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3, help="generations, all timed")
+    parser.add_argument("--device", help="the server's device (default: `tsqp serve`'s, CUDA when there is one)")
     parser.add_argument("--server-threads", type=int, help="the server's OpenMP threads (default: torch's)")
     parser.add_argument("--client-threads", type=int, help="this side's torch threads (default: torch's)")
     args = parser.parse_args()
@@ -211,7 +212,7 @@ def main() -> None:
     model = Path(args.model) if args.model else make_model("tiny", work / "tiny")
     endpoint, out = f"ipc://{work}/server.sock", work / "server-stamps.json"
     client_stamps = ClientStamps()
-    server = server_process(model, endpoint, out, args.server_threads)
+    server = server_process(model, endpoint, out, args.server_threads, args.device)
     try:
         wait_ready(endpoint, server)
         runner = api.connect(endpoint, model_dir=model, shm=True)
@@ -219,7 +220,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         for run in range(args.repeat + 1):  # the first generation warms both sides up
             ids = torch.randint(0, vocab, (1, args.tokens), generator=generator)
-            client_stamps.recording = run > 0
+            client_stamps.recording, client_stamps.generation = run > 0, run
             list(runner.generate(ids, args.new_tokens, ignore_eos=True))
         runner.client.close()
         server.terminate()
@@ -230,11 +231,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     paired = pair(client_stamps.calls, server_stamps)
     timed: list[dict[str, Any]] = []
-    for start in range(0, len(paired), len(paired) // args.repeat):  # each generation's own prefill is skipped
-        timed += decode_calls(paired[start: start + len(paired) // args.repeat], 1)
+    for run in range(1, args.repeat + 1):  # each generation's own prefill and first step are skipped
+        timed += decode_calls([call for call in paired if call["generation"] == run], 1)
     print(f"fast link, {model.name}: {args.repeat} generations of {args.new_tokens} tokens after a "
           f"{args.tokens}-token prompt, decode calls after each one's first step; threads: server "
-          f"{args.server_threads or 'default'}, client {torch.get_num_threads()}")
+          f"{args.server_threads or os.environ.get('OMP_NUM_THREADS', 'default')}, client {torch.get_num_threads()}")
     print(table(timed))
 
 

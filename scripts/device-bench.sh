@@ -70,7 +70,8 @@ if [ -n "$GUARDED" ]; then
         --protection private --verify --ipc --shm --decode "$DECODE"
 fi
 echo "== call timeline, tiny preset, fast link ($(date +%T))" | tee -a "$TABLES"
-python3 scripts/call_timeline.py | tee -a "$TABLES"  # what dominates a decode call, on each side
+# what dominates a decode call, on each side; a diagnostic, so its failure does not end the run
+python3 scripts/call_timeline.py --device "$DEVICE" | tee -a "$TABLES" || echo "call_timeline failed" | tee -a "$TABLES"
 echo "== rtt ($(date +%T))" | tee -a "$TABLES"
 python3 -m tsqp bench --rtt --device "$DEVICE" | tee -a "$TABLES"
 echo "== done ($(date +%T))" | tee -a "$TABLES"

@@ -140,7 +140,7 @@ def prefill_rounds(model_dir: Path, server: GpuServer, tokens: int, rounds: int)
     before any second process."""
     runner = TeeRunner(InProcessClient(server), model_dir, protocol="lean")  # type: ignore[arg-type]
     ids = torch.randint(0, runner.config.vocab_size, (1, tokens))
-    whole = request("Whole", [ids])
+    whole = checked(server, request("Whole", [ids]))
 
     def seconds(fn: Callable[[], Any]) -> float:
         start = time.perf_counter()
@@ -148,9 +148,9 @@ def prefill_rounds(model_dir: Path, server: GpuServer, tokens: int, rounds: int)
         return time.perf_counter() - start
 
     for _ in range(2):
-        runner.prefill(ids), server.handle(whole)
+        runner.prefill(ids), whole()
     for round_ in range(1, rounds + 1):
-        split_s, whole_s = seconds(lambda: runner.prefill(ids)), seconds(lambda: server.handle(whole))
+        split_s, whole_s = seconds(lambda: runner.prefill(ids)), seconds(whole)
         print(f"round {round_}: split {split_s:.3f} s, whole {whole_s:.3f} s, split x whole {split_s / whole_s:.3f}")
 
 

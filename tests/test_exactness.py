@@ -156,18 +156,29 @@ def test_causal_softmax_of_a_block_matches_softmax_over_each_querys_past(n, m, p
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 4, 16, 33), (2, 8, 128, 64, 160)])  # a decode's product, a prefill's
-def test_small_ops_on_one_thread_give_the_same_result_and_keep_the_thread_count(shape):
+def test_small_ops_on_one_thread_give_the_same_result_and_keep_the_thread_count(shape, monkeypatch):
     """Small products and softmaxes run on one thread (ops.SMALL_PRODUCT, SMALL_SOFTMAX), big
     ones on all; either way the result is the op's, and the caller's thread count is back
     afterwards, also after an error."""
     b, kv, n, d, m = shape
+    small = b * kv * n * d * m < ops.SMALL_PRODUCT
+    threads_seen, matmul = [], torch.matmul
+
+    def recording_matmul(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return matmul(*args, **kwargs)
     generator = torch.Generator().manual_seed(m)
     a, k = torch.randn(b, kv, n, d, generator=generator), torch.randn(b, kv, d, m, generator=generator)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        torch.testing.assert_close(ops.batched_matmul(a, k), torch.matmul(a, k), rtol=0, atol=0)
-        assert torch.get_num_threads() == 2
+        expected = torch.matmul(a, k)
+        monkeypatch.setattr(torch, "matmul", recording_matmul)
+        torch.testing.assert_close(ops.batched_matmul(a, k), expected, rtol=0, atol=0)
+        assert threads_seen == [1 if small else 2] and torch.get_num_threads() == 2
+        # a broadcast batch counts: one [n, d] against many keys is as big as it looks
+        assert ops.batched_matmul(a[0, 0], k.expand(64, *k.shape)).shape == (64, b, kv, n, m)
+        assert threads_seen[-1] == (1 if small and 64 * n * d * m * b * kv < ops.SMALL_PRODUCT else 2)
         with pytest.raises(RuntimeError):
             ops.batched_matmul(a, k[..., :-1, :])  # mismatched inner dims
         assert torch.get_num_threads() == 2

@@ -112,7 +112,9 @@ SMALL_SOFTMAX = 1 << 18  # scores
 
 
 def on_one_thread(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-    """fn(*args, **kwargs) with torch's intra-op threads set to 1 for the call (0.2 µs to toggle)."""
+    """fn(*args, **kwargs) with torch's intra-op threads set to 1 for the call (0.2 µs to toggle).
+    Under OpenMP, torch's CPU build, the count is the calling thread's own: a server thread in
+    the client's process keeps its own."""
     threads = torch.get_num_threads()
     if threads == 1:
         return fn(*args, **kwargs)
@@ -124,10 +126,12 @@ def on_one_thread(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) ->
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b, on the calling thread alone when the product is small (a decode step's Q·K^T or P·V)."""
-    if a.is_cpu and a.shape[:-1].numel() * a.shape[-1] * b.shape[-1] < SMALL_PRODUCT:
+    """a @ b for a [..., n, k] and b [..., k, m], on the calling thread alone when the product is
+    small (a decode step's Q·K^T or P·V)."""
+    batch = max(a.shape[:-2].numel(), b.shape[:-2].numel())  # the broadcast batch, at least
+    if a.is_cpu and batch * a.shape[-2] * a.shape[-1] * b.shape[-1] < SMALL_PRODUCT:
         return on_one_thread(torch.matmul, a, b)
-    return a @ b
+    return torch.matmul(a, b)
 
 
 def causal_scores(q: torch.Tensor, keys: torch.Tensor, ends: list[int], start: int = 0) -> list[torch.Tensor]:
