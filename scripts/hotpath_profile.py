@@ -202,6 +202,8 @@ def main() -> None:
                         help="instead: a lean prefill of TOKENS tokens against the whole model, --repeats rounds "
                              "(the preset's cached model, as `tsqp bench` makes it)")
     opts = parser.parse_args()
+    if opts.prefill is not None and opts.prefill < 1:
+        parser.error(f"--prefill must be at least 1 token, got {opts.prefill}")
     if opts.prefill:
         torch.set_num_threads(opts.threads)
         model_dir = cached_model(opts.preset)

@@ -35,10 +35,8 @@ def test_no_method_reads_a_device_value_before_the_reply(tiny_dir):
     from tsqp.staging import Staging
 
     server = GpuServer(tiny_dir, device="cpu")
-    from tsqp.server.model import fuse_layers, head_weights
-
     server.model.to("meta")
-    server.fused, server.head = fuse_layers(server.layers), head_weights(server.model)  # the plain weights on meta too
+    server.take_plain_weights()  # on meta too
     server.device = torch.device("meta")
     server.staging = Staging(server.device)
     server.staging.to_host = lambda tensors: [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]

@@ -67,8 +67,7 @@ class GpuServer:
         self.dtype = parse_dtype(dtype)
         self.model, self.config = load_model(self.model_dir, str(self.device), self.dtype)
         self.layers = self.model.model.layers
-        self.fused = fuse_layers(self.layers)  # q/k/v and gate/up as one product each (lean's calls)
-        self.head = head_weights(self.model)
+        self.take_plain_weights()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the unfused weights' blocks, which the caching allocator would keep
         self.identity = model_identity(self.model_dir)  # what Ping reports, for the TEE to compare
@@ -102,6 +101,12 @@ class GpuServer:
         self.sessions.clear()
         if self.shared is not None:
             self.shared.close()
+
+    def take_plain_weights(self) -> None:
+        """The lean calls' weights as plain tensors (q/k/v and gate/up fused), from the model as
+        it is now: again after moving or converting it, whose `.to()` leaves them behind."""
+        self.fused = fuse_layers(self.layers)
+        self.head = head_weights(self.model)
 
     def handle(self, frames: list[Any]) -> list[Any]:
         """Request frames -> reply frames. Never raises: every failure is an error reply."""

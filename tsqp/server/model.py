@@ -132,6 +132,7 @@ def fuse_layers(layers: Any) -> list[FusedLayer]:
 
 
 def head_weights(model: Any) -> Head:
+    """The final norm's weight and the LM head's (its own, or the tied embedding's)."""
     return Head(model.model.norm.weight, fuse(model.lm_head))
 
 
