@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tsqp import api
 from tsqp import ops
+from tsqp.server.model import Fused
 
 from conftest import REPO, VARIANTS, record_calls, reference_logits, relative_error
 
@@ -186,5 +188,36 @@ def test_small_ops_on_one_thread_give_the_same_result_and_keep_the_thread_count(
         expected = torch.softmax(scores * 0.5 + ops._causal_bias(n, m), dim=-1)
         torch.testing.assert_close(ops.causal_softmax(scores, 0.5), expected, rtol=1e-6, atol=1e-7)
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_decode_product_runs_alone_where_the_server_measured_that_it_keeps_up(monkeypatch):
+    """Fused.product of at most `rows_alone` rows runs on one thread, a larger one (or any, at
+    rows_alone 0) on all, with F.linear's result either way; the probe that sets rows_alone
+    says no where there is nothing to choose: one thread, a small product, weights off the CPU."""
+    generator = torch.Generator().manual_seed(11)
+    weight, bias = torch.randn(48, 32, generator=generator), torch.randn(48, generator=generator)
+    alone, shared = Fused(weight, bias, (16, 32), rows_alone=ops.DECODE_ROWS), Fused(weight, bias, (16, 32))
+    threads_seen, linear = [], F.linear
+
+    def recording_linear(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return linear(*args, **kwargs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(F, "linear", recording_linear)
+        for rows, fused, expect in ((1, alone, 1), (ops.DECODE_ROWS, alone, 1), (ops.DECODE_ROWS + 1, alone, 2),
+                                    (1, shared, 2)):
+            x = torch.randn(1, rows, 32, generator=generator)
+            torch.testing.assert_close(fused.product(x), linear(x, weight, bias), rtol=0, atol=0)
+            assert threads_seen[-1] == expect and torch.get_num_threads() == 2, (rows, threads_seen)
+        monkeypatch.setattr(F, "linear", linear)
+        big = torch.randn(ops.SMALL_PRODUCT // ops.DECODE_ROWS // 512, 512)
+        assert not ops.one_thread_keeps_up(big.to("meta"))
+        assert not ops.one_thread_keeps_up(weight)  # 48 x 32: one thread either way
+        torch.set_num_threads(1)
+        assert not ops.one_thread_keeps_up(big)
     finally:
         torch.set_num_threads(threads)

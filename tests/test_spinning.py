@@ -13,11 +13,15 @@ import time
 import pytest
 import torch
 
-from tsqp import api, cli, protocol, router, spinning
+from tsqp import api, cli, ops, protocol, router, spinning
+from tsqp.config import ModelConfig
+from tsqp.models import PRESETS
 from tsqp.fastlink import FastLink
 from tsqp.router import serve_forever
 from tsqp.server import GpuServer
-from tsqp.spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, MAX_SPIN_US, SERVER_SPIN_ENV, spin, spin_budget
+from tsqp.spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, MAX_SPIN_US, SERVER_SPIN_ENV, SPIN_THROUGH_US, spin, spin_budget
+from tsqp.tee.runner import TeeRunner
+from tsqp.tee.steps import LeanSteps, Window, spin_rows
 from tsqp.transport import Client
 
 
@@ -73,13 +77,35 @@ def test_a_client_spins_for_a_server_in_another_process_not_for_one_in_its_own(t
     x = torch.randn(1, 1, 64)
     with api.start_server(tiny_dir, device="cpu", shm=True) as here, Client(here.endpoint, shm=True) as client:
         client.call("Linear", [x], layer_idx=0, module_name="q_proj")
-        assert client.via == "fastlink" and client._link.spin_s == 0
+        assert client.via == "fastlink" and client._link.spin_s == 0 and client._link.through_s == 0
     endpoint = f"ipc://{tmp_path}/server.sock"
     with api.spawn_server(tiny_dir, device="cpu", endpoint=endpoint, shm=True), \
             Client(endpoint, shm=True, timeout_s=30) as client:
         client.call("Linear", [x], layer_idx=0, module_name="q_proj")
         assert CLIENT_SPIN_US > 0 and client.via == "fastlink"
         assert client._link.spin_s == pytest.approx(CLIENT_SPIN_US * 1e-6)
+        assert client._link.through_s == pytest.approx(SPIN_THROUGH_US * 1e-6) and not client._link.spin_through
+        client.spin_through = True  # the caller's mark reaches the link's next wait
+        client.call("Linear", [x], layer_idx=0, module_name="q_proj")
+        assert client._link.spin_through
+
+
+@pytest.mark.parametrize("ping, batch, tokens, through", [
+    ({"one_core_rows": 4}, 1, 1, True), ({"one_core_rows": 4}, 4, 1, True), ({"one_core_rows": 4}, 5, 1, False),
+    ({"one_core_rows": 4}, 1, 7, False), ({"one_core_rows": 0}, 1, 1, False), ({}, 1, 1, False),
+    ({"one_core_rows": 10 ** 9}, 1, 1, False), ({"one_core_rows": True}, 1, 1, False)])
+def test_the_lean_runner_spins_through_the_passes_its_server_runs_on_one_core_only(ping, batch, tokens, through):
+    """A pass of at most the Ping's `one_core_rows` rows (a decode step's) keeps the server to
+    one core, so the client may spin through each reply; a prefill's products take every core,
+    as may the Release after a pass. A server that says nothing, or nonsense, gets no spin."""
+    client = type("Client", (), {"spin_through": False})()
+    steps = LeanSteps(client, ModelConfig.from_dict({"model_type": "llama", **PRESETS["tiny"]}), torch.float32)
+    steps.spin_rows = spin_rows(ping)
+    steps.open(batch, 16)
+    steps.begin(Window(3 if tokens == 1 else 0, tokens))
+    assert client.spin_through is through
+    steps.end()
+    assert client.spin_through is False
 
 
 def serving_cpu_s(endpoint: str, pause_s: float, monkeypatch, budget_us: float) -> float:
@@ -113,24 +139,27 @@ def test_the_serving_loop_spins_after_quick_requests_and_then_blocks(tmp_path, m
     assert off < 0.02, off
 
 
-def quiet_link(spin_us: float, last_wait_s: float) -> tuple[FastLink, socket.socket]:
+def quiet_link(spin_us: float, last_wait_s: float, through_us: float = 0.0) -> tuple[FastLink, socket.socket]:
     """A client's end of a fast link whose server never answers, as FastLink.__init__ leaves it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     link = FastLink.__new__(FastLink)
     link.sock, link.lost, link.queries = ours, False, 0
     link.spin_s, link.sent_at, link.last_wait_s = spin_us * 1e-6, 0.0, last_wait_s
+    link.through_s, link.spin_through = through_us * 1e-6, through_us > 0
     link.poller = select.poll()
     link.poller.register(ours.fileno(), select.POLLIN)
     return link, theirs
 
 
-@pytest.mark.parametrize("last_wait_s, timeout_ms, spins", [(1e-4, 1000, True), (1.0, 1000, False),
-                                                             (math.inf, 1000, False), (1e-4, 30, True)])
+@pytest.mark.parametrize("last_wait_s, timeout_ms, through_us, spins", [
+    (1e-4, 1000, 0, True), (1.0, 1000, 0, False), (math.inf, 1000, 0, False), (1e-4, 30, 0, True),
+    (1.0, 1000, 150_000, True), (math.inf, 30, 150_000, True)])
 def test_the_client_spins_for_its_reply_only_after_a_quick_one_and_never_past_the_wait(last_wait_s, timeout_ms,
-                                                                                     spins):
+                                                                                     through_us, spins):
     """A 150 ms budget: spent in full after a quick reply, not at all after a slow one (or
-    none yet), and never beyond the caller's own timeout (30 ms)."""
-    link, theirs = quiet_link(150_000, last_wait_s)
+    none yet), and never beyond the caller's own timeout (30 ms). A call marked `spin_through`
+    (a decode step's) gets its own budget whatever the last wait was; the short one is 2 ms there."""
+    link, theirs = quiet_link(2_000 if through_us else 150_000, last_wait_s, through_us)
     timeouts = []  # of every poll the link makes: 0 while it spins (counted, not timed: a spin yields its core)
     poller = link.poller
     link.poller = type("Counting", (), {"poll": lambda self, ms: timeouts.append(ms) or poller.poll(ms)})()
@@ -229,3 +258,20 @@ def test_a_rehearsal_runs_a_small_call_uncounted_on_the_cpu_only(tiny_dir, monke
     monkeypatch.setattr(server, "device", torch.device("cuda"))  # weights in GPU memory: nothing to bring back
     server.rehearse()
     assert echoed == [1]
+
+
+def test_a_generation_spins_through_its_decode_steps_where_the_servers_ping_says_so(tiny_dir):
+    """The server's Ping gives `one_core_rows` from its probe (a tiny model's products are too
+    small to choose: 0); a generation's lean steps take it, and only its decode steps spin through."""
+    marks = []
+    with api.start_server(tiny_dir, device="cpu") as here, Client(here.endpoint) as client:
+        assert client.ping()["one_core_rows"] == here.server.rows_alone == 0
+        here.server.rows_alone = ops.DECODE_ROWS  # as a probe on a large model would say here
+        runner = TeeRunner(client, tiny_dir)
+        call = client.call
+        client.call = lambda *args, **kwargs: marks.append(client.spin_through) or call(*args, **kwargs)
+        tokens = list(runner.generate(torch.randint(0, runner.config.vocab_size, (1, 9)), 3, ignore_eos=True))
+    assert len(tokens) == 3 and runner.steps.spin_rows == ops.DECODE_ROWS
+    calls_per_step = 2 * runner.config.num_layers + 1
+    assert marks[-2 * calls_per_step - 1:] == [True] * (2 * calls_per_step) + [False]  # two decode steps, Release
+    assert not any(marks[:-2 * calls_per_step - 1])  # the Ping and the prefill

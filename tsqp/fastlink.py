@@ -43,7 +43,7 @@ import msgpack
 
 from .errors import ProtocolError
 from .logs import log_event
-from .spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, spin, spin_budget
+from .spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, SPIN_THROUGH_US, spin, spin_budget
 
 TOKEN_BYTES = 32
 MAX_DATAGRAM = 96 << 10  # a request header is at most 64 KiB (server Limits); replies through the link are headers
@@ -215,6 +215,7 @@ class FastLink:
     def __init__(self, path: str, token: bytes, connect_timeout_s: float):
         """Connect, show the token, and wait for the server to accept it (OSError if it does not)."""
         self.spin_s, self.sent_at, self.last_wait_s = spin_budget(CLIENT_SPIN_ENV, CLIENT_SPIN_US), 0.0, math.inf
+        self.spin_through = False  # the Client's, for the wait at hand
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(connect_timeout_s)
         try:
@@ -230,6 +231,7 @@ class FastLink:
             raise
         if server_pid == os.getpid():
             self.spin_s = 0.0  # a server thread of this process would wait for the interpreter lock the spin holds
+        self.through_s = SPIN_THROUGH_US * 1e-6 if self.spin_s > 0 else 0.0  # no spin at all stays none
         self.sock.setblocking(True)
         self.poller = select.poll()
         self.poller.register(self.sock.fileno(), select.POLLIN)
@@ -255,13 +257,14 @@ class FastLink:
 
     def poll(self, timeout_ms: float) -> tuple[bool, bool]:
         """(something to receive, link events): the socket's end is an event too. Spins first,
-        within the budget after the request left, while the last reply came within it (tsqp.spinning)."""
+        within the budget after the request left, while the last reply came within it, or for
+        a call the caller marked `spin_through`, within the longer budget (tsqp.spinning)."""
         if self.lost:
             return False, True
         now = time.perf_counter()
         deadline = now + timeout_ms * 1e-3
-        until = min(self.sent_at + self.spin_s, deadline)
-        if self.last_wait_s <= self.spin_s and now < until:
+        until = min(self.sent_at + (self.through_s if self.spin_through else self.spin_s), deadline)
+        if (self.spin_through or self.last_wait_s <= self.spin_s) and now < until:
             if spin(lambda: self.poller.poll(0), until):
                 return True, False
             timeout_ms = max(deadline - time.perf_counter(), 0.0) * 1e3

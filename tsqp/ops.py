@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -109,6 +111,7 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 # splits a batched matmul over its batch, and a softmax over its rows, at sizes far below that.
 SMALL_PRODUCT = 1 << 22  # multiply-adds
 SMALL_SOFTMAX = 1 << 18  # scores
+DECODE_ROWS = 4  # a decode step's rows (batch x new tokens) at most, where a server may run its products alone
 
 
 def on_one_thread(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -123,6 +126,24 @@ def on_one_thread(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) ->
         return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(threads)
+
+
+def one_thread_keeps_up(weight: torch.Tensor, rows: int = DECODE_ROWS, runs: int = 5) -> bool:
+    """Whether a product of `rows` rows with `weight` takes no longer (within 5 %) on the calling
+    thread alone than on torch's threads, medians of `runs` alternating runs of each. A decode
+    step's products stream their weights once and are bound by memory, which one core of a small
+    host can keep busy alone; a many-core host's bus may need them all. Never on a GPU, nor for
+    a product too small to be split over threads (which leaves the other cores alone already)."""
+    if not weight.is_cpu or torch.get_num_threads() == 1 or rows * weight.numel() < SMALL_PRODUCT:
+        return False
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    alone, shared = [], []
+    for _ in range(runs + 1):  # the first pair warms up
+        for times, run in ((alone, lambda: on_one_thread(F.linear, x, weight)), (shared, lambda: F.linear(x, weight))):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    return statistics.median(alone[1:]) <= 1.05 * statistics.median(shared[1:])
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

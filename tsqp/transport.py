@@ -240,6 +240,9 @@ class Client:
         self.shm, self.fastlink = shm, fastlink
         self._segment: Segment | None = None
         self._reply_room = 0  # bytes the largest reply so far needed behind a request (shm)
+        # set by a caller whose calls the server runs on one core (decode steps): a fast-link
+        # reply is then worth a spin however long it takes (tsqp.spinning)
+        self.spin_through = False
 
     def _ready_link(self, connect_timeout_s: float | None = None) -> "_Link | FastLink | Failure":
         """The current link, rebuilt if its connection dropped since the last call; a new one
@@ -386,6 +389,8 @@ class Client:
             if isinstance(link, Failure):
                 outcome: list[Any] | Failure = link
             else:
+                if isinstance(link, FastLink):
+                    link.spin_through = self.spin_through
                 t1 = time.perf_counter()
                 link.send(frames)
                 self.stats.bytes_sent += nbytes

@@ -21,6 +21,7 @@ from .. import protocol
 from ..config import model_identity
 from ..errors import ModelError, ProtocolError
 from ..logs import log_event
+from ..ops import DECODE_ROWS, one_thread_keeps_up
 from ..protocol import DTYPES
 from ..shm import Attached, ReplyTo
 from ..staging import Staging
@@ -89,6 +90,12 @@ class GpuServer:
         return ServerInfo(str(self.model_dir), str(self.device), protocol.DTYPE_NAMES[self.dtype],
                           self.config.num_layers, self.config.hidden_size)
 
+    @property
+    def one_core_rows(self) -> int:
+        """Calls of at most this many rows keep this server to one core of the host (its products
+        run alone, or on the GPU): a client on the same host may spin through them on another."""
+        return DECODE_ROWS if self.device.type == "cuda" else self.rows_alone
+
     def health(self) -> dict[str, Any]:
         """What a Ping reports besides the model: uptime, traffic, errors, live sessions."""
         state = self.service
@@ -105,8 +112,10 @@ class GpuServer:
     def take_plain_weights(self) -> None:
         """The lean calls' weights as plain tensors (q/k/v and gate/up fused), from the model as
         it is now: again after moving or converting it, whose `.to()` leaves them behind."""
-        self.fused = fuse_layers(self.layers)
-        self.head = head_weights(self.model)
+        probe = self.layers[0].mlp.gate_proj.weight
+        self.rows_alone = DECODE_ROWS if one_thread_keeps_up(probe) else 0  # on the CPU, measured
+        self.fused = fuse_layers(self.layers, self.rows_alone)
+        self.head = head_weights(self.model, self.rows_alone)
 
     def handle(self, frames: list[Any]) -> list[Any]:
         """Request frames -> reply frames. Never raises: every failure is an error reply."""

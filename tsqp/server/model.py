@@ -11,6 +11,7 @@ import torch
 
 from ..config import ModelConfig, load_config
 from ..errors import ModelError
+from ..ops import on_one_thread
 from ..protocol import DTYPE_NAMES, DTYPES, LINEAR_MODULES, WIRE_DTYPES
 from .errors import BadRequest, DeviceError, NonFinite
 
@@ -68,9 +69,14 @@ class Fused:
     weight: torch.Tensor  # the modules' weights stacked by rows: [sum of out_features, in_features]
     bias: torch.Tensor | None
     widths: tuple[int, ...]  # each module's out_features, in order
+    rows_alone: int = 0  # a product of at most this many rows runs on the calling thread alone
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """Every module's output side by side: [..., sum of widths]."""
+        """Every module's output side by side: [..., sum of widths]. A decode step's product
+        runs alone where that is as fast (ops.one_thread_keeps_up): the other core stays with
+        the TEE, which can then spin for its reply without taking it from this product."""
+        if x.shape[:-1].numel() <= self.rows_alone:
+            return on_one_thread(torch.nn.functional.linear, x, self.weight, self.bias)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -103,12 +109,12 @@ class Head:
     lm_head: Fused
 
 
-def fuse(*modules: torch.nn.Linear) -> Fused:
+def fuse(*modules: torch.nn.Linear, rows_alone: int = 0) -> Fused:
     """Stack the modules' weights (and biases, which Llama gives all or none of them) into one
     tensor and make each module's weight a view of its rows: no second copy of the model. One
     module keeps its own weight."""
     if len(modules) == 1:
-        return Fused(modules[0].weight, modules[0].bias, (modules[0].out_features,))
+        return Fused(modules[0].weight, modules[0].bias, (modules[0].out_features,), rows_alone)
     weight = torch.cat([m.weight.detach() for m in modules])
     bias = torch.cat([m.bias.detach() for m in modules]) if modules[0].bias is not None else None
     row = 0
@@ -118,22 +124,24 @@ def fuse(*modules: torch.nn.Linear) -> Fused:
         if bias is not None:
             m.bias = torch.nn.Parameter(bias[row: row + width], requires_grad=False)
         row += width
-    return Fused(weight, bias, tuple(m.out_features for m in modules))
+    return Fused(weight, bias, tuple(m.out_features for m in modules), rows_alone)
 
 
-def fuse_layers(layers: Any) -> list[FusedLayer]:
+def fuse_layers(layers: Any, rows_alone: int = 0) -> list[FusedLayer]:
     """Each decoder layer's plain weights, one layer at a time (the unfused weights are freed
     as their modules move onto the fused ones). Call it again after moving or converting the
     model: `.to()` gives the modules new weights, and the fused ones would be left behind."""
-    return [FusedLayer(fuse(block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj),
-                       fuse(block.mlp.gate_proj, block.mlp.up_proj), fuse(block.self_attn.o_proj),
-                       fuse(block.mlp.down_proj), block.input_layernorm.weight,
+    return [FusedLayer(fuse(block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+                            rows_alone=rows_alone),
+                       fuse(block.mlp.gate_proj, block.mlp.up_proj, rows_alone=rows_alone),
+                       fuse(block.self_attn.o_proj, rows_alone=rows_alone),
+                       fuse(block.mlp.down_proj, rows_alone=rows_alone), block.input_layernorm.weight,
                        block.post_attention_layernorm.weight) for block in layers]
 
 
-def head_weights(model: Any) -> Head:
+def head_weights(model: Any, rows_alone: int = 0) -> Head:
     """The final norm's weight and the LM head's (its own, or the tied embedding's)."""
-    return Head(model.model.norm.weight, fuse(model.lm_head))
+    return Head(model.model.norm.weight, fuse(model.lm_head, rows_alone=rows_alone))
 
 
 def layer_index(config: ModelConfig, args: dict) -> int:

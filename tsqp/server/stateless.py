@@ -36,7 +36,7 @@ FEATURES = ["decode"]
 def ping(server: "GpuServer", args: dict, tensors: list[torch.Tensor]) -> Result:
     """Health, and which model this server holds (the TEE compares it with its own copy's)."""
     return [], {"server": "tsqp", **server.info.__dict__, "identity": server.identity, "features": FEATURES,
-                **server.health()}
+                "one_core_rows": server.one_core_rows, **server.health()}
 
 
 @method("Init")

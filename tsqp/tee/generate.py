@@ -19,6 +19,7 @@ import torch
 from ..errors import InputError, RemoteError, TsqpError
 from ..transport import WireStats
 from .sampling import Sampling, sample
+from .steps import LeanSteps, spin_rows
 
 if TYPE_CHECKING:
     from .runner import TeeRunner
@@ -105,10 +106,13 @@ class Generation:
         self.runner, self.max_new = runner, max_new_tokens
         self.prompt = runner.check_input(as_batch(input_ids), max_new_tokens)
         self.sampling = Sampling(temperature, top_k, top_p, seed)
-        if runner.protocol == "lean" and not runner.guarded and \
-                "decode" not in runner.client.ping().get("features", ()):
-            raise InputError("this GPU server cannot decode (its lean sessions keep no KV cache): update it, or "
-                             "use --protocol seed")
+        if runner.protocol == "lean" and not runner.guarded:
+            info = runner.client.ping()
+            if "decode" not in info.get("features", ()):
+                raise InputError("this GPU server cannot decode (its lean sessions keep no KV cache): update it, or "
+                                 "use --protocol seed")
+            if isinstance(runner.steps, LeanSteps):
+                runner.steps.spin_rows = spin_rows(info)
         self.eos = () if ignore_eos else runner.config.eos_token_ids
         self.keep_logits = keep_logits
         self.result: GenerationResult | None = None

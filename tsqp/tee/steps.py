@@ -127,6 +127,14 @@ def causal_blocks(window: Window, x: torch.Tensor, heads: int) -> tuple[list[int
     return ends, shapes
 
 
+def spin_rows(ping: dict) -> int:
+    """The most rows a call may have and keep the server to one core of the host, by its Ping
+    (`one_core_rows`: its products run alone, or on a GPU); 0 from a server that does not say, or
+    says what cannot be (it is not trusted; a wrong answer costs only spinning)."""
+    rows = ping.get("one_core_rows", 0)
+    return rows if type(rows) is int and 0 <= rows <= ops.DECODE_ROWS else 0
+
+
 class SeedSteps:
     """The seed's protocol: Embedding, Linear (one module), Matmul, LMHead; K and V in the TEE."""
 
@@ -201,7 +209,8 @@ class LeanSteps:
         self.weights = weights  # the TEE's own copy: decode steps look their token up here
         self.wire_name = self.call.wire_name
         self.session: str | None = None
-        self.capacity = 0
+        self.capacity = self.batch = 0
+        self.spin_rows = 0  # from the server's Ping (spin_rows), where a generation asks it
         self.window = Window(0, 0)
         # A bias does not commute with RMSNorm's scale; nor may unscaled scores meet float16's range.
         self.fused_mlp = not config.mlp_bias  # AttnGate
@@ -216,15 +225,19 @@ class LeanSteps:
         self._logits: torch.Tensor | None = None  # DownHead's, before the final norm's scale
 
     def open(self, batch: int, capacity: int) -> None:
-        self.session, self.capacity = secrets.token_hex(16), capacity
+        self.session, self.capacity, self.batch = secrets.token_hex(16), capacity, batch
         self.key_scales = torch.ones(self.config.num_layers, batch, capacity)
 
     def begin(self, window: Window) -> float:
+        """A pass of at most `spin_rows` rows (a decode step's) keeps the server to one core of
+        the host, so its calls are worth spinning for on another (tsqp.spinning)."""
         self.window = window
+        self.client.spin_through = self.batch * window.tokens <= self.spin_rows
         return 0.0
 
     def end(self) -> None:
         self._gate = self._scale = self._scores = self._logits = None
+        self.client.spin_through = False
 
     def close(self) -> None:
         """Free the session's state on the server (a Release, not a flag on the last call, so that
