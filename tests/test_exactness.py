@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -194,8 +195,9 @@ def test_small_ops_on_one_thread_give_the_same_result_and_keep_the_thread_count(
 
 def test_a_decode_product_runs_alone_where_the_server_measured_that_it_keeps_up(monkeypatch):
     """Fused.product of at most `rows_alone` rows runs on one thread, a larger one (or any, at
-    rows_alone 0) on all, with F.linear's result either way; the probe that sets rows_alone
-    says no where there is nothing to choose: one thread, a small product, weights off the CPU."""
+    rows_alone 0) on all, with F.linear's result either way. The probe that sets rows_alone
+    says yes within 5 % of all threads' time, no past it, and no where there is nothing to
+    choose: one thread, a small product, weights off the CPU."""
     generator = torch.Generator().manual_seed(11)
     weight, bias = torch.randn(48, 32, generator=generator), torch.randn(48, generator=generator)
     alone, shared = Fused(weight, bias, (16, 32), rows_alone=ops.DECODE_ROWS), Fused(weight, bias, (16, 32))
@@ -217,6 +219,12 @@ def test_a_decode_product_runs_alone_where_the_server_measured_that_it_keeps_up(
         big = torch.randn(ops.SMALL_PRODUCT // ops.DECODE_ROWS // 512, 512)
         assert not ops.one_thread_keeps_up(big.to("meta"))
         assert not ops.one_thread_keeps_up(weight)  # 48 x 32: one thread either way
+
+        def clock(alone_s: float, shared_s: float):  # each run reads it twice, alone first
+            return itertools.accumulate(itertools.cycle([alone_s, 0, shared_s, 0]), initial=100.0).__next__
+        assert ops.one_thread_keeps_up(big, clock=clock(1.04, 1.0))
+        assert not ops.one_thread_keeps_up(big, clock=clock(1.06, 1.0))
+        assert ops.one_thread_keeps_up(big, clock=clock(0.5, 1.0))
         torch.set_num_threads(1)
         assert not ops.one_thread_keeps_up(big)
     finally:

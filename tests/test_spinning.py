@@ -15,13 +15,14 @@ import torch
 
 from tsqp import api, cli, ops, protocol, router, spinning
 from tsqp.config import ModelConfig
-from tsqp.models import PRESETS
 from tsqp.fastlink import FastLink
+from tsqp.models import PRESETS
 from tsqp.router import serve_forever
 from tsqp.server import GpuServer
-from tsqp.spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, MAX_SPIN_US, SERVER_SPIN_ENV, SPIN_THROUGH_US, spin, spin_budget
+from tsqp.spinning import (CLIENT_SPIN_ENV, CLIENT_SPIN_US, MAX_SPIN_US, SERVER_SPIN_ENV, SPIN_THROUGH_US, spin,
+                           spin_budget)
 from tsqp.tee.runner import TeeRunner
-from tsqp.tee.steps import LeanSteps, Window, spin_rows
+from tsqp.tee.steps import LeanSteps, Window, one_core_rows
 from tsqp.transport import Client
 
 
@@ -77,17 +78,22 @@ def test_a_client_spins_for_a_server_in_another_process_not_for_one_in_its_own(t
     x = torch.randn(1, 1, 64)
     with api.start_server(tiny_dir, device="cpu", shm=True) as here, Client(here.endpoint, shm=True) as client:
         client.call("Linear", [x], layer_idx=0, module_name="q_proj")
-        assert client.via == "fastlink" and client._link.spin_s == 0 and client._link.through_s == 0
+        assert client.via == "fastlink" and client._link.spin_s == 0 and client._link.spin_through_s == 0
     endpoint = f"ipc://{tmp_path}/server.sock"
     with api.spawn_server(tiny_dir, device="cpu", endpoint=endpoint, shm=True), \
             Client(endpoint, shm=True, timeout_s=30) as client:
         client.call("Linear", [x], layer_idx=0, module_name="q_proj")
         assert CLIENT_SPIN_US > 0 and client.via == "fastlink"
         assert client._link.spin_s == pytest.approx(CLIENT_SPIN_US * 1e-6)
-        assert client._link.through_s == pytest.approx(SPIN_THROUGH_US * 1e-6) and not client._link.spin_through
-        client.spin_through = True  # the caller's mark reaches the link's next wait
-        client.call("Linear", [x], layer_idx=0, module_name="q_proj")
-        assert client._link.spin_through
+        assert client._link.spin_through_s == pytest.approx(SPIN_THROUGH_US * 1e-6)
+        link, marks = client._link, []  # the link's mark at each of its waits
+        poll = link.poll
+        link.poll = lambda timeout_ms: marks.append(link.spin_through) or poll(timeout_ms)
+        for mark in (True, False):  # the caller's mark reaches the link's wait for that call
+            client.spin_through = mark
+            client.call("Linear", [x], layer_idx=0, module_name="q_proj")
+            assert marks and set(marks) == {mark}, marks
+            marks.clear()
 
 
 @pytest.mark.parametrize("ping, batch, tokens, through", [
@@ -100,7 +106,7 @@ def test_the_lean_runner_spins_through_the_passes_its_server_runs_on_one_core_on
     as may the Release after a pass. A server that says nothing, or nonsense, gets no spin."""
     client = type("Client", (), {"spin_through": False})()
     steps = LeanSteps(client, ModelConfig.from_dict({"model_type": "llama", **PRESETS["tiny"]}), torch.float32)
-    steps.spin_rows = spin_rows(ping)
+    steps.spin_rows = one_core_rows(ping)
     steps.open(batch, 16)
     steps.begin(Window(3 if tokens == 1 else 0, tokens))
     assert client.spin_through is through
@@ -145,7 +151,7 @@ def quiet_link(spin_us: float, last_wait_s: float, through_us: float = 0.0) -> t
     link = FastLink.__new__(FastLink)
     link.sock, link.lost, link.queries = ours, False, 0
     link.spin_s, link.sent_at, link.last_wait_s = spin_us * 1e-6, 0.0, last_wait_s
-    link.through_s, link.spin_through = through_us * 1e-6, through_us > 0
+    link.spin_through_s, link.spin_through = through_us * 1e-6, through_us > 0
     link.poller = select.poll()
     link.poller.register(ours.fileno(), select.POLLIN)
     return link, theirs
@@ -153,12 +159,13 @@ def quiet_link(spin_us: float, last_wait_s: float, through_us: float = 0.0) -> t
 
 @pytest.mark.parametrize("last_wait_s, timeout_ms, through_us, spins", [
     (1e-4, 1000, 0, True), (1.0, 1000, 0, False), (math.inf, 1000, 0, False), (1e-4, 30, 0, True),
-    (1.0, 1000, 150_000, True), (math.inf, 30, 150_000, True)])
+    (1.0, 1000, 150_000, True), (math.inf, 30, 150_000, True), (math.inf, 1000, 150_000, True)])
 def test_the_client_spins_for_its_reply_only_after_a_quick_one_and_never_past_the_wait(last_wait_s, timeout_ms,
                                                                                      through_us, spins):
     """A 150 ms budget: spent in full after a quick reply, not at all after a slow one (or
     none yet), and never beyond the caller's own timeout (30 ms). A call marked `spin_through`
-    (a decode step's) gets its own budget whatever the last wait was; the short one is 2 ms there."""
+    (a decode step's) gets its own budget whatever the last wait was, in full; the short one
+    is 2 ms there. Each poll's timeout is recorded: 0 while spinning, then the blocking rest."""
     link, theirs = quiet_link(2_000 if through_us else 150_000, last_wait_s, through_us)
     timeouts = []  # of every poll the link makes: 0 while it spins (counted, not timed: a spin yields its core)
     poller = link.poller
@@ -178,6 +185,7 @@ def test_the_client_spins_for_its_reply_only_after_a_quick_one_and_never_past_th
     spun = timeouts.count(0)
     if spins:
         assert spun > 10, timeouts[-3:]
+        assert timeouts[-1] < 60, timeouts[-3:]  # 150 ms of a 200 ms wait spun (or all of a 30 ms one)
         assert wall < (0.4 if timeout_ms == 1000 else 0.1), wall  # the spin is part of the wait, not added to it
     else:
         assert spun == 0 and len(timeouts) == 1, timeouts
@@ -260,11 +268,24 @@ def test_a_rehearsal_runs_a_small_call_uncounted_on_the_cpu_only(tiny_dir, monke
     assert echoed == [1]
 
 
-def test_a_generation_spins_through_its_decode_steps_where_the_servers_ping_says_so(tiny_dir):
+def test_a_generation_marks_its_decode_steps_spin_through_where_the_servers_ping_says_so(tiny_dir, monkeypatch):
     """The server's Ping gives `one_core_rows` from its probe (a tiny model's products are too
-    small to choose: 0); a generation's lean steps take it, and only its decode steps spin through."""
-    marks = []
-    with api.start_server(tiny_dir, device="cpu") as here, Client(here.endpoint) as client:
+    small to choose: 0); a generation's lean steps take it, and only its decode steps' calls are
+    marked. The server keeps its side of the Ping: a decode step's attention runs alone too, as
+    long as its context grows (here every product counts as large). A pass that fails half-way
+    leaves no mark behind."""
+    marks, products = [], []  # the client's mark at each call; (query rows, threads) of each attention product
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the server's thread starts with it
+    try:
+        here = api.start_server(tiny_dir, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    matmul = ops.batched_matmul
+    monkeypatch.setattr(ops, "SMALL_PRODUCT", 0)  # after the server's probe
+    monkeypatch.setattr(ops, "batched_matmul",
+                        lambda a, b: products.append((a.shape[-2], torch.get_num_threads())) or matmul(a, b))
+    with here, Client(here.endpoint) as client:
         assert client.ping()["one_core_rows"] == here.server.rows_alone == 0
         here.server.rows_alone = ops.DECODE_ROWS  # as a probe on a large model would say here
         runner = TeeRunner(client, tiny_dir)
@@ -274,4 +295,24 @@ def test_a_generation_spins_through_its_decode_steps_where_the_servers_ping_says
     assert len(tokens) == 3 and runner.steps.spin_rows == ops.DECODE_ROWS
     calls_per_step = 2 * runner.config.num_layers + 1
     assert marks[-2 * calls_per_step - 1:] == [True] * (2 * calls_per_step) + [False]  # two decode steps, Release
-    assert not any(marks[:-2 * calls_per_step - 1])  # the Ping and the prefill
+    assert not any(marks[:-2 * calls_per_step - 1])  # the prefill (the Ping is not a client.call)
+    groups = runner.config.num_heads // runner.config.num_kv_heads  # a decode step's query rows per key head
+    assert {t for rows, t in products if rows == groups} == {1} and {t for rows, t in products if rows > groups} == {2}
+    monkeypatch.undo()
+
+    def failing_third(*args, **kwargs):  # of a decode step's calls
+        marks.append(client.spin_through)
+        if len(marks) == 3:
+            raise ConnectionError("server lost mid-pass")
+        return call(*args, **kwargs)
+
+    with api.start_server(tiny_dir, device="cpu") as here, Client(here.endpoint) as client:
+        runner = TeeRunner(client, tiny_dir)
+        runner.steps.spin_rows = ops.DECODE_ROWS
+        runner.steps.open(1, 8)
+        runner.forward(torch.randint(0, runner.config.vocab_size, (1, 4)), 0)
+        call, marks = client.call, []
+        client.call = failing_third
+        with pytest.raises(ConnectionError, match="mid-pass"):
+            runner.forward(torch.randint(0, runner.config.vocab_size, (1, 1)), 4)
+    assert marks == [True] * 3 and client.spin_through is False

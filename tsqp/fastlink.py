@@ -231,7 +231,7 @@ class FastLink:
             raise
         if server_pid == os.getpid():
             self.spin_s = 0.0  # a server thread of this process would wait for the interpreter lock the spin holds
-        self.through_s = SPIN_THROUGH_US * 1e-6 if self.spin_s > 0 else 0.0  # no spin at all stays none
+        self.spin_through_s = SPIN_THROUGH_US * 1e-6 if self.spin_s > 0 else 0.0  # no spin at all stays none
         self.sock.setblocking(True)
         self.poller = select.poll()
         self.poller.register(self.sock.fileno(), select.POLLIN)
@@ -263,7 +263,7 @@ class FastLink:
             return False, True
         now = time.perf_counter()
         deadline = now + timeout_ms * 1e-3
-        until = min(self.sent_at + (self.through_s if self.spin_through else self.spin_s), deadline)
+        until = min(self.sent_at + (self.spin_through_s if self.spin_through else self.spin_s), deadline)
         if (self.spin_through or self.last_wait_s <= self.spin_s) and now < until:
             if spin(lambda: self.poller.poll(0), until):
                 return True, False

@@ -13,7 +13,7 @@ Yielding is not enough for a long wait on a peer whose threads use every core: t
 still takes a share of its core from them (docs/latency.md). A decode step's products run on
 one core where that is as fast (tsqp.ops.one_thread_keeps_up), so the lean runner marks its
 decode calls `spin_through`: the client spins through them however long they take, up to
-SPIN_THROUGH_US, and its core never goes to sleep, to wake late and with cold caches.
+SPIN_THROUGH_US, and the thread never blocks, to be woken late and with cold caches.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ SERVER_SPIN_ENV = "TSQP_SERVE_SPIN_US"  # the serving loop, between requests
 CLIENT_SPIN_ENV = "TSQP_FASTLINK_SPIN_US"  # a fast-link client, for its reply
 SERVER_SPIN_US = 2000.0
 CLIENT_SPIN_US = 2000.0
-SPIN_THROUGH_US = 250_000.0  # a fast-link client, for a call whose server leaves its core alone (a decode step's)
+# a fast-link client, for a call whose server leaves its core alone (a decode step's): longer than
+# any 1B decode call on this project's CPU host (the LM head's, ~50 ms), short enough that a stalled
+# server costs a quarter of a second of one core before the client blocks
+SPIN_THROUGH_US = 250_000.0
 MAX_SPIN_US = 1e6  # a spin does not look at `stop` or deadlines: it must end soon
 
 

@@ -92,8 +92,9 @@ class GpuServer:
 
     @property
     def one_core_rows(self) -> int:
-        """Calls of at most this many rows keep this server to one core of the host (its products
-        run alone, or on the GPU): a client on the same host may spin through them on another."""
+        """Calls of at most this many rows keep this server to one core of the host (their products
+        and attention run alone, or on the GPU): a client on the same host may spin through them
+        on another. On CUDA, DECODE_ROWS and not more: a long prefill's wait is not worth a core."""
         return DECODE_ROWS if self.device.type == "cuda" else self.rows_alone
 
     def health(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import ModelConfig
 from ..kv_cache import KVCache
-from ..ops import apply_rope, attend, causal_scores, merge_heads  # what the TEE runs in the other modes
+from ..ops import alone_if, apply_rope, attend, causal_scores, merge_heads  # attention: the TEE's in the other modes
 from .errors import BadRequest, MissingState, Unsupported
 from .model import check_last_dim, float_inputs, layer_index
 from .registry import LAYER, LAYER_ARGS, SESSION, SESSION_ARGS, Result, method
@@ -119,7 +119,8 @@ def _scores(server: "GpuServer", layer: int, x: torch.Tensor, cos: torch.Tensor,
     qkv = server.fused[layer].qkv.product(x).view(b, n, -1, c.head_dim)  # [b, n, heads + 2 kv, d]
     qk = apply_rope(qkv[:, :, :rotated], cos[:, None], sin[:, None])  # q's heads and k's in one rotation
     keys, _ = cache.update(layer, start, qk[:, :, heads:].transpose(1, 2), qkv[:, :, rotated:].transpose(1, 2))
-    return causal_scores(qk[:, :, :heads].transpose(1, 2), keys, ends, start)
+    alone = b * n <= server.rows_alone  # as the products, so that the Ping holds (GpuServer.one_core_rows)
+    return alone_if(alone, causal_scores, qk[:, :, :heads].transpose(1, 2), keys, ends, start)
 
 
 def _block_ends(ends: Any, n: int, max_tensors: int) -> list[int]:
@@ -151,7 +152,8 @@ def _attention(server: "GpuServer", args: dict, layer: int, probs: list[torch.Te
             raise BadRequest(f"layer {layer} expects causal blocks of probs [{cache.batch}, {c.num_heads}, n_i, "
                              f"start + end_i] over the {cache.filled[layer]} positions it holds; got "
                              f"{[list(t.shape) for t in probs]}")
-    return server.fused[layer].o_proj.product(merge_heads(attend(probs, cache.values[layer])))
+    alone = cache.batch * n <= server.rows_alone  # as in _scores
+    return server.fused[layer].o_proj.product(merge_heads(alone_if(alone, attend, probs, cache.values[layer])))
 
 
 def _gate_keeping_up(server: "GpuServer", args: dict, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from ..config import ModelConfig, load_config
 from ..errors import ModelError
-from ..ops import on_one_thread
+from ..ops import alone_if
 from ..protocol import DTYPE_NAMES, DTYPES, LINEAR_MODULES, WIRE_DTYPES
 from .errors import BadRequest, DeviceError, NonFinite
 
@@ -73,11 +73,9 @@ class Fused:
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """Every module's output side by side: [..., sum of widths]. A decode step's product
-        runs alone where that is as fast (ops.one_thread_keeps_up): the other core stays with
-        the TEE, which can then spin for its reply without taking it from this product."""
-        if x.shape[:-1].numel() <= self.rows_alone:
-            return on_one_thread(torch.nn.functional.linear, x, self.weight, self.bias)
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        runs alone where that is as fast (ops.one_thread_keeps_up): the host's other cores stay
+        free for the TEE's spin for the reply. The lean calls' products, and verify's, go here."""
+        return alone_if(x.shape[:-1].numel() <= self.rows_alone, torch.nn.functional.linear, x, self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.product(x).split(self.widths, dim=-1)

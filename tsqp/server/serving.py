@@ -122,15 +122,17 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
         say(f"Device: {device}, Dtype: {torch_dtype}")
         server = GpuServer(model_dir, device, dtype, shm=shm, limits=limits)
         say(f"✓ Model loaded: {server.config.num_layers} layers, hidden_size={server.config.hidden_size}")
-        if server.rows_alone:
-            say(f"✓ Decode products (up to {server.rows_alone} rows) on one thread: measured as fast as on "
-                f"{torch.get_num_threads()} here")
+        if server.device.type == "cpu":
+            threads = torch.get_num_threads()
+            say(f"✓ Decode products (≤ {server.rows_alone} rows) on one thread: as fast as on all {threads} "
+                f"(measured at load)" if server.rows_alone else
+                f"  Decode products on all {threads} threads (one alone was slower at load, or they are too small to tell)")
         say(f"✓ ZeroMQ server started on {endpoint_name(endpoint)}")
         log_event(log, logging.INFO, "start", endpoint=endpoint, model=str(model_dir), device=device, dtype=dtype,
                   curve="on" if keys else "off", shm="on" if shm else "off",
                   allowed_keys=str(keys.allowed_dir) if keys else "-",
                   max_message_bytes=limits.max_message_bytes, max_reply_bytes=server.service.limits.max_reply_bytes,
-                  session_bytes=limits.session_bytes)
+                  session_bytes=limits.session_bytes, decode_alone_rows=server.rows_alone)
         return server, wrap(server.handle) if wrap is not None else server.handle
 
     serving = _LoadedOnBind(load)

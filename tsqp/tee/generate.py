@@ -19,7 +19,7 @@ import torch
 from ..errors import InputError, RemoteError, TsqpError
 from ..transport import WireStats
 from .sampling import Sampling, sample
-from .steps import LeanSteps, spin_rows
+from .steps import LeanSteps, one_core_rows
 
 if TYPE_CHECKING:
     from .runner import TeeRunner
@@ -112,7 +112,7 @@ class Generation:
                 raise InputError("this GPU server cannot decode (its lean sessions keep no KV cache): update it, or "
                                  "use --protocol seed")
             if isinstance(runner.steps, LeanSteps):
-                runner.steps.spin_rows = spin_rows(info)
+                runner.steps.spin_rows = one_core_rows(info)
         self.eos = () if ignore_eos else runner.config.eos_token_ids
         self.keep_logits = keep_logits
         self.result: GenerationResult | None = None

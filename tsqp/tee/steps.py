@@ -127,10 +127,10 @@ def causal_blocks(window: Window, x: torch.Tensor, heads: int) -> tuple[list[int
     return ends, shapes
 
 
-def spin_rows(ping: dict) -> int:
+def one_core_rows(ping: dict) -> int:
     """The most rows a call may have and keep the server to one core of the host, by its Ping
-    (`one_core_rows`: its products run alone, or on a GPU); 0 from a server that does not say, or
-    says what cannot be (it is not trusted; a wrong answer costs only spinning)."""
+    (`one_core_rows`: its products and attention run alone, or on a GPU); 0 from a server that
+    does not say, or says what cannot be (it is not trusted; a wrong answer costs only spinning)."""
     rows = ping.get("one_core_rows", 0)
     return rows if type(rows) is int and 0 <= rows <= ops.DECODE_ROWS else 0
 
@@ -210,7 +210,7 @@ class LeanSteps:
         self.wire_name = self.call.wire_name
         self.session: str | None = None
         self.capacity = self.batch = 0
-        self.spin_rows = 0  # from the server's Ping (spin_rows), where a generation asks it
+        self.spin_rows = 0  # rows per pass worth spinning through: set by Generation from the server's Ping; 0 = never
         self.window = Window(0, 0)
         # A bias does not commute with RMSNorm's scale; nor may unscaled scores meet float16's range.
         self.fused_mlp = not config.mlp_bias  # AttnGate
