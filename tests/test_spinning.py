@@ -21,6 +21,7 @@ from tsqp.router import serve_forever
 from tsqp.server import GpuServer
 from tsqp.spinning import (CLIENT_SPIN_ENV, CLIENT_SPIN_US, MAX_SPIN_US, SERVER_SPIN_ENV, SPIN_THROUGH_US, spin,
                            spin_budget)
+from tsqp.tee.rehearsal import Rehearsal
 from tsqp.tee.runner import TeeRunner
 from tsqp.tee.steps import LeanSteps, Window, one_core_rows
 from tsqp.transport import Client
@@ -71,6 +72,35 @@ def test_a_spin_yields_its_core_between_polls(monkeypatch):
     assert len(yields) == 3
 
 
+def test_a_spin_with_a_rehearsal_runs_it_on_its_period_instead_of_yielding(monkeypatch):
+    """Given a rehearsal, a spin runs it once every REHEARSE_EVERY_US in place of a yield: at a
+    period of 0, at every poll that finds nothing; at a period longer than the spin, never."""
+    yields, rehearsals = [], []
+    monkeypatch.setattr(spinning.os, "sched_yield", lambda: yields.append(1))
+    monkeypatch.setattr(spinning, "REHEARSE_EVERY_US", 0.0)
+    polls = iter([[], [], [], ["ready"]])
+    assert spin(lambda: next(polls), time.perf_counter() + 10, lambda: rehearsals.append(1)) == ["ready"]
+    assert len(rehearsals) == 3 and not yields
+    monkeypatch.setattr(spinning, "REHEARSE_EVERY_US", 1e6)
+    polls = iter([[], [], [], ["ready"]])
+    assert spin(lambda: next(polls), time.perf_counter() + 10, lambda: rehearsals.append(1)) == ["ready"]
+    assert len(rehearsals) == 3 and len(yields) == 3
+
+
+def test_the_rehearsal_runs_the_tees_decode_code_on_its_own_tensors():
+    """A rehearsal of the 1B's shapes runs (its reply decodes and passes the checks) and leaves
+    its stand-in tensors as they were, so that running it any number of times changes nothing."""
+    config = ModelConfig.from_dict({"model_type": "llama", **PRESETS["llama-3.2-1b"]})
+    rehearsal = Rehearsal(config, 2)
+    before = [t.clone() for t in (rehearsal.h, rehearsal.norm, rehearsal.scores, rehearsal.factor)]
+    reply = list(rehearsal.reply)
+    for _ in range(3):
+        rehearsal()
+    assert all(torch.equal(a, b) for a, b in zip(before, (rehearsal.h, rehearsal.norm, rehearsal.scores,
+                                                          rehearsal.factor)))
+    assert rehearsal.reply == reply and rehearsal.shapes == [(2, 1, 2048), (2, 1, 8192)]
+
+
 def test_a_client_spins_for_a_server_in_another_process_not_for_one_in_its_own(tiny_dir, tmp_path, monkeypatch):
     """A server thread in the client's own process would wait for the interpreter lock that the
     client's spin holds, so that link never spins; a server process gets the default budget."""
@@ -104,14 +134,16 @@ def test_the_lean_runner_spins_through_the_passes_its_server_runs_on_one_core_on
     """A pass of at most the Ping's `one_core_rows` rows (a decode step's) keeps the server to
     one core, so the client may spin through each reply; a prefill's products take every core,
     as may the Release after a pass. A server that says nothing, or nonsense, gets no spin."""
-    client = type("Client", (), {"spin_through": False})()
+    client = type("Client", (), {"spin_through": False, "rehearse": None})()
     steps = LeanSteps(client, ModelConfig.from_dict({"model_type": "llama", **PRESETS["tiny"]}), torch.float32)
     steps.spin_rows = one_core_rows(ping)
     steps.open(batch, 16)
     steps.begin(Window(3 if tokens == 1 else 0, tokens))
     assert client.spin_through is through
+    assert isinstance(client.rehearse, Rehearsal) and client.rehearse.batch == batch if through \
+        else client.rehearse is None
     steps.end()
-    assert client.spin_through is False
+    assert client.spin_through is False and client.rehearse is None
 
 
 def serving_cpu_s(endpoint: str, pause_s: float, monkeypatch, budget_us: float) -> float:
@@ -152,6 +184,7 @@ def quiet_link(spin_us: float, last_wait_s: float, through_us: float = 0.0) -> t
     link.sock, link.lost, link.queries = ours, False, 0
     link.spin_s, link.sent_at, link.last_wait_s = spin_us * 1e-6, 0.0, last_wait_s
     link.spin_through_s, link.spin_through = through_us * 1e-6, through_us > 0
+    link.rehearse = None
     link.poller = select.poll()
     link.poller.register(ours.fileno(), select.POLLIN)
     return link, theirs
@@ -167,6 +200,8 @@ def test_the_client_spins_for_its_reply_only_after_a_quick_one_and_never_past_th
     (a decode step's) gets its own budget whatever the last wait was, in full; the short one
     is 2 ms there. Each poll's timeout is recorded: 0 while spinning, then the blocking rest."""
     link, theirs = quiet_link(2_000 if through_us else 150_000, last_wait_s, through_us)
+    rehearsals = []  # a spin through runs the caller's, now and then; no other spin does
+    link.rehearse = lambda: rehearsals.append(1)
     timeouts = []  # of every poll the link makes: 0 while it spins (counted, not timed: a spin yields its core)
     poller = link.poller
     link.poller = type("Counting", (), {"poll": lambda self, ms: timeouts.append(ms) or poller.poll(ms)})()
@@ -189,6 +224,10 @@ def test_the_client_spins_for_its_reply_only_after_a_quick_one_and_never_past_th
         assert wall < (0.4 if timeout_ms == 1000 else 0.1), wall  # the spin is part of the wait, not added to it
     else:
         assert spun == 0 and len(timeouts) == 1, timeouts
+    if not through_us:
+        assert not rehearsals
+    elif timeout_ms == 1000:  # 150 ms of spin through, a rehearsal every 300 µs at most
+        assert 10 < len(rehearsals) <= 150_000 / spinning.REHEARSE_EVERY_US, len(rehearsals)
 
 
 def rehearsals_after(tmp_path, monkeypatch, calls) -> int:
@@ -316,3 +355,31 @@ def test_a_generation_marks_its_decode_steps_spin_through_where_the_servers_ping
         with pytest.raises(ConnectionError, match="mid-pass"):
             runner.forward(torch.randint(0, runner.config.vocab_size, (1, 1)), 4)
     assert marks == [True] * 3 and client.spin_through is False
+
+
+def test_a_generation_that_rehearses_while_it_spins_through_gives_the_same_logits(tiny_dir, tmp_path, monkeypatch):
+    """Over a spawned server's fast link, with the decode steps spun through (as a probe on a
+    large model would have the Ping say), the client rehearses while it waits, and every token
+    and logit equals those of the same generation without (the server's own threads differ
+    from an in-process one's, and with them the last bit: both runs here are spawned)."""
+    from tsqp.tee import generate, rehearsal
+
+    prompt = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(5))
+    endpoint = f"ipc://{tmp_path}/server.sock"
+
+    def logits() -> torch.Tensor:
+        with api.spawn_server(tiny_dir, device="cpu", endpoint=endpoint, shm=True), \
+                Client(endpoint, shm=True, timeout_s=30) as client:
+            run = TeeRunner(client, tiny_dir).generate(prompt, 6, ignore_eos=True, keep_logits=True)
+            list(run)
+            assert client.via == "fastlink" and client.rehearse is None
+            return run.result.logits
+
+    runs, call = [], rehearsal.Rehearsal.__call__
+    monkeypatch.setattr(rehearsal.Rehearsal, "__call__", lambda self: runs.append(1) or call(self))
+    expected = logits()
+    assert not runs
+    monkeypatch.setattr(generate, "one_core_rows", lambda ping: ops.DECODE_ROWS)
+    monkeypatch.setattr(spinning, "REHEARSE_EVERY_US", 0.0)  # tiny calls are quick: rehearse at every poll
+    got = logits()
+    assert runs and torch.equal(got, expected)

@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import msgpack
 
@@ -216,6 +216,7 @@ class FastLink:
         """Connect, show the token, and wait for the server to accept it (OSError if it does not)."""
         self.spin_s, self.sent_at, self.last_wait_s = spin_budget(CLIENT_SPIN_ENV, CLIENT_SPIN_US), 0.0, math.inf
         self.spin_through = False  # the Client's, for the wait at hand
+        self.rehearse: Callable[[], object] | None = None  # the Client's too: run now and then in a spin through
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(connect_timeout_s)
         try:
@@ -258,14 +259,14 @@ class FastLink:
     def poll(self, timeout_ms: float) -> tuple[bool, bool]:
         """(something to receive, link events): the socket's end is an event too. Spins first,
         within the budget after the request left, while the last reply came within it, or for
-        a call the caller marked `spin_through`, within the longer budget (tsqp.spinning)."""
+        a call the caller marked `spin_through`, within the longer budget, rehearsing (tsqp.spinning)."""
         if self.lost:
             return False, True
         now = time.perf_counter()
         deadline = now + timeout_ms * 1e-3
         until = min(self.sent_at + (self.spin_through_s if self.spin_through else self.spin_s), deadline)
         if (self.spin_through or self.last_wait_s <= self.spin_s) and now < until:
-            if spin(lambda: self.poller.poll(0), until):
+            if spin(lambda: self.poller.poll(0), until, self.rehearse if self.spin_through else None):
                 return True, False
             timeout_ms = max(deadline - time.perf_counter(), 0.0) * 1e3
         return bool(self.poller.poll(timeout_ms)), False

@@ -13,7 +13,9 @@ Yielding is not enough for a long wait on a peer whose threads use every core: t
 still takes a share of its core from them (docs/latency.md). A decode step's products run on
 one core where that is as fast (tsqp.ops.one_thread_keeps_up), so the lean runner marks its
 decode calls `spin_through`: the client spins through them however long they take, up to
-SPIN_THROUGH_US, and the thread never blocks, to be woken late and with cold caches.
+SPIN_THROUGH_US, and the thread never blocks, to be woken late and with cold caches. While it
+spins through, it also runs its own next code now and then on stand-in tensors
+(tsqp.tee.rehearsal), which the call's weights would otherwise have pushed out of the caches.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ CLIENT_SPIN_US = 2000.0
 # any 1B decode call on this project's CPU host (the LM head's, ~50 ms), short enough that a stalled
 # server costs a quarter of a second of one core before the client blocks
 SPIN_THROUGH_US = 250_000.0
+# between two rehearsals in a spin through: one takes ~40 µs warm, so the reply waits that
+# long at most, and a 1B call's ~75 MB of weights cannot evict the code in between (1000 µs
+# measured as well, 100 µs no better: docs/latency.md)
+REHEARSE_EVERY_US = 300.0
 MAX_SPIN_US = 1e6  # a spin does not look at `stop` or deadlines: it must end soon
 
 
@@ -57,11 +63,18 @@ def spin_budget(name: str, default_us: float) -> float:
     return check_spin_us(value, f"${name}")
 
 
-def spin(poll: Callable[[], T], until: float) -> T:
+def spin(poll: Callable[[], T], until: float, rehearse: Callable[[], object] | None = None) -> T:
     """poll() until it returns something true or time.perf_counter() reaches `until`, yielding
-    the core between polls to any other thread that wants it."""
+    the core between polls to any other thread that wants it; with `rehearse`, running that
+    instead once every REHEARSE_EVERY_US (the waiting side's own next code, kept in its caches)."""
+    rehearse_at = time.perf_counter() + REHEARSE_EVERY_US * 1e-6
     while True:
         ready = poll()
-        if ready or time.perf_counter() >= until:
+        now = time.perf_counter()
+        if ready or now >= until:
             return ready
-        os.sched_yield()
+        if rehearse is not None and now >= rehearse_at:
+            rehearse()
+            rehearse_at = time.perf_counter() + REHEARSE_EVERY_US * 1e-6
+        else:
+            os.sched_yield()

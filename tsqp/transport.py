@@ -241,8 +241,10 @@ class Client:
         self._segment: Segment | None = None
         self._reply_room = 0  # bytes the largest reply so far needed behind a request (shm)
         # set by a caller whose calls the server runs on one core (decode steps): a fast-link
-        # reply is then worth a spin however long it takes (tsqp.spinning)
+        # reply is then worth a spin however long it takes (tsqp.spinning), with the caller's
+        # own next code run now and then meanwhile (`rehearse`, where given)
         self.spin_through = False
+        self.rehearse: Callable[[], object] | None = None
 
     def _ready_link(self, connect_timeout_s: float | None = None) -> "_Link | FastLink | Failure":
         """The current link, rebuilt if its connection dropped since the last call; a new one
@@ -390,7 +392,7 @@ class Client:
                 outcome: list[Any] | Failure = link
             else:
                 if isinstance(link, FastLink):
-                    link.spin_through = self.spin_through
+                    link.spin_through, link.rehearse = self.spin_through, self.rehearse
                 t1 = time.perf_counter()
                 link.send(frames)
                 self.stats.bytes_sent += nbytes

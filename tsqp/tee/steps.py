@@ -37,6 +37,7 @@ from ..errors import RemoteError, ServerUnreachable, TsqpError
 from ..kv_cache import KVCache
 from ..protocol import DTYPE_NAMES
 from ..transport import Client
+from .rehearsal import Rehearsal
 from .replies import checked_reply
 
 
@@ -211,6 +212,7 @@ class LeanSteps:
         self.session: str | None = None
         self.capacity = self.batch = 0
         self.spin_rows = 0  # rows per pass worth spinning through: set by Generation from the server's Ping; 0 = never
+        self._rehearsal: Rehearsal | None = None  # what the client runs while it spins through (made at the first)
         self.window = Window(0, 0)
         # A bias does not commute with RMSNorm's scale; nor may unscaled scores meet float16's range.
         self.fused_mlp = not config.mlp_bias  # AttnGate
@@ -230,14 +232,19 @@ class LeanSteps:
 
     def begin(self, window: Window) -> float:
         """A pass of at most `spin_rows` rows (a decode step's) keeps the server to one core of
-        the host, so its calls are worth spinning for on another (tsqp.spinning)."""
+        the host, so its calls are worth spinning for on another, rehearsing this side's own
+        per-call code meanwhile (tsqp.spinning, tsqp.tee.rehearsal)."""
         self.window = window
-        self.client.spin_through = self.batch * window.tokens <= self.spin_rows
+        through = self.batch * window.tokens <= self.spin_rows
+        self.client.spin_through = through
+        if through and (self._rehearsal is None or self._rehearsal.batch != self.batch):
+            self._rehearsal = Rehearsal(self.config, self.batch)
+        self.client.rehearse = self._rehearsal if through else None
         return 0.0
 
     def end(self) -> None:
         self._gate = self._scale = self._scores = self._logits = None
-        self.client.spin_through = False
+        self.client.spin_through, self.client.rehearse = False, None
 
     def close(self) -> None:
         """Free the session's state on the server (a Release, not a flag on the last call, so that
