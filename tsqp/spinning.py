@@ -20,6 +20,7 @@ spins through, it also runs its own next code now and then on stand-in tensors
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -28,6 +29,7 @@ from typing import Callable, TypeVar
 from .environment import env
 
 T = TypeVar("T")
+log = logging.getLogger("tsqp.spinning")
 
 SERVER_SPIN_ENV = "TSQP_SERVE_SPIN_US"  # the serving loop, between requests
 CLIENT_SPIN_ENV = "TSQP_FASTLINK_SPIN_US"  # a fast-link client, for its reply
@@ -37,9 +39,9 @@ CLIENT_SPIN_US = 2000.0
 # any 1B decode call on this project's CPU host (the LM head's, ~50 ms), short enough that a stalled
 # server costs a quarter of a second of one core before the client blocks
 SPIN_THROUGH_US = 250_000.0
-# between two rehearsals in a spin through: one takes ~40 µs warm, so the reply waits that
-# long at most, and a 1B call's ~75 MB of weights cannot evict the code in between (1000 µs
-# measured as well, 100 µs no better: docs/latency.md)
+# between two rehearsals in a spin through: short against a 1B call's milliseconds, so its
+# weights cannot evict the code in between, long against a rehearsal, since a reply that
+# arrives mid-rehearsal waits for its end (docs/latency.md)
 REHEARSE_EVERY_US = 300.0
 MAX_SPIN_US = 1e6  # a spin does not look at `stop` or deadlines: it must end soon
 
@@ -74,7 +76,11 @@ def spin(poll: Callable[[], T], until: float, rehearse: Callable[[], object] | N
         if ready or now >= until:
             return ready
         if rehearse is not None and now >= rehearse_at:
-            rehearse()
+            try:
+                rehearse()
+            except Exception:  # it only warms the caches: the wait, and its reply, must go on
+                log.warning("a rehearsal failed; not rehearsing for the rest of this wait", exc_info=True)
+                rehearse = None
             rehearse_at = time.perf_counter() + REHEARSE_EVERY_US * 1e-6
         else:
             os.sched_yield()

@@ -231,15 +231,14 @@ class LeanSteps:
         self.key_scales = torch.ones(self.config.num_layers, batch, capacity)
 
     def begin(self, window: Window) -> float:
-        """A pass of at most `spin_rows` rows (a decode step's) keeps the server to one core of
-        the host, so its calls are worth spinning for on another, rehearsing this side's own
-        per-call code meanwhile (tsqp.spinning, tsqp.tee.rehearsal)."""
+        """A pass of at most `spin_rows` rows (a decode step's, or a prefill as short) keeps the
+        server to one core of the host, so its calls are worth spinning for on another,
+        rehearsing this side's own per-call code meanwhile (tsqp.spinning, tsqp.tee.rehearsal)."""
         self.window = window
         through = self.batch * window.tokens <= self.spin_rows
-        self.client.spin_through = through
-        if through and (self._rehearsal is None or self._rehearsal.batch != self.batch):
-            self._rehearsal = Rehearsal(self.config, self.batch)
-        self.client.rehearse = self._rehearsal if through else None
+        if through and self._rehearsal is None:  # made once; unused where the link never spins
+            self._rehearsal = Rehearsal(self.config, self.call.wire)
+        self.client.spin_through, self.client.rehearse = through, self._rehearsal if through else None
         return 0.0
 
     def end(self) -> None:
