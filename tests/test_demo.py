@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
 
 import pytest
 import torch
@@ -49,6 +50,8 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
     assert report.keys() == {"device", "model", "dtype", "wire_dtype", "batch", "repeat", "transport", "host",
                              "results", "wire_accuracy"}
     assert {"device", "model", "results"} <= report.keys()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert report["host"]["tsqp"] == str(REPO / "tsqp") and report["host"]["commit"] == (head or None)  # which code ran
     modes = {r["mode"] for r in report["results"]}
     assert modes == {"split", "split-seed", "whole", "tee-only", "split-private", "split-verify",
                      "split-private+verify"}

@@ -25,7 +25,9 @@ server around the device work (synchronized), so time is split into TEE compute,
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
@@ -205,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "device": server_info["device"], "model": model_dir, "dtype": server_info["dtype"],
         "wire_dtype": args.wire_dtype, "batch": args.batch, "repeat": args.repeat,
         "transport": endpoint.split("://", 1)[0] + ("+shm" if args.shm else "") + ("+fastlink" if fast else ""),
-        "host": {"machine": platform.machine(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__},
+        "host": host_info(),
         "results": [asdict(r) for r in results], "wire_accuracy": accuracy,
     }
     out = sys.stderr if json_to_stdout(args.json) else sys.stdout
@@ -239,6 +241,20 @@ def _cmd_rtt(args: argparse.Namespace) -> None:
     out = sys.stderr if json_to_stdout(args.json) else sys.stdout
     print(rtt_table(rows), file=out)
     if args.json:
-        report = {"model": model_dir, "host": {"machine": platform.machine(), "cpus": __import__("os").cpu_count(),
-                                               "torch": torch.__version__}, "rtt": rows}
+        report = {"model": model_dir, "host": host_info(), "rtt": rows}
         write_json(args.json, report, "results", notes=sys.stderr)
+
+
+def host_info() -> dict:
+    """The host, and which code ran (its directory, and its git commit where it is a checkout):
+    the runs of an A/B between two checkouts must be told apart by more than their names."""
+    import torch
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        git = [subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10).stdout
+               for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])]
+    except (OSError, subprocess.SubprocessError):
+        git = ["", ""]
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "tsqp": str(root / "tsqp"), "commit": git[0].strip() or None, "modified": bool(git[1].strip())}

@@ -30,8 +30,8 @@ class Rehearsal:
         generator = torch.Generator().manual_seed(0)
         h, inter = (1, 1, config.hidden_size), (1, 1, config.intermediate_size)
         self.shapes, self.wire = [h, inter], wire_dtype
-        frames = protocol.encode({"ok": True, "server_s": 0.0}, [torch.randn(h, generator=generator).to(wire_dtype),
-                                                                 torch.randn(inter, generator=generator).to(wire_dtype)])
+        reply = [torch.randn(shape, generator=generator).to(wire_dtype) for shape in (h, inter)]
+        frames = protocol.encode({"ok": True, "server_s": 0.0}, reply)
         self.header = bytes(frames[0])
         self.payloads = [bytearray(f) for f in frames[1:]]  # as a segment's bytes
         self.h, self.norm = torch.randn(h, generator=generator), torch.ones(config.hidden_size)
