@@ -122,11 +122,12 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
         say(f"Device: {device}, Dtype: {torch_dtype}")
         server = GpuServer(model_dir, device, dtype, shm=shm, limits=limits)
         say(f"✓ Model loaded: {server.config.num_layers} layers, hidden_size={server.config.hidden_size}")
-        if server.device.type == "cpu":
-            threads = torch.get_num_threads()
+        threads = torch.get_num_threads()
+        if server.rows_alone:
             say(f"✓ Decode products (≤ {server.rows_alone} rows) on one thread: as fast as on all {threads} "
-                f"(measured at load)" if server.rows_alone else
-                f"  Decode products on all {threads} threads (one alone was slower at load, or they are too small to tell)")
+                "(measured at load)")
+        elif server.device.type == "cpu":
+            say(f"  Decode products on all {threads} threads (one alone was slower at load, or too small to tell)")
         say(f"✓ ZeroMQ server started on {endpoint_name(endpoint)}")
         log_event(log, logging.INFO, "start", endpoint=endpoint, model=str(model_dir), device=device, dtype=dtype,
                   curve="on" if keys else "off", shm="on" if shm else "off",
