@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from tsqp import api
 from tsqp import ops
+from tsqp.server import model, products
 from tsqp.server.model import Fused
 
 from conftest import REPO, VARIANTS, record_calls, reference_logits, relative_error
@@ -217,15 +218,61 @@ def test_a_decode_product_runs_alone_where_the_server_measured_that_it_keeps_up(
             assert threads_seen[-1] == expect and torch.get_num_threads() == 2, (rows, threads_seen)
         monkeypatch.setattr(F, "linear", linear)
         big = torch.randn(ops.SMALL_PRODUCT // ops.DECODE_ROWS // 512, 512)
-        assert not ops.one_thread_keeps_up(big.to("meta"))
-        assert not ops.one_thread_keeps_up(weight)  # 48 x 32: one thread either way
+        assert not products.one_thread_keeps_up(big.to("meta"))
+        assert not products.one_thread_keeps_up(weight)  # 48 x 32: one thread either way
 
         def clock(alone_s: float, shared_s: float):  # each run reads it twice, alone first
             return itertools.accumulate(itertools.cycle([alone_s, 0, shared_s, 0]), initial=100.0).__next__
-        assert ops.one_thread_keeps_up(big, clock=clock(1.04, 1.0))
-        assert not ops.one_thread_keeps_up(big, clock=clock(1.06, 1.0))
-        assert ops.one_thread_keeps_up(big, clock=clock(0.5, 1.0))
+        assert products.one_thread_keeps_up(big, clock=clock(1.04, 1.0))
+        assert not products.one_thread_keeps_up(big, clock=clock(1.06, 1.0))
+        assert products.one_thread_keeps_up(big, clock=clock(0.5, 1.0))
         torch.set_num_threads(1)
-        assert not ops.one_thread_keeps_up(big)
+        assert not products.one_thread_keeps_up(big)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape, bias", [((1, 1, 96), True), ((2, 1, 96), False), ((1, 3, 96), True), ((4, 96), False)])
+def test_a_transposed_product_is_f_linears_within_rounding(shape, bias, monkeypatch):
+    """(W x^T)^T equals F.linear(x, W, b) as closely as two float32 sums of one product can (both
+    against float64), in x's shape; Fused.product takes it at exactly its transposed row counts."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    x, weight = torch.randn(shape, generator=generator), torch.randn(80, 96, generator=generator)
+    b = torch.randn(80, generator=generator) if bias else None
+    exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    out = products.linear_transposed(x, weight, b)
+    assert out.shape == (*shape[:-1], 80) and out.dtype == torch.float32 and out.is_contiguous()
+    error = (out.double() - exact).abs().max().item()
+    assert error <= 4 * (F.linear(x, weight, b).double() - exact).abs().max().item() + 1e-6
+
+    used, transposed = [], products.linear_transposed
+    monkeypatch.setattr(model, "linear_transposed", lambda *args: used.append(args[0].shape) or transposed(*args))
+    rows = x.shape[:-1].numel()
+    fused = Fused(weight, b, (30, 50), transposed_rows=frozenset({rows}))
+    torch.testing.assert_close(fused.product(x), out, rtol=0, atol=0)
+    assert used == [x.shape]
+    other = torch.randn(rows + 1, 96, generator=generator)
+    torch.testing.assert_close(fused.product(other), F.linear(other, weight, b), rtol=0, atol=0)
+    assert used == [x.shape]
+
+
+def test_the_probe_swaps_operands_only_where_that_is_5_percent_faster_on_the_products_own_threads(monkeypatch):
+    """transposed_rows: each row count of 1 to DECODE_ROWS big enough to measure, timed on the
+    threads its product will run on (alone up to rows_alone); none off the CPU or for a small weight."""
+    big = torch.randn(ops.SMALL_PRODUCT // 2 // 512, 512)  # rows 1 too small to measure, 2 and up not
+
+    def clock(plain_s: float, transposed_s: float):  # each run reads it twice, F.linear first
+        return itertools.accumulate(itertools.cycle([plain_s, 0, transposed_s, 0]), initial=100.0).__next__
+    assert products.transposed_rows(big, 0, clock=clock(1.0, 0.94)) == set(range(2, ops.DECODE_ROWS + 1))
+    assert products.transposed_rows(big, 0, clock=clock(1.0, 0.96)) == frozenset()
+    assert products.transposed_rows(big.to("meta"), 0) == frozenset()
+    assert products.transposed_rows(torch.randn(48, 32), 0) == frozenset()
+    threads_seen, linear = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w: threads_seen.append((x.shape[0], torch.get_num_threads())) or linear(x, w))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        products.transposed_rows(big, rows_alone=2, runs=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(set(threads_seen)) == [(2, 1), (3, 2), (4, 2)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsqp import api
+from tsqp import api, ops
 from tsqp.errors import InputError
 
 from conftest import VARIANTS, record_calls, relative_error
@@ -54,6 +54,32 @@ def test_greedy_generation_matches_transformers(variant, mode, batch, servers, m
     layers = runner.config.num_layers
     lean = 4 * layers if runner.config.mlp_bias else 2 * layers + 1  # AttnGate, DownScores, unless biases; DownHead
     assert per_token == {"lean": lean, "seed": 9 * layers + 2}.get(mode, 4 * layers + 1)
+
+
+@pytest.mark.parametrize("variant, mode, batch", [("gqa", "lean", 2), ("attention-bias", "lean", 1),
+                                                  ("head-dim", "verify", 2)])
+def test_generation_with_every_product_transposed_matches_transformers(variant, mode, batch, model_dirs, references,
+                                                                         monkeypatch):
+    """A server that measured (W x^T)^T as faster at every decode-sized row count (on this
+    tiny model nothing is big enough to measure) still generates transformers' tokens, within
+    the same tolerance, biases and Freivalds' checks included."""
+    from tsqp.server import core, model, products
+
+    used, transposed = [], products.linear_transposed
+    monkeypatch.setattr(core, "transposed_rows", lambda weight, rows_alone: frozenset(range(1, ops.DECODE_ROWS + 1)))
+    monkeypatch.setattr(model, "linear_transposed", lambda *args: used.append(args[1].shape) or transposed(*args))
+    with api.start_server(model_dirs[variant], device="cpu") as here:
+        assert all(rows == set(range(1, ops.DECODE_ROWS + 1)) for rows in here.server.transposed.values())
+        runner = api.connect(here.endpoint, model_dirs[variant], **MODES[mode])
+        ids = prompt(runner.config.vocab_size, batch, seed=batch + len(variant))
+        want, want_logits = reference_greedy(references[variant], ids, NEW)
+        result = runner.generate(ids, NEW, ignore_eos=True, keep_logits=True).run()
+        runner.client.close()
+    assert torch.equal(result.tokens, want)
+    assert max(relative_error(result.logits[:, step], want_logits[:, step]) for step in range(NEW)) <= 1e-4
+    assert len(used) >= 2 * (NEW - 1) * references[variant].config.num_hidden_layers  # each step's q/k/v, gate/up
+    if mode == "lean":  # the head of each token too (the prefill's: its last rows)
+        assert used.count(tuple(references[variant].lm_head.weight.shape)) == NEW
 
 
 def test_tokens_stream_as_they_are_made(servers, tiny_dir):

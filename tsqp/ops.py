@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -132,26 +130,6 @@ def alone_if(alone: bool, fn: Callable[..., torch.Tensor], *args: Any) -> torch.
     """fn(*args), on the calling thread alone where `alone` (a decode step's call on a server
     that measured it as fast: tsqp.server.model.Fused)."""
     return on_one_thread(fn, *args) if alone else fn(*args)
-
-
-def one_thread_keeps_up(weight: torch.Tensor, rows: int = DECODE_ROWS, runs: int = 5,
-                        clock: Callable[[], float] = time.perf_counter) -> bool:
-    """Whether a product of `rows` rows with `weight` takes no longer (within 5 %) on the calling
-    thread alone than on torch's threads, medians of `runs` alternating runs of each. A decode
-    step's products stream their weights once and are bound by memory, which one core of a small
-    host can keep busy alone; a many-core host's bus may need them all. Never on a GPU, with
-    one thread, or for a product too small to be worth measuring."""
-    if not weight.is_cpu or torch.get_num_threads() == 1 or rows * weight.numel() < SMALL_PRODUCT:
-        return False
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-    times: dict[bool, list[float]] = {True: [], False: []}  # alone or not: each run's seconds
-    with torch.inference_mode():
-        for _ in range(runs + 1):  # the first pair warms up
-            for alone in (True, False):
-                start = clock()
-                alone_if(alone, F.linear, x, weight)
-                times[alone].append(clock() - start)
-    return statistics.median(times[True][1:]) <= 1.05 * statistics.median(times[False][1:])
 
 
 def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

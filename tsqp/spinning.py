@@ -11,7 +11,7 @@ once instead of at the end of the spinner's time slice.
 
 Yielding is not enough for a long wait on a peer whose threads use every core: the spinner
 still takes a share of its core from them (docs/latency.md). A decode step's products run on
-one core where that is as fast (tsqp.ops.one_thread_keeps_up), so the lean runner marks its
+one core where that is as fast (tsqp.server.products), so the lean runner marks its
 decode calls `spin_through`: the client spins through them however long they take, up to
 SPIN_THROUGH_US, and the thread never blocks, to be woken late and with cold caches. While it
 spins through, it also runs its own next code now and then on stand-in tensors

@@ -21,7 +21,7 @@ from .. import protocol
 from ..config import model_identity
 from ..errors import ModelError, ProtocolError
 from ..logs import log_event
-from ..ops import DECODE_ROWS, one_thread_keeps_up
+from ..ops import DECODE_ROWS
 from ..protocol import DTYPES
 from ..shm import Attached, ReplyTo
 from ..staging import Staging
@@ -29,7 +29,9 @@ from ..router import current_peer
 from . import lean, stateless  # noqa: F401  (their @method rows fill the registry)
 from .checks import Limits, Request, check_request, default_reply_bytes
 from .errors import BadRequest
-from .model import check_finite, fuse_layers, head_weights, load_model, parse_dtype, resolve_device
+from .model import (check_finite, fuse_layers, head_weights, load_model, parse_dtype, resolve_device,
+                    with_transposed_rows)
+from .products import one_thread_keeps_up, transposed_rows
 from .registry import METHODS
 from .sessions import SessionStore
 
@@ -115,8 +117,9 @@ class GpuServer:
         it is now: again after moving or converting it, whose `.to()` leaves them behind."""
         probe = self.layers[0].mlp.gate_proj.weight
         self.rows_alone = DECODE_ROWS if one_thread_keeps_up(probe) else 0  # on the CPU, measured
-        self.fused = fuse_layers(self.layers, self.rows_alone)
-        self.head = head_weights(self.model, self.rows_alone)
+        self.fused, self.head, self.transposed = with_transposed_rows(
+            fuse_layers(self.layers, self.rows_alone), head_weights(self.model, self.rows_alone),
+            partial(transposed_rows, rows_alone=self.rows_alone))  # measured too, per weight shape
 
     def handle(self, frames: list[Any]) -> list[Any]:
         """Request frames -> reply frames. Never raises: every failure is an error reply."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -14,6 +14,7 @@ from ..errors import ModelError
 from ..ops import alone_if
 from ..protocol import DTYPE_NAMES, DTYPES, LINEAR_MODULES, WIRE_DTYPES
 from .errors import BadRequest, DeviceError, NonFinite
+from .products import linear_transposed
 
 
 def default_device() -> str:
@@ -70,12 +71,16 @@ class Fused:
     bias: torch.Tensor | None
     widths: tuple[int, ...]  # each module's out_features, in order
     rows_alone: int = 0  # a product of at most this many rows runs on the calling thread alone
+    transposed_rows: frozenset[int] = frozenset()  # products of these many rows run as (W x^T)^T
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """Every module's output side by side: [..., sum of widths]. A decode step's product
-        runs alone where that is as fast (ops.one_thread_keeps_up): the host's other cores stay
-        free for the TEE's spin for the reply. The lean calls' products, and verify's, go here."""
-        return alone_if(x.shape[:-1].numel() <= self.rows_alone, torch.nn.functional.linear, x, self.weight, self.bias)
+        runs alone, and with its operands swapped, where the server measured that as fast
+        (tsqp.server.products): alone, the host's other cores stay free for the TEE's spin for
+        the reply. The lean calls' products, and verify's, go here."""
+        rows = x.shape[:-1].numel()
+        linear = linear_transposed if rows in self.transposed_rows else torch.nn.functional.linear
+        return alone_if(rows <= self.rows_alone, linear, x, self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.product(x).split(self.widths, dim=-1)
@@ -140,6 +145,24 @@ def fuse_layers(layers: Any, rows_alone: int = 0) -> list[FusedLayer]:
 def head_weights(model: Any, rows_alone: int = 0) -> Head:
     """The final norm's weight and the LM head's (its own, or the tied embedding's)."""
     return Head(model.model.norm.weight, fuse(model.lm_head, rows_alone=rows_alone))
+
+
+def with_transposed_rows(layers: list[FusedLayer], head: Head, rows_for: Callable[[torch.Tensor], frozenset[int]]
+                         ) -> tuple[list[FusedLayer], Head, dict[tuple[int, ...], frozenset[int]]]:
+    """The same weights, each product told at which row counts to swap its operands, and those
+    counts by weight shape: `rows_for` (which measures) is asked once per shape and dtype, and
+    the layers share theirs."""
+    chosen: dict[tuple[Any, ...], frozenset[int]] = {}
+
+    def told(fused: Fused) -> Fused:
+        key = (*fused.weight.shape, fused.weight.dtype)
+        if key not in chosen:
+            chosen[key] = rows_for(fused.weight)
+        return replace(fused, transposed_rows=chosen[key])
+    layers = [replace(layer, **{name: told(getattr(layer, name)) for name in ("qkv", "gate_up", "o_proj", "down_proj")})
+              for layer in layers]
+    head = replace(head, lm_head=told(head.lm_head))
+    return layers, head, {key[:-1]: rows for key, rows in chosen.items()}
 
 
 def layer_index(config: ModelConfig, args: dict) -> int:

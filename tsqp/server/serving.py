@@ -128,12 +128,17 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
                 "(measured at load)")
         elif server.device.type == "cpu":
             say(f"  Decode products on all {threads} threads (one alone was slower at load, or too small to tell)")
+        swapped = "; ".join(f"{'x'.join(map(str, shape))} at rows {', '.join(map(str, sorted(rows)))}"
+                            for shape, rows in server.transposed.items() if rows)
+        if swapped:
+            say(f"✓ Decode products as (W x^T)^T where faster at load: {swapped}")
         say(f"✓ ZeroMQ server started on {endpoint_name(endpoint)}")
         log_event(log, logging.INFO, "start", endpoint=endpoint, model=str(model_dir), device=device, dtype=dtype,
                   curve="on" if keys else "off", shm="on" if shm else "off",
                   allowed_keys=str(keys.allowed_dir) if keys else "-",
                   max_message_bytes=limits.max_message_bytes, max_reply_bytes=server.service.limits.max_reply_bytes,
-                  session_bytes=limits.session_bytes, decode_alone_rows=server.rows_alone)
+                  session_bytes=limits.session_bytes, decode_alone_rows=server.rows_alone,
+                  decode_transposed=swapped or "-")
         return server, wrap(server.handle) if wrap is not None else server.handle
 
     serving = _LoadedOnBind(load)
