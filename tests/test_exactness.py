@@ -257,13 +257,16 @@ def test_a_transposed_product_is_f_linears_within_rounding(shape, bias, monkeypa
 
 
 def test_the_probe_swaps_operands_only_where_that_is_5_percent_faster_on_the_products_own_threads(monkeypatch):
-    """transposed_rows: each row count of 1 to DECODE_ROWS big enough to measure, timed on the
-    threads its product will run on (alone up to rows_alone); none off the CPU or for a small weight."""
-    big = torch.randn(ops.SMALL_PRODUCT // 2 // 512, 512)  # rows 1 too small to measure, 2 and up not
+    """transposed_rows: each row count of 2 to DECODE_ROWS big enough to measure, timed on the
+    threads its product will run on (alone up to rows_alone); none off the CPU or for a small
+    weight, and never one row."""
+    big = torch.randn(ops.SMALL_PRODUCT // 3 // 512 + 1, 512)  # 2 rows too few to measure, 3 and up not
 
     def clock(plain_s: float, transposed_s: float):  # each run reads it twice, F.linear first
         return itertools.accumulate(itertools.cycle([plain_s, 0, transposed_s, 0]), initial=100.0).__next__
-    assert products.transposed_rows(big, 0, clock=clock(1.0, 0.94)) == set(range(2, ops.DECODE_ROWS + 1))
+    assert products.transposed_rows(big, 0, clock=clock(1.0, 0.94)) == set(range(3, ops.DECODE_ROWS + 1))
+    assert products.transposed_rows(torch.randn(ops.SMALL_PRODUCT // 512, 512), 0,
+                                    clock=clock(1.0, 0.5)) == set(range(2, ops.DECODE_ROWS + 1))
     assert products.transposed_rows(big, 0, clock=clock(1.0, 0.96)) == frozenset()
     assert products.transposed_rows(big.to("meta"), 0) == frozenset()
     assert products.transposed_rows(torch.randn(48, 32), 0) == frozenset()
@@ -272,7 +275,7 @@ def test_the_probe_swaps_operands_only_where_that_is_5_percent_faster_on_the_pro
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        products.transposed_rows(big, rows_alone=2, runs=1)
+        products.transposed_rows(big, rows_alone=3, runs=1)
     finally:
         torch.set_num_threads(threads)
-    assert sorted(set(threads_seen)) == [(2, 1), (3, 2), (4, 2)]
+    assert sorted(set(threads_seen)) == [(3, 1), (4, 2)]

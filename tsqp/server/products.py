@@ -3,8 +3,8 @@
 A decode step multiplies a few rows by each weight, and streams the weight once doing it. Two
 choices change its speed without changing what it computes (docs/latency.md): the threads it
 runs on (one core streams a weight as fast as all of them on a small host, and leaves the others
-to the TEE), and the order of its operands (x W^T or (W x^T)^T: MKL reads the weight once per
-row in the first at 2-3 rows, once in all in the second). Neither is a choice on a GPU.
+to the TEE), and the order of its operands (x W^T or (W x^T)^T: at 2-3 rows MKL reads the
+weight once per row in the first, once in all in the second). Neither is a choice on a GPU.
 """
 
 from __future__ import annotations
@@ -61,15 +61,16 @@ def one_thread_keeps_up(weight: torch.Tensor, rows: int = DECODE_ROWS, runs: int
 
 def transposed_rows(weight: torch.Tensor, rows_alone: int, runs: int = 3,
                     clock: Clock = time.perf_counter) -> frozenset[int]:
-    """The row counts, 1 to DECODE_ROWS, at which linear_transposed beats F.linear with this
+    """The row counts, 2 to DECODE_ROWS, at which linear_transposed beats F.linear with this
     weight by 5 % or more, each measured on the threads its product will run on (alone up to
     `rows_alone`, as Fused.product runs it). None on a GPU, or for a product too small to be
-    worth measuring."""
+    worth measuring. One row stays F.linear's: faster in isolation at some shapes, the swap made
+    a served 1B decode step no faster (docs/latency.md)."""
     if not weight.is_cpu:
         return frozenset()
     faster = set()
     with torch.inference_mode():
-        for rows in range(1, DECODE_ROWS + 1):
+        for rows in range(2, DECODE_ROWS + 1):
             if rows * weight.numel() < SMALL_PRODUCT:
                 continue
             x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
