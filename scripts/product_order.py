@@ -22,7 +22,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a model directory (only its config is read)")
-    source.add_argument("--preset", default="llama-3.2-1b", help="a preset, made once and cached (default llama-3.2-1b)")
+    source.add_argument("--preset", default="llama-3.2-1b",
+                        help="a preset, made once and cached (default llama-3.2-1b)")
     parser.add_argument("--runs", type=int, default=7, help="timed runs of each order, alternating (default 7)")
     args = parser.parse_args()
     c = load_config(args.model or cached_model(args.preset))

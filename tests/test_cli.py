@@ -341,3 +341,34 @@ def test_what_a_command_will_write_and_read_is_checked_before_any_work(tiny_dir,
         result = run_cli(*command)
         one_error_line(result, *fragments)
         assert "no reply" not in result.stderr and "Connected" not in result.stdout, command
+
+
+def test_serve_says_which_products_run_with_their_operands_swapped(tiny_dir, monkeypatch, caplog):
+    """The start-up lines and the start log name each weight shape the probe chose, with its row
+    counts, and say nothing of it where nothing was chosen (this tiny model, unpatched)."""
+    import logging
+    import threading
+
+    from tsqp.server import core, serving
+
+    def serve_once() -> tuple[str, dict]:
+        out, stop = io.StringIO(), threading.Event()
+        thread = threading.Thread(target=serving.run, args=(tiny_dir, "cpu", "float32", api.free_endpoint(), stop, out))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tsqp.server"):
+            thread.start()
+            deadline = time.monotonic() + 60
+            while "ZeroMQ server started" not in out.getvalue() and thread.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stop.set()
+            thread.join(30)
+        start = next(r for r in caplog.records if r.getMessage() == "start")
+        return out.getvalue(), start.fields
+
+    printed, fields = serve_once()
+    assert "ZeroMQ server started" in printed and "(W x^T)^T" not in printed and fields["decode_transposed"] == "-"
+    gate_up = lambda weights, rows_alone: frozenset({2, 3}) if weights[0][0].shape == (352, 64) else frozenset()
+    monkeypatch.setattr(core, "transposed_rows", gate_up)
+    printed, fields = serve_once()
+    assert "✓ Decode products as (W x^T)^T where faster at load: 352x64 at rows 2, 3\n" in printed
+    assert fields["decode_transposed"] == "352x64 at rows 2, 3"

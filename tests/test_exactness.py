@@ -258,24 +258,35 @@ def test_a_transposed_product_is_f_linears_within_rounding(shape, bias, monkeypa
 
 def test_the_probe_swaps_operands_only_where_that_is_5_percent_faster_on_the_products_own_threads(monkeypatch):
     """transposed_rows: each row count of 2 to DECODE_ROWS big enough to measure, timed on the
-    threads its product will run on (alone up to rows_alone); none off the CPU or for a small
-    weight, and never one row."""
-    big = torch.randn(ops.SMALL_PRODUCT // 3 // 512 + 1, 512)  # 2 rows too few to measure, 3 and up not
+    threads its product will run on (alone up to rows_alone), each run with the next layer's
+    weight and bias; none off the CPU or for a small weight, and never one row."""
+    generator = torch.Generator().manual_seed(5)
+    out = ops.SMALL_PRODUCT // 3 // 512 + 1  # 2 rows too few to measure, 3 and up not
+    layers = [(torch.randn(out, 512, generator=generator), torch.randn(out, generator=generator)) for _ in range(3)]
 
     def clock(plain_s: float, transposed_s: float):  # each run reads it twice, F.linear first
         return itertools.accumulate(itertools.cycle([plain_s, 0, transposed_s, 0]), initial=100.0).__next__
-    assert products.transposed_rows(big, 0, clock=clock(1.0, 0.94)) == set(range(3, ops.DECODE_ROWS + 1))
-    assert products.transposed_rows(torch.randn(ops.SMALL_PRODUCT // 512, 512), 0,
+    assert products.transposed_rows(layers, 0, clock=clock(1.0, 0.94)) == set(range(3, ops.DECODE_ROWS + 1))
+    assert products.transposed_rows([(torch.randn(ops.SMALL_PRODUCT // 512, 512), None)], 0,
                                     clock=clock(1.0, 0.5)) == set(range(2, ops.DECODE_ROWS + 1))
-    assert products.transposed_rows(big, 0, clock=clock(1.0, 0.96)) == frozenset()
-    assert products.transposed_rows(big.to("meta"), 0) == frozenset()
-    assert products.transposed_rows(torch.randn(48, 32), 0) == frozenset()
-    threads_seen, linear = [], F.linear
-    monkeypatch.setattr(F, "linear", lambda x, w: threads_seen.append((x.shape[0], torch.get_num_threads())) or linear(x, w))
+    assert products.transposed_rows(layers, 0, clock=clock(1.0, 0.96)) == frozenset()
+    assert products.transposed_rows([(w.to("meta"), b.to("meta")) for w, b in layers], 0) == frozenset()
+    assert products.transposed_rows([(torch.randn(48, 32), None)], 0) == frozenset()
+
+    runs, linear, transposed = [], F.linear, products.linear_transposed  # (order, rows, threads, weight, bias)
+
+    def recorder(order: str, fn):
+        return lambda x, w, b: runs.append((order, x.shape[0], torch.get_num_threads(), w, b)) or fn(x, w, b)
+    monkeypatch.setattr(F, "linear", recorder("plain", linear))
+    monkeypatch.setattr(products, "linear_transposed", recorder("transposed", transposed))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        products.transposed_rows(big, rows_alone=3, runs=1)
+        products.transposed_rows(layers, rows_alone=3, runs=1)
     finally:
         torch.set_num_threads(threads)
-    assert sorted(set(threads_seen)) == [(3, 1), (4, 2)]
+    assert {(order, rows, count) for order, rows, count, _, _ in runs} == {
+        (order, rows, 1 if rows == 3 else 2) for order in ("plain", "transposed") for rows in (3, 4)}
+    turns = [next(i for i, (w, _) in enumerate(layers) if w is run[3]) for run in runs]
+    assert turns == [i % 3 for i in range(len(runs))]  # never the weight the last run read
+    assert all(run[4] is layers[i][1] for run, i in zip(runs, turns))  # with its own bias

@@ -66,10 +66,11 @@ def test_generation_with_every_product_transposed_matches_transformers(variant, 
     from tsqp.server import core, model, products
 
     used, transposed = [], products.linear_transposed
-    monkeypatch.setattr(core, "transposed_rows", lambda weight, rows_alone: frozenset(range(1, ops.DECODE_ROWS + 1)))
+    monkeypatch.setattr(core, "transposed_rows", lambda weights, rows_alone: frozenset(range(1, ops.DECODE_ROWS + 1)))
     monkeypatch.setattr(model, "linear_transposed", lambda *args: used.append(args[1].shape) or transposed(*args))
     with api.start_server(model_dirs[variant], device="cpu") as here:
-        assert all(rows == set(range(1, ops.DECODE_ROWS + 1)) for rows in here.server.transposed.values())
+        chosen = here.server.transposed_rows_by_shape
+        assert chosen and all(rows == set(range(1, ops.DECODE_ROWS + 1)) for rows in chosen.values())
         runner = api.connect(here.endpoint, model_dirs[variant], **MODES[mode])
         ids = prompt(runner.config.vocab_size, batch, seed=batch + len(variant))
         want, want_logits = reference_greedy(references[variant], ids, NEW)

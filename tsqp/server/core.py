@@ -117,9 +117,9 @@ class GpuServer:
         it is now: again after moving or converting it, whose `.to()` leaves them behind."""
         probe = self.layers[0].mlp.gate_proj.weight
         self.rows_alone = DECODE_ROWS if one_thread_keeps_up(probe) else 0  # on the CPU, measured
-        self.fused, self.head, self.transposed = with_transposed_rows(
+        self.fused, self.head, self.transposed_rows_by_shape = with_transposed_rows(
             fuse_layers(self.layers, self.rows_alone), head_weights(self.model, self.rows_alone),
-            partial(transposed_rows, rows_alone=self.rows_alone))  # measured too, per weight shape
+            transposed_rows)  # measured too, per weight shape
 
     def handle(self, frames: list[Any]) -> list[Any]:
         """Request frames -> reply frames. Never raises: every failure is an error reply."""

@@ -75,9 +75,9 @@ class Fused:
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """Every module's output side by side: [..., sum of widths]. A decode step's product
-        runs alone, and with its operands swapped, where the server measured that as fast
-        (tsqp.server.products): alone, the host's other cores stay free for the TEE's spin for
-        the reply. The lean calls' products, and verify's, go here."""
+        runs alone where the server measured that as fast, and with its operands swapped where
+        it measured that as faster (tsqp.server.products): alone, the host's other cores stay
+        free for the TEE's spin for the reply. The lean calls' products, and verify's, go here."""
         rows = x.shape[:-1].numel()
         linear = linear_transposed if rows in self.transposed_rows else torch.nn.functional.linear
         return alone_if(rows <= self.rows_alone, linear, x, self.weight, self.bias)
@@ -98,6 +98,8 @@ class FusedLayer:
     down_proj: Fused
     attn_norm: torch.Tensor  # input_layernorm.weight
     mlp_norm: torch.Tensor  # post_attention_layernorm.weight
+
+    PRODUCTS = ("qkv", "gate_up", "o_proj", "down_proj")  # the fields that are Fused
 
     def group(self, modules: list[str]) -> Fused | None:
         """The fused product of exactly these modules, in this order, if the layer has one."""
@@ -147,22 +149,28 @@ def head_weights(model: Any, rows_alone: int = 0) -> Head:
     return Head(model.model.norm.weight, fuse(model.lm_head, rows_alone=rows_alone))
 
 
-def with_transposed_rows(layers: list[FusedLayer], head: Head, rows_for: Callable[[torch.Tensor], frozenset[int]]
+RowsFor = Callable[[list[tuple[torch.Tensor, torch.Tensor | None]], int], frozenset[int]]
+
+
+def with_transposed_rows(layers: list[FusedLayer], head: Head, rows_for: RowsFor
                          ) -> tuple[list[FusedLayer], Head, dict[tuple[int, ...], frozenset[int]]]:
     """The same weights, each product told at which row counts to swap its operands, and those
-    counts by weight shape: `rows_for` (which measures) is asked once per shape and dtype, and
-    the layers share theirs."""
-    chosen: dict[tuple[Any, ...], frozenset[int]] = {}
+    counts by weight shape (the server's weights share one dtype). `rows_for`, which measures, is
+    asked once for all the products alike in shape, dtype, bias and threads, with their
+    (weight, bias) pairs: the layers'."""
+    def kind(fused: Fused) -> tuple[Any, ...]:
+        return (*fused.weight.shape, fused.weight.dtype, fused.bias is not None, fused.rows_alone)
+    kinds: dict[tuple[Any, ...], list[Fused]] = {}
+    for fused in [getattr(layer, name) for layer in layers for name in FusedLayer.PRODUCTS] + [head.lm_head]:
+        kinds.setdefault(kind(fused), []).append(fused)
+    chosen = {key: rows_for([(f.weight, f.bias) for f in alike], alike[0].rows_alone) for key, alike in kinds.items()}
 
-    def told(fused: Fused) -> Fused:
-        key = (*fused.weight.shape, fused.weight.dtype)
-        if key not in chosen:
-            chosen[key] = rows_for(fused.weight)
-        return replace(fused, transposed_rows=chosen[key])
-    layers = [replace(layer, **{name: told(getattr(layer, name)) for name in ("qkv", "gate_up", "o_proj", "down_proj")})
+    def with_rows(fused: Fused) -> Fused:
+        return replace(fused, transposed_rows=chosen[kind(fused)])
+    layers = [replace(layer, **{name: with_rows(getattr(layer, name)) for name in FusedLayer.PRODUCTS})
               for layer in layers]
-    head = replace(head, lm_head=told(head.lm_head))
-    return layers, head, {key[:-1]: rows for key, rows in chosen.items()}
+    head = replace(head, lm_head=with_rows(head.lm_head))
+    return layers, head, {key[:-3]: rows for key, rows in chosen.items()}
 
 
 def layer_index(config: ModelConfig, args: dict) -> int:

@@ -2,16 +2,18 @@
 
 A decode step multiplies a few rows by each weight, and streams the weight once doing it. Two
 choices change its speed without changing what it computes (docs/latency.md): the threads it
-runs on (one core streams a weight as fast as all of them on a small host, and leaves the others
-to the TEE), and the order of its operands (x W^T or (W x^T)^T: at 2-3 rows MKL reads the
-weight once per row in the first, once in all in the second). Neither is a choice on a GPU.
+runs on (on a small host one core streams a weight through F.linear as fast as all of them, and
+leaves the others to the TEE's spin), and the order of its operands (x W^T or (W x^T)^T: at 2-3
+rows MKL reads the weight once per row in the first, once in all in the second). The order is
+measured on the threads the first choice gave. Neither is a choice on a GPU.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,23 +61,26 @@ def one_thread_keeps_up(weight: torch.Tensor, rows: int = DECODE_ROWS, runs: int
     return alone <= 1.05 * shared
 
 
-def transposed_rows(weight: torch.Tensor, rows_alone: int, runs: int = 3,
+def transposed_rows(weights: Sequence[tuple[torch.Tensor, torch.Tensor | None]], rows_alone: int, runs: int = 3,
                     clock: Clock = time.perf_counter) -> frozenset[int]:
-    """The row counts, 2 to DECODE_ROWS, at which linear_transposed beats F.linear with this
-    weight by 5 % or more, each measured on the threads its product will run on (alone up to
-    `rows_alone`, as Fused.product runs it). None on a GPU, or for a product too small to be
-    worth measuring. One row stays F.linear's: faster in isolation at some shapes, the swap made
-    a served 1B decode step no faster (docs/latency.md)."""
+    """The row counts, 2 to DECODE_ROWS, at which linear_transposed beats F.linear by 5 % or more
+    for products with `weights` (one shape's weight and bias in each layer), each measured on the
+    threads its product will run on (alone up to `rows_alone`, as Fused.product runs it). Each
+    run takes the next weight in turn, so that it reads its weight from memory, as a served step
+    does, and not from the cache the last run left it in. None on a GPU, or for a product too
+    small to be worth measuring. One row stays F.linear's: faster in isolation at some shapes,
+    the swap made a served 1B decode step no faster (docs/latency.md)."""
+    weight = weights[0][0]
     if not weight.is_cpu:
         return frozenset()
-    faster = set()
+    faster, turns = set(), itertools.cycle(weights)
     with torch.inference_mode():
         for rows in range(2, DECODE_ROWS + 1):
             if rows * weight.numel() < SMALL_PRODUCT:
                 continue
             x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
             alone = rows <= rows_alone
-            plain, transposed = alternating_medians([lambda fn=fn: alone_if(alone, fn, x, weight)
+            plain, transposed = alternating_medians([lambda fn=fn: alone_if(alone, fn, x, *next(turns))
                                                      for fn in (F.linear, linear_transposed)], runs, clock)
             if transposed <= 0.95 * plain:
                 faster.add(rows)

@@ -129,7 +129,7 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
         elif server.device.type == "cpu":
             say(f"  Decode products on all {threads} threads (one alone was slower at load, or too small to tell)")
         swapped = "; ".join(f"{'x'.join(map(str, shape))} at rows {', '.join(map(str, sorted(rows)))}"
-                            for shape, rows in server.transposed.items() if rows)
+                            for shape, rows in server.transposed_rows_by_shape.items() if rows)
         if swapped:
             say(f"✓ Decode products as (W x^T)^T where faster at load: {swapped}")
         say(f"✓ ZeroMQ server started on {endpoint_name(endpoint)}")
