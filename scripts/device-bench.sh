@@ -11,7 +11,7 @@
 # Per preset: every mode over tcp (JSON, plot, wire accuracy), then split vs whole on the
 # same-host fast path (ipc:// + shared memory), both with DECODE decode steps after each prompt;
 # then the fast path again (the first preset, the first prompt length) with the serving loop's
-# spin off (TSQP_SERVE_SPIN_US=0), and with the fast link client's off (TSQP_FASTLINK_SPIN_US=0),
+# spin off (TSQP_SERVE_SPIN_US=0), and with the client's off (TSQP_CLIENT_SPIN_US=0),
 # each against its default (docs/latency.md, "Spinning");
 # then the guarded modes on GUARDED; then a served decode call's timeline (scripts/call_timeline.py)
 # and the transport alone (`tsqp bench --rtt`), into tables.md.
@@ -63,7 +63,7 @@ done
 first=${PRESETS%% *}
 TSQP_SERVE_SPIN_US=0 bench "gpu-fast-nospin-$first" --preset "$first" --tokens "${TOKENS%%,*}" --repeat "$REPEAT" \
     --modes split,whole --ipc --shm --decode "$DECODE"
-TSQP_FASTLINK_SPIN_US=0 bench "gpu-fast-noclientspin-$first" --preset "$first" --tokens "${TOKENS%%,*}" \
+TSQP_CLIENT_SPIN_US=0 bench "gpu-fast-noclientspin-$first" --preset "$first" --tokens "${TOKENS%%,*}" \
     --repeat "$REPEAT" --modes split,whole --ipc --shm --decode "$DECODE"
 if [ -n "$GUARDED" ]; then
     bench "gpu-guarded-$GUARDED" --preset "$GUARDED" --tokens 128 --repeat 3 --modes split,whole \

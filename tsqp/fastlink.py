@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import os
 import secrets
 import select
@@ -37,13 +36,13 @@ import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import msgpack
 
 from .errors import ProtocolError
 from .logs import log_event
-from .spinning import CLIENT_SPIN_ENV, CLIENT_SPIN_US, SPIN_THROUGH_US, spin, spin_budget
+from .spinning import ReplyWait
 
 TOKEN_BYTES = 32
 MAX_DATAGRAM = 96 << 10  # a request header is at most 64 KiB (server Limits); replies through the link are headers
@@ -80,10 +79,9 @@ def read_ticket(answer: list, number: int) -> tuple[str, bytes] | None:
     return path, token
 
 
-def _peer(sock: socket.socket) -> tuple[int, int]:
-    """(pid, uid) of the process at the other end."""
-    pid, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-    return pid, uid
+def _peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end."""
+    return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[1]
 
 
 def _as_bytes(frame: Any) -> bytes:
@@ -156,7 +154,7 @@ class Listener:
             conn, _ = self.sock.accept()
         except OSError:
             return None, stale
-        if _peer(conn)[1] != os.geteuid() or len(self.peers) >= MAX_PEERS:
+        if _peer_uid(conn) != os.geteuid() or len(self.peers) >= MAX_PEERS:
             conn.close()
             return None, stale
         conn.setblocking(False)
@@ -206,7 +204,7 @@ class Listener:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class FastLink:
+class FastLink(ReplyWait):
     """The client's side, with the interface of the ZeroMQ link (tsqp.transport) that the call
     loop needs: connected from the start; `lost` once the server closed its end."""
 
@@ -214,15 +212,12 @@ class FastLink:
 
     def __init__(self, path: str, token: bytes, connect_timeout_s: float):
         """Connect, show the token, and wait for the server to accept it (OSError if it does not)."""
-        self.spin_s, self.sent_at, self.last_wait_s = spin_budget(CLIENT_SPIN_ENV, CLIENT_SPIN_US), 0.0, math.inf
-        self.spin_through = False  # the Client's, for the wait at hand
-        self.rehearse: Callable[[], object] | None = None  # the Client's too: run now and then in a spin through
+        super().__init__()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(connect_timeout_s)
         try:
             self.sock.connect(path)
-            server_pid, server_uid = _peer(self.sock)
-            if server_uid != os.geteuid():
+            if _peer_uid(self.sock) != os.geteuid():
                 raise OSError(f"{path} is served by another user")
             self.sock.send(token)
             if self.sock.recv(16) != ACCEPTED:
@@ -230,9 +225,6 @@ class FastLink:
         except OSError:
             self.sock.close()
             raise
-        if server_pid == os.getpid():
-            self.spin_s = 0.0  # a server thread of this process would wait for the interpreter lock the spin holds
-        self.spin_through_s = SPIN_THROUGH_US * 1e-6 if self.spin_s > 0 else 0.0  # no spin at all stays none
         self.sock.setblocking(True)
         self.poller = select.poll()
         self.poller.register(self.sock.fileno(), select.POLLIN)
@@ -245,7 +237,7 @@ class FastLink:
             raise ProtocolError(f"a request header of {len(frames[0])} bytes is over the fast link's "
                                 f"{MAX_DATAGRAM} (and the server's limit)")
         self._send(_as_bytes(frames[0]))
-        self.sent_at = time.perf_counter()
+        self._sent()
 
     def _send(self, data: bytes) -> None:
         try:
@@ -257,19 +249,12 @@ class FastLink:
         self._send(frame)
 
     def poll(self, timeout_ms: float) -> tuple[bool, bool]:
-        """(something to receive, link events): the socket's end is an event too. Spins first,
-        within the budget after the request left, while the last reply came within it, or for
-        a call the caller marked `spin_through`, within the longer budget, rehearsing (tsqp.spinning)."""
+        """(something to receive, link events): the socket's end is an event too. Spins first
+        (ReplyWait)."""
         if self.lost:
             return False, True
-        now = time.perf_counter()
-        deadline = now + timeout_ms * 1e-3
-        until = min(self.sent_at + (self.spin_through_s if self.spin_through else self.spin_s), deadline)
-        if (self.spin_through or self.last_wait_s <= self.spin_s) and now < until:
-            if spin(lambda: self.poller.poll(0), until, self.rehearse if self.spin_through else None):
-                return True, False
-            timeout_ms = max(deadline - time.perf_counter(), 0.0) * 1e3
-        return bool(self.poller.poll(timeout_ms)), False
+        ready, timeout_ms = self._spin_first(lambda: self.poller.poll(0), timeout_ms)
+        return bool(ready or self.poller.poll(timeout_ms)), False
 
     def receive(self) -> list[bytes] | None:
         try:
@@ -279,7 +264,7 @@ class FastLink:
         if not data:
             self.lost = True
             return None
-        self.last_wait_s = time.perf_counter() - self.sent_at  # a status answer's too: it also says the reply is not quick
+        self._answered()
         return [data]
 
     def read_events(self) -> None:

@@ -33,7 +33,7 @@ from . import protocol
 from .errors import ProtocolError
 from .fastlink import TICKET_QUERY, Listener, Peer, ticket_answer
 from .logs import log_event
-from .spinning import SERVER_SPIN_ENV, SERVER_SPIN_US, spin, spin_budget
+from .spinning import SERVER_SPIN_ENV, SERVER_SPIN_US, serving, spin, spin_budget
 
 if TYPE_CHECKING:
     from .keys import AllowList, ServerKeys
@@ -441,7 +441,8 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
         listener = _listener() if fast else None
         if on_ready is not None:
             on_ready()
-        _Loop(sock, handle, allow, max_unread_bytes, listener, spin_s, rehearse).run(stop)
+        with serving():
+            _Loop(sock, handle, allow, max_unread_bytes, listener, spin_s, rehearse).run(stop)
     finally:
         if listener is not None:
             listener.close()

@@ -16,6 +16,9 @@ decode calls `spin_through`: the client spins through them however long they tak
 SPIN_THROUGH_US, and the thread never blocks, to be woken late and with cold caches. While it
 spins through, it also runs its own next code now and then on stand-in tensors
 (tsqp.tee.rehearsal), which the call's weights would otherwise have pushed out of the caches.
+
+A client waits so over either link, the fast link or ZeroMQ (ReplyWait). It never spins in a
+process that also serves (`serving()`): the serving thread would wait for the interpreter lock.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
-from typing import Callable, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
 
 from .environment import env
 
@@ -32,10 +37,11 @@ T = TypeVar("T")
 log = logging.getLogger("tsqp.spinning")
 
 SERVER_SPIN_ENV = "TSQP_SERVE_SPIN_US"  # the serving loop, between requests
-CLIENT_SPIN_ENV = "TSQP_FASTLINK_SPIN_US"  # a fast-link client, for its reply
+CLIENT_SPIN_ENV = "TSQP_CLIENT_SPIN_US"  # a client, for its reply (fast link or ZeroMQ)
+FORMER_CLIENT_SPIN_ENV = "TSQP_FASTLINK_SPIN_US"  # its name until the ZeroMQ client spun too
 SERVER_SPIN_US = 2000.0
 CLIENT_SPIN_US = 2000.0
-# a fast-link client, for a call whose server leaves its core alone (a decode step's): longer than
+# a client, for a call whose server leaves its core alone (a decode step's): longer than
 # any 1B decode call on this project's CPU host (the LM head's, ~50 ms), short enough that a stalled
 # server costs a quarter of a second of one core before the client blocks
 SPIN_THROUGH_US = 250_000.0
@@ -44,6 +50,8 @@ SPIN_THROUGH_US = 250_000.0
 # arrives mid-rehearsal waits for its end (docs/latency.md)
 REHEARSE_EVERY_US = 300.0
 MAX_SPIN_US = 1e6  # a spin does not look at `stop` or deadlines: it must end soon
+CLIENT_SPIN_EPILOG = (f"${CLIENT_SPIN_ENV} (microseconds a client polls for a quick reply before it blocks; "
+                      f"default {CLIENT_SPIN_US:g}, 0: always block)")
 
 
 def check_spin_us(value: float, name: str) -> float:
@@ -84,3 +92,60 @@ def spin(poll: Callable[[], T], until: float, rehearse: Callable[[], object] | N
             rehearse_at = time.perf_counter() + REHEARSE_EVERY_US * 1e-6
         else:
             os.sched_yield()
+
+
+_serving = 0  # serving loops running in this process (tsqp.router)
+_serving_lock = threading.Lock()
+
+
+@contextmanager
+def serving() -> Iterator[None]:
+    """Marks this process as one that serves, for as long as a serving loop runs in it."""
+    global _serving
+    with _serving_lock:
+        _serving += 1
+    try:
+        yield
+    finally:
+        with _serving_lock:
+            _serving -= 1
+
+
+def serving_here() -> bool:
+    return _serving > 0
+
+
+class ReplyWait:
+    """How a client's link waits for a reply: spins within the budget after the request left,
+    while the last reply came within it, or through a call its caller marked `spin_through`,
+    within the longer budget, rehearsing; then blocks. A process that serves never spins as a
+    client: its serving thread would wait for the interpreter lock the spin holds."""
+
+    def __init__(self) -> None:
+        if env(FORMER_CLIENT_SPIN_ENV) is not None:  # else a setting would be ignored in silence
+            raise ValueError(f"${FORMER_CLIENT_SPIN_ENV} is now ${CLIENT_SPIN_ENV}: set that instead")
+        self.spin_s = 0.0 if serving_here() else spin_budget(CLIENT_SPIN_ENV, CLIENT_SPIN_US)
+        self.spin_through_s = SPIN_THROUGH_US * 1e-6 if self.spin_s > 0 else 0.0  # no spin at all stays none
+        self.sent_at, self.last_wait_s = 0.0, math.inf
+        self.spin_through = False  # the Client's, for the wait at hand
+        self.rehearse: Callable[[], object] | None = None  # the Client's too: run now and then in a spin through
+
+    def _sent(self) -> None:
+        self.sent_at = time.perf_counter()
+
+    def _answered(self) -> None:
+        """A status answer counts too: it also says the reply is not quick."""
+        self.last_wait_s = time.perf_counter() - self.sent_at
+
+    def _spin_first(self, poll: Callable[[], T], timeout_ms: float) -> tuple[T | None, float]:
+        """What poll() found if it found something within this wait's spin, else None, and
+        the milliseconds left of `timeout_ms` for a blocking wait."""
+        now = time.perf_counter()
+        deadline = now + timeout_ms * 1e-3
+        until = min(self.sent_at + (self.spin_through_s if self.spin_through else self.spin_s), deadline)
+        if (self.spin_through or self.last_wait_s <= self.spin_s) and now < until:
+            ready = spin(poll, until, self.rehearse if self.spin_through else None)
+            if ready:
+                return ready, 0.0
+            timeout_ms = max(deadline - time.perf_counter(), 0.0) * 1e3
+        return None, timeout_ms

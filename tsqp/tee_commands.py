@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from .environment import env, env_int
 from .report import json_to_stdout, print_generation, print_report, result_json, write_json
+from .spinning import CLIENT_SPIN_EPILOG
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +23,8 @@ NPY_MAGIC = b"\x93NUMPY"
 def add_tee_parsers(sub) -> None:
     p = sub.add_parser("prefill", help="run one split prefill against a server and report it",
                        description="The TEE side: reads config, norm weights and rope parameters from its own copy "
-                                   "of the model directory, sends the linear algebra to the server.")
+                                   "of the model directory, sends the linear algebra to the server.",
+                       epilog=f"environment: {CLIENT_SPIN_EPILOG}")
     _connection_options(p)
     _prompt_options(p, "seed for the random ids (default 0)")
     p.add_argument("--warmup", type=int, default=1, help="untimed prefills before the timed one (default 1)")
@@ -35,7 +37,8 @@ def add_tee_parsers(sub) -> None:
                        description="The TEE side of generation: a split prefill of the prompt, then one token per "
                                    "sequence per step, sampled in the TEE (the server never sees the sampling "
                                    "settings, nor, in private mode, any token). The text streams to stdout; then a "
-                                   "report: time to first token, inter-token latency, tokens/s.")
+                                   "report: time to first token, inter-token latency, tokens/s.",
+                       epilog=f"environment: {CLIENT_SPIN_EPILOG}")
     _connection_options(p)
     _prompt_options(p, "seed for sampling (and for random ids); without it sampling draws from os.urandom")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the tokenizer's chat template, as a user turn")

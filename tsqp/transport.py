@@ -33,6 +33,7 @@ from .logs import log_event
 from .protocol import Message, decode, encode, frames_nbytes
 from .router import DEFAULT_HEARTBEAT_S, set_heartbeat
 from .shm import DATA_START, MAX_REPLY_ROOM, Segment, decode_reply, encode_request, footprint, reply_room
+from .spinning import ReplyWait
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # to (re)connect and finish the handshake
 DEFAULT_TIMEOUT_S = 600.0  # for the work of one call: a long prompt on a CPU is slow
@@ -142,13 +143,14 @@ def _close_monitored(sock: zmq.Socket, monitor: zmq.Socket) -> None:
     sock.close(linger=0)
 
 
-class _Link:
+class _Link(ReplyWait):
     """One DEALER socket and its monitor: knows whether the connection is up, was lost, or was refused.
 
     A DEALER rather than a REQ so that it can ask about a call while waiting for its reply; it
     frames requests as a REQ would (an empty delimiter first), and has one call in flight."""
 
     def __init__(self, context: zmq.Context, endpoint: str, keys: ClientKeys | None, heartbeat_s: float):
+        super().__init__()
         self.endpoint, self.curve = endpoint, keys is not None
         self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -172,6 +174,7 @@ class _Link:
 
     def send(self, frames: Sequence[Any]) -> None:
         self.sock.send_multipart([b"", *frames], copy=False)
+        self._sent()
 
     def read_events(self) -> None:
         """Apply every pending monitor event (non-blocking; asking first is cheaper than a failed receive)."""
@@ -201,14 +204,16 @@ class _Link:
 
     def receive(self) -> list[zmq.Frame] | None:
         frames = self.sock.recv_multipart(copy=False)
+        self._answered()
         return frames[1:] if frames and len(frames[0]) == 0 else None  # else not an answer to a request
 
     def query(self, frame: bytes) -> None:
         self.sock.send_multipart([b"", frame])
 
     def poll(self, timeout_ms: float) -> tuple[bool, bool]:
-        """(something to receive, monitor events to read)."""
-        ready = dict(self.poller.poll(timeout_ms))
+        """(something to receive, monitor events to read). Spins first (ReplyWait)."""
+        spun, timeout_ms = self._spin_first(lambda: self.poller.poll(0), timeout_ms)
+        ready = dict(spun or self.poller.poll(timeout_ms))
         return self.sock in ready, self.monitor in ready
 
 
@@ -240,9 +245,9 @@ class Client:
         self.shm, self.fastlink = shm, fastlink
         self._segment: Segment | None = None
         self._reply_room = 0  # bytes the largest reply so far needed behind a request (shm)
-        # set by a caller whose calls the server runs on one core (decode steps): a fast-link
-        # reply is then worth a spin however long it takes (tsqp.spinning), with the caller's
-        # own next code run now and then meanwhile (`rehearse`, where given)
+        # set by a caller whose calls the server runs on one core (decode steps): a reply is then
+        # worth a spin however long it takes (tsqp.spinning), with the caller's own next code run
+        # now and then meanwhile (`rehearse`, where given)
         self.spin_through = False
         self.rehearse: Callable[[], object] | None = None
 
@@ -391,8 +396,7 @@ class Client:
             if isinstance(link, Failure):
                 outcome: list[Any] | Failure = link
             else:
-                if isinstance(link, FastLink):
-                    link.spin_through, link.rehearse = self.spin_through, self.rehearse
+                link.spin_through, link.rehearse = self.spin_through, self.rehearse
                 t1 = time.perf_counter()
                 link.send(frames)
                 self.stats.bytes_sent += nbytes

@@ -33,6 +33,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from ..spinning import CLIENT_SPIN_EPILOG
 from ..tee_commands import add_fastlink_option, check_fastlink_option, resolve_verify_dtype
 from .plot import check_can_plot, plot
 from .results import BREAKDOWN_KEYS, ModeResult, Run, add_overheads
@@ -50,7 +51,8 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark split vs seed protocol vs whole model vs TEE-only",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="environment: $TSQP_SERVER_PUBLIC_KEY and $TSQP_CLIENT_SECRET_KEY (CurveZMQ keys "
-                              "of its clients, for --endpoint); $TSQP_CACHE (where --preset models are made)")
+                              "of its clients, for --endpoint); $TSQP_CACHE (where --preset models are made); "
+                              f"{CLIENT_SPIN_EPILOG}")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="local model directory (default: the cached tiny preset)")
     src.add_argument("--preset", help="make (once, cached) and use a preset: tiny, tinyllama-1.1b, llama-3.2-1b")
