@@ -50,6 +50,16 @@ def servers(model_dirs):
         server.stop()
 
 
+@pytest.fixture
+def own_servers_only(monkeypatch):
+    """The session's in-process servers (`servers`) make this a process that serves, whose
+    clients never spin (tsqp.spinning): a test of spinning counts the serving loops it starts."""
+    from tsqp import spinning
+
+    before = spinning._serving_loops
+    monkeypatch.setattr(spinning, "serving_here", lambda: spinning._serving_loops > before)
+
+
 @pytest.fixture(scope="session")
 def references(model_dirs):
     """transformers' own LlamaForCausalLM on the same weights: the independent reference."""

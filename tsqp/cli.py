@@ -16,7 +16,8 @@ from .environment import blame, check_choices, env, values_from_environment
 from .heap import keep_freed_memory
 from .logs import configure as configure_logs
 from .report import print_generation, print_report
-from .spinning import SERVER_SPIN_ENV, SERVER_SPIN_US, check_spin_us, spin_budget
+from .spinning import (CLIENT_SPIN_ENV, CLIENT_SPIN_EPILOG, SERVER_SPIN_ENV, SERVER_SPIN_US, check_spin_us,
+                       client_spin_budget, spin_budget)
 from .tee_commands import DEFAULT_TOKENS
 
 # The TEE side and a CPU server often share cores, and take turns: OpenMP workers that spin while
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "process, run a split prefill of a fixed sentence and generate a few tokens from "
                                    "it, check the logits and the tokens against transformers' LlamaForCausalLM, "
                                    "and stop the server.",
-                       epilog="environment: $TSQP_CACHE, where the model is cached (default ~/.cache/tsqp)")
+                       epilog="environment: $TSQP_CACHE, where the model is cached (default ~/.cache/tsqp); "
+                              f"{CLIENT_SPIN_EPILOG}")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
                    help="fit the demo's sentence to N tokens (default %(default)s)")
     p.set_defaults(func=cmd_demo)
@@ -347,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # serve installs its own
     try:
         check_choices(args.command_parser, args)
+        if f"${CLIENT_SPIN_ENV}" in (args.command_parser.epilog or ""):  # a command that calls a server
+            client_spin_budget()  # refused before its work (a model to load), not at its first call
         if args.command != "serve":  # the client's warnings (a retry, a lost link) as the server's: key=value
             configure_logs("WARNING")
         handler(args)

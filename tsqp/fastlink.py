@@ -210,25 +210,31 @@ class FastLink(ReplyWait):
 
     connected, refused, handshake_error = True, None, None
 
-    def __init__(self, path: str, token: bytes, connect_timeout_s: float):
-        """Connect, show the token, and wait for the server to accept it (OSError if it does not)."""
-        super().__init__()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.settimeout(connect_timeout_s)
-        try:
-            self.sock.connect(path)
-            if _peer_uid(self.sock) != os.geteuid():
-                raise OSError(f"{path} is served by another user")
-            self.sock.send(token)
-            if self.sock.recv(16) != ACCEPTED:
-                raise OSError("the server refused the ticket")
-        except OSError:
-            self.sock.close()
-            raise
+    def __init__(self, sock: socket.socket, spin_s: float):
+        """Over `sock`, a connected socket the server has accepted."""
+        super().__init__(spin_s)
+        self.sock = sock
         self.sock.setblocking(True)
         self.poller = select.poll()
         self.poller.register(self.sock.fileno(), select.POLLIN)
         self.lost, self.queries = False, 0
+
+    @classmethod
+    def connect(cls, path: str, token: bytes, connect_timeout_s: float, spin_s: float) -> "FastLink":
+        """Connect, show the token, and wait for the server to accept it (OSError if it does not)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(connect_timeout_s)
+        try:
+            sock.connect(path)
+            if _peer_uid(sock) != os.geteuid():
+                raise OSError(f"{path} is served by another user")
+            sock.send(token)
+            if sock.recv(16) != ACCEPTED:
+                raise OSError("the server refused the ticket")
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, spin_s)
 
     def send(self, frames: Sequence[Any]) -> None:
         if len(frames) != 1:
@@ -253,8 +259,7 @@ class FastLink(ReplyWait):
         (ReplyWait)."""
         if self.lost:
             return False, True
-        ready, timeout_ms = self._spin_first(lambda: self.poller.poll(0), timeout_ms)
-        return bool(ready or self.poller.poll(timeout_ms)), False
+        return bool(self._waited(timeout_ms)), False
 
     def receive(self) -> list[bytes] | None:
         try:

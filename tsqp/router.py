@@ -439,9 +439,9 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
         except zmq.ZMQError as err:
             raise ProtocolError(f"cannot bind {endpoint}: {err}") from None
         listener = _listener() if fast else None
-        if on_ready is not None:
-            on_ready()
-        with serving():
+        with serving():  # before on_ready: a client made once the server is ready must not spin here
+            if on_ready is not None:
+                on_ready()
             _Loop(sock, handle, allow, max_unread_bytes, listener, spin_s, rehearse).run(stop)
     finally:
         if listener is not None:

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from .environment import env
 
@@ -94,38 +94,58 @@ def spin(poll: Callable[[], T], until: float, rehearse: Callable[[], object] | N
             os.sched_yield()
 
 
-_serving = 0  # serving loops running in this process (tsqp.router)
+def client_spin_budget() -> float:
+    """A client's spin budget in seconds, from $TSQP_CLIENT_SPIN_US: read when the Client is
+    made (and by each command that calls a server, before its work), so that a bad value, or
+    one under the former name, is refused before the first call."""
+    if env(FORMER_CLIENT_SPIN_ENV) is not None:  # else a setting would be ignored in silence
+        raise ValueError(f"${FORMER_CLIENT_SPIN_ENV} is now ${CLIENT_SPIN_ENV}: set that instead")
+    return spin_budget(CLIENT_SPIN_ENV, CLIENT_SPIN_US)
+
+
+_serving_loops = 0  # serving loops running in this process (tsqp.router)
 _serving_lock = threading.Lock()
 
 
 @contextmanager
 def serving() -> Iterator[None]:
     """Marks this process as one that serves, for as long as a serving loop runs in it."""
-    global _serving
+    global _serving_loops
     with _serving_lock:
-        _serving += 1
+        _serving_loops += 1
     try:
         yield
     finally:
         with _serving_lock:
-            _serving -= 1
+            _serving_loops -= 1
+
+
+def _forget_serving_loops() -> None:
+    """A forked child runs none of its parent's serving threads."""
+    global _serving_loops, _serving_lock
+    _serving_loops, _serving_lock = 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_serving_loops)
 
 
 def serving_here() -> bool:
-    return _serving > 0
+    """Whether a serving loop runs in this process now: its clients must not spin."""
+    return _serving_loops > 0
 
 
 class ReplyWait:
-    """How a client's link waits for a reply: spins within the budget after the request left,
-    while the last reply came within it, or through a call its caller marked `spin_through`,
-    within the longer budget, rehearsing; then blocks. A process that serves never spins as a
-    client: its serving thread would wait for the interpreter lock the spin holds."""
+    """How a client's link waits for a reply on its `poller`: spins within the budget after the
+    request left, while the last reply came within it, or through a call its caller marked
+    `spin_through`, within the longer budget, rehearsing; then blocks. Never while this process
+    serves (asked at each wait: a server thread may start or stop after the link is made): the
+    serving thread would wait for the interpreter lock the spin holds."""
 
-    def __init__(self) -> None:
-        if env(FORMER_CLIENT_SPIN_ENV) is not None:  # else a setting would be ignored in silence
-            raise ValueError(f"${FORMER_CLIENT_SPIN_ENV} is now ${CLIENT_SPIN_ENV}: set that instead")
-        self.spin_s = 0.0 if serving_here() else spin_budget(CLIENT_SPIN_ENV, CLIENT_SPIN_US)
-        self.spin_through_s = SPIN_THROUGH_US * 1e-6 if self.spin_s > 0 else 0.0  # no spin at all stays none
+    poller: Any  # the link's: zmq.Poller or select.poll, whose poll(ms) lists what is ready
+
+    def __init__(self, spin_s: float) -> None:
+        self.spin_s = spin_s  # client_spin_budget(), read by the Client
+        self.spin_through_s = SPIN_THROUGH_US * 1e-6 if spin_s > 0 else 0.0  # no spin at all stays none
         self.sent_at, self.last_wait_s = 0.0, math.inf
         self.spin_through = False  # the Client's, for the wait at hand
         self.rehearse: Callable[[], object] | None = None  # the Client's too: run now and then in a spin through
@@ -137,15 +157,15 @@ class ReplyWait:
         """A status answer counts too: it also says the reply is not quick."""
         self.last_wait_s = time.perf_counter() - self.sent_at
 
-    def _spin_first(self, poll: Callable[[], T], timeout_ms: float) -> tuple[T | None, float]:
-        """What poll() found if it found something within this wait's spin, else None, and
-        the milliseconds left of `timeout_ms` for a blocking wait."""
+    def _waited(self, timeout_ms: float) -> list:
+        """What the poller found within `timeout_ms`: spinning first where the rule allows,
+        then blocking for the rest."""
         now = time.perf_counter()
         deadline = now + timeout_ms * 1e-3
         until = min(self.sent_at + (self.spin_through_s if self.spin_through else self.spin_s), deadline)
-        if (self.spin_through or self.last_wait_s <= self.spin_s) and now < until:
-            ready = spin(poll, until, self.rehearse if self.spin_through else None)
+        if (self.spin_through or self.last_wait_s <= self.spin_s) and now < until and not serving_here():
+            ready = spin(lambda: self.poller.poll(0), until, self.rehearse if self.spin_through else None)
             if ready:
-                return ready, 0.0
+                return ready
             timeout_ms = max(deadline - time.perf_counter(), 0.0) * 1e3
-        return None, timeout_ms
+        return self.poller.poll(timeout_ms)

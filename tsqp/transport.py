@@ -33,7 +33,7 @@ from .logs import log_event
 from .protocol import Message, decode, encode, frames_nbytes
 from .router import DEFAULT_HEARTBEAT_S, set_heartbeat
 from .shm import DATA_START, MAX_REPLY_ROOM, Segment, decode_reply, encode_request, footprint, reply_room
-from .spinning import ReplyWait
+from .spinning import ReplyWait, client_spin_budget
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0  # to (re)connect and finish the handshake
 DEFAULT_TIMEOUT_S = 600.0  # for the work of one call: a long prompt on a CPU is slow
@@ -149,8 +149,9 @@ class _Link(ReplyWait):
     A DEALER rather than a REQ so that it can ask about a call while waiting for its reply; it
     frames requests as a REQ would (an empty delimiter first), and has one call in flight."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, keys: ClientKeys | None, heartbeat_s: float):
-        super().__init__()
+    def __init__(self, context: zmq.Context, endpoint: str, keys: ClientKeys | None, heartbeat_s: float,
+                 spin_s: float):
+        super().__init__(spin_s)
         self.endpoint, self.curve = endpoint, keys is not None
         self.sock = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -212,8 +213,7 @@ class _Link(ReplyWait):
 
     def poll(self, timeout_ms: float) -> tuple[bool, bool]:
         """(something to receive, monitor events to read). Spins first (ReplyWait)."""
-        spun, timeout_ms = self._spin_first(lambda: self.poller.poll(0), timeout_ms)
-        ready = dict(spun or self.poller.poll(timeout_ms))
+        ready = dict(self._waited(timeout_ms))
         return self.sock in ready, self.monitor in ready
 
 
@@ -238,6 +238,7 @@ class Client:
         self.timeout_s, self.connect_timeout_s, self.retries = timeout_s, connect_timeout_s, retries
         self.keys = keys if keys is not None else ClientKeys.from_env()
         self.heartbeat_s, self.liveness = heartbeat_s, liveness
+        self.spin_s = client_spin_budget()  # each link's (tsqp.spinning)
         self.stats = WireStats()
         self._context = context or zmq.Context.instance()
         self._link: _Link | FastLink | None = None
@@ -262,7 +263,7 @@ class Client:
             if self._link.lost:
                 self._close_link()
         if self._link is None:
-            link = _Link(self._context, self.endpoint, self.keys, self.heartbeat_s)
+            link = _Link(self._context, self.endpoint, self.keys, self.heartbeat_s, self.spin_s)
             if self.shm and self.fastlink:
                 chosen = self._fast_link(link, connect_timeout_s)
                 if isinstance(chosen, Failure):  # no answer: a late one must not pass for a call's reply
@@ -291,7 +292,7 @@ class Client:
         if ticket is None:
             return link
         try:
-            fast = FastLink(*ticket, connect_timeout_s)
+            fast = FastLink.connect(*ticket, connect_timeout_s, self.spin_s)
         except OSError as err:  # not reachable from here (an enclave), or refused: ZeroMQ serves
             log_event(client_log, logging.INFO, "fastlink_unreachable", path=ticket[0], error=str(err))
             return link
