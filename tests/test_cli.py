@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 import tsqp
-from tsqp import api
+from tsqp import api, cli
 from tsqp.cli import build_parser
 from tsqp.models import make_model
 from tsqp.report import print_report, result_json
@@ -257,15 +257,30 @@ def test_a_file_given_as_the_model_directory(servers):
 
 
 def test_make_model_keeps_an_existing_model_without_force(tmp_path):
+    """Refused before it says it is making anything; made, with its own progress lines only."""
     out = make_model("tiny", tmp_path / "m")
     config = (out / "config.json").read_text()
-    one_error_line(run_cli("make-model", "--preset", "tiny", "--out", str(out), "--seed", "1"),
-                   "already holds a tsqp model", "--force")
+    refused = run_cli("make-model", "--preset", "tiny", "--out", str(out), "--seed", "1")
+    one_error_line(refused, "already holds a tsqp model", "--force")
+    assert "Making" not in refused.stdout
     assert (out / "config.json").read_text() == config
     assert json.loads((out / "tsqp-model.json").read_text())["seed"] == 0
     forced = run_cli("make-model", "--preset", "tiny", "--out", str(out), "--seed", "1", "--force")
     assert forced.returncode == 0, forced.stderr
+    assert "Making preset 'tiny'" in forced.stdout and "shards" not in forced.stderr, forced.stderr
     assert json.loads((out / "tsqp-model.json").read_text())["seed"] == 1
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "COMMAND"), (["generate", "--model", "m", "--prompt", "hi"], "--max-new-tokens"),
+    (["bench", "--repeat", "x"], "--repeat"), (["prefill", "--protocol", "fast"], "--protocol")])
+def test_a_usage_error_is_one_line_that_points_to_the_commands_help(argv, fragment, capsys):
+    """As every other error is: argparse's usage text would come first otherwise."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+    assert f"(see tsqp{' ' + argv[0] if argv else ''} --help)" in err[0], err
 
 
 def test_keygen_never_imports_torch(tmp_path):

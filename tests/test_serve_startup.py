@@ -43,7 +43,7 @@ def test_a_busy_port_fails_before_the_model_loads(tiny_dir):
         busy.listen()
         port = busy.getsockname()[1]
         result = run_cli("serve", "--model", str(tiny_dir), "--device", "cpu", "--port", str(port))
-    refused_before_loading(result, f"cannot bind tcp://127.0.0.1:{port}")
+    refused_before_loading(result, f"cannot bind tcp://127.0.0.1:{port}", "another server running there?")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the notice is about a machine without CUDA")

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
 from . import __version__
 from .environment import blame, check_choices, env, values_from_environment
@@ -29,8 +29,16 @@ if TYPE_CHECKING:
     from .keys import ClientKeys
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors (a missing option, a bad value) are one line like
+    every other error of tsqp's; the usage is one --help away. Its sub-parsers are of its class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="tsqp", description="LLaMA inference split between a TEE (control flow, non-linear ops) and an "
                                  "untrusted GPU server (linear algebra), over ZeroMQ.",
         epilog="Each command has --help; environment variables it reads are named there as [$NAME].")
@@ -38,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the GPU server", description="Load a local LLaMA model directory and "
-                       "serve the linear algebra over ZeroMQ (REQ clients, a ROUTER server; msgpack header + raw tensor frames).")
+                       "serve its linear algebra to TEE runners over ZeroMQ, many clients at once; every request is checked "
+                       "before any work, and a bad one gets an error reply (README: Protocol, Operations).")
     p.add_argument("--model", default=env("LLAMA_MODEL_PATH"), help="local HF model directory [$LLAMA_MODEL_PATH]")
     p.add_argument("--device", default=env("LLAMA_GPU_DEVICE"),
                    help="torch device [$LLAMA_GPU_DEVICE; default cuda:0, or cpu without CUDA]")
@@ -77,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tamper", choices=("element", "row", "scale"),
                    help="TESTING ONLY: corrupt every compute reply, to see --verify catch it")
     p.add_argument("--log-level", default=env("TSQP_LOG_LEVEL", "INFO"), choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="structured key=value logs on stderr; DEBUG adds a line per request [$TSQP_LOG_LEVEL; INFO]")
+                   help="structured key=value logs on stderr; DEBUG adds a line per request [$TSQP_LOG_LEVEL; default INFO]")
     p.add_argument("--parent-pid", type=int, metavar="PID",
                    help="stop when process PID is no longer this one's parent (a benchmark or script that "
                         "started this server and was killed); set by the Python API's spawn_server")
@@ -231,12 +240,13 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 def cmd_make_model(args: argparse.Namespace) -> None:
     from .errors import InputError
-    from .models import PRESETS, make_model
+    from .models import PRESETS, check_target, make_model
     from .outputs import make_dir
 
     if args.preset not in PRESETS:
         raise InputError(f"unknown preset '{args.preset}' (choose from: {', '.join(PRESETS)})")
     make_dir(args.out.parent, "--out")
+    check_target(args.out.expanduser().absolute(), args.force)  # refused before it is announced
     dtype = args.dtype or ("float32" if args.preset == "tiny" else "bfloat16")
     print(f"Making preset '{args.preset}' (seed {args.seed}, {dtype}) in {args.out} ...", flush=True)
     path = make_model(args.preset, args.out, seed=args.seed, dtype=dtype, force=args.force)

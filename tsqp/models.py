@@ -15,7 +15,8 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import tokenizers
@@ -104,7 +105,7 @@ def make_model(
     out = Path(out).expanduser().absolute()
     config = build_config(preset, overrides)
     torch_dtype = _torch_dtype(dtype)
-    _check_target(out, force)
+    check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -116,7 +117,8 @@ def make_model(
         say(f"building random weights ({preset}, seed {seed}, {dtype})")
         model = _build_model(config, seed, torch_dtype)
         say(f"writing {out}")
-        model.save_pretrained(tmp)
+        with _quiet_progress():  # transformers' bar for the shards: the caller reports progress
+            model.save_pretrained(tmp)
         del model
         fast.save_pretrained(tmp)
         marker = {"preset": preset, "seed": seed, "dtype": dtype,
@@ -170,7 +172,20 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _check_target(out: Path, force: bool) -> None:
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def check_target(out: Path, force: bool) -> None:
     """Refuse to clobber anything that is not empty, and a previous tsqp model unless `force`."""
     if not out.exists():
         return
@@ -194,7 +209,7 @@ def _apply_umask(directory: Path) -> None:
 
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
     """Rename the finished `tmp` to `out`, moving an old model aside first."""
-    _check_target(out, force)  # re-check: building took a while
+    check_target(out, force)  # re-check: building took a while
     old = None
     if out.exists():
         if any(out.iterdir()):

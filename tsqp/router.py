@@ -437,7 +437,9 @@ def serve_forever(endpoint: str, handle: Handler, stop: threading.Event, on_read
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as err:
-            raise ProtocolError(f"cannot bind {endpoint}: {err}") from None
+            hint = "; is another server running there? stop it, or choose another port or endpoint" \
+                if err.errno == zmq.EADDRINUSE else ""
+            raise ProtocolError(f"cannot bind {endpoint}: {err}{hint}") from None
         listener = _listener() if fast else None
         with serving():  # before on_ready: a client made once the server is ready must not spin here
             if on_ready is not None:

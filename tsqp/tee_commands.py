@@ -26,8 +26,8 @@ def add_tee_parsers(sub) -> None:
                                    "of the model directory, sends the linear algebra to the server.",
                        epilog=f"environment: {CLIENT_SPIN_EPILOG}")
     _connection_options(p)
-    _prompt_options(p, "seed for the random ids (default 0)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed prefills before the timed one (default 1)")
+    _prompt_options(p, "seed for the random ids (default 0; generate's seeds its sampling, from os.urandom without it)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed prefills before the timed one (default 1)")
     p.add_argument("--save-logits", type=Path, metavar="FILE.npy", help="write float32 logits")
     p.add_argument("--all-positions", action="store_true", help="logits for every position, not only the last")
     _output_options(p)
@@ -40,12 +40,13 @@ def add_tee_parsers(sub) -> None:
                                    "report: time to first token, inter-token latency, tokens/s.",
                        epilog=f"environment: {CLIENT_SPIN_EPILOG}")
     _connection_options(p)
-    _prompt_options(p, "seed for sampling (and for random ids); without it sampling draws from os.urandom")
+    _prompt_options(p, "seed for sampling (and for random ids); default: none, sampling draws from os.urandom "
+                      "(prefill's is 0: it seeds random ids only)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the tokenizer's chat template, as a user turn")
     p.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="tokens to generate per sequence")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
-    p.add_argument("--top-p", type=float, metavar="P", help="sample among the fewest tokens whose probability reaches P")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only (default: all; needs --temperature)")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample among the fewest tokens whose probability reaches P (default 1: all; needs --temperature)")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the model's end-of-sequence token(s)")
     p.add_argument("--save-ids", type=Path, metavar="FILE.npy", help="write int64 [batch, prompt + new], prompt first")
     p.add_argument("--save-logits", type=Path, metavar="FILE.npy",
@@ -91,7 +92,7 @@ def _output_options(p: argparse.ArgumentParser) -> None:
                         "(docs/security.md), at the cost of float64 GEMMs (default: float32)")
     p.add_argument("--protocol", choices=("lean", "seed"), default="lean",
                    help="lean: fused calls, 2 round trips per layer (default); seed: the seed's 9 per layer "
-                        "(lean only with --protection private / --verify)")
+                        "(refused with --protection private or --verify, whose guarded steps replace lean's)")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of activations on the wire (float32 is exact; default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",

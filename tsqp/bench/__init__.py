@@ -30,6 +30,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -50,9 +51,10 @@ MODES = ("split", "split-seed", "whole", "tee-only")
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark split vs seed protocol vs whole model vs TEE-only",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="environment: $TSQP_SERVER_PUBLIC_KEY and $TSQP_CLIENT_SECRET_KEY (CurveZMQ keys "
-                              "of its clients, for --endpoint); $TSQP_CACHE (where --preset models are made); "
-                              f"{CLIENT_SPIN_EPILOG}")
+                       epilog="\n".join(["environment:"] + [textwrap.fill(line, 100, initial_indent="  ",
+                                                                              subsequent_indent="    ") for line in (
+                           "$TSQP_SERVER_PUBLIC_KEY and $TSQP_CLIENT_SECRET_KEY (CurveZMQ keys of its clients, "
+                           "for --endpoint)", "$TSQP_CACHE (where --preset models are made)", CLIENT_SPIN_EPILOG)]))
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="local model directory (default: the cached tiny preset)")
     src.add_argument("--preset", help="make (once, cached) and use a preset: tiny, tinyllama-1.1b, llama-3.2-1b")
@@ -74,7 +76,7 @@ def add_bench_parser(sub) -> None:
                         "median and p99 per round trip (tsqp/bench/rtt.py); --repeat scales the calls")
     p.add_argument("--decode", type=int, default=0, metavar="N",
                    help="also time N decode steps after each prompt, per mode (default 0: prefill only)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} (default: all four)")
     p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype of the split modes' activations on the wire (split-seed is always float32; "
                         "default float32)")

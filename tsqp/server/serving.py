@@ -127,7 +127,8 @@ def run(model_dir: str | Path, device: str | None, dtype: str, endpoint: str, st
             say(f"✓ Decode products (≤ {server.rows_alone} rows) on one thread: as fast as on all {threads} "
                 "(measured at load)")
         elif server.device.type == "cpu":
-            say(f"  Decode products on all {threads} threads (one alone was slower at load, or too small to tell)")
+            say(f"  Decode products on all {threads} threads (measured at load: one thread alone was slower, "
+                "or the model too small to tell)")
         swapped = "; ".join(f"{'x'.join(map(str, shape))} at rows {', '.join(map(str, sorted(rows)))}"
                             for shape, rows in server.transposed_rows_by_shape.items() if rows)
         if swapped:
