@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the GPU server", description="Load a local LLaMA model directory and "
-                       "serve its linear algebra to TEE runners over ZeroMQ, many clients at once; every request is checked "
-                       "before any work, and a bad one gets an error reply (README: Protocol, Operations).")
+                       "serve its linear algebra to TEE runners over ZeroMQ, many clients at once; every request "
+                       "is checked before any work, and a bad one gets an error reply (README: Protocol, "
+                       "Operations).")
     p.add_argument("--model", default=env("LLAMA_MODEL_PATH"), help="local HF model directory [$LLAMA_MODEL_PATH]")
     p.add_argument("--device", default=env("LLAMA_GPU_DEVICE"),
                    help="torch device [$LLAMA_GPU_DEVICE; default cuda:0, or cpu without CUDA]")
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tamper", choices=("element", "row", "scale"),
                    help="TESTING ONLY: corrupt every compute reply, to see --verify catch it")
     p.add_argument("--log-level", default=env("TSQP_LOG_LEVEL", "INFO"), choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="structured key=value logs on stderr; DEBUG adds a line per request [$TSQP_LOG_LEVEL; default INFO]")
+                   help="structured key=value logs on stderr; DEBUG adds a line per request "
+                        "[$TSQP_LOG_LEVEL; default INFO]")
     p.add_argument("--parent-pid", type=int, metavar="PID",
                    help="stop when process PID is no longer this one's parent (a benchmark or script that "
                         "started this server and was killed); set by the Python API's spawn_server")

@@ -27,7 +27,8 @@ def add_tee_parsers(sub) -> None:
                        epilog=f"environment: {CLIENT_SPIN_EPILOG}")
     _connection_options(p)
     _prompt_options(p, "seed for the random ids (default 0; generate's seeds its sampling, from os.urandom without it)")
-    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed prefills before the timed one (default 1)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N",
+                   help="untimed prefills before the timed one (default 1)")
     p.add_argument("--save-logits", type=Path, metavar="FILE.npy", help="write float32 logits")
     p.add_argument("--all-positions", action="store_true", help="logits for every position, not only the last")
     _output_options(p)
@@ -45,8 +46,10 @@ def add_tee_parsers(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the tokenizer's chat template, as a user turn")
     p.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="tokens to generate per sequence")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only (default: all; needs --temperature)")
-    p.add_argument("--top-p", type=float, metavar="P", help="sample among the fewest tokens whose probability reaches P (default 1: all; needs --temperature)")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="sample among the K most likely tokens only (default: all; needs --temperature)")
+    p.add_argument("--top-p", type=float, metavar="P",
+                   help="sample among the fewest tokens whose probability reaches P (default 1: all; needs --temperature)")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the model's end-of-sequence token(s)")
     p.add_argument("--save-ids", type=Path, metavar="FILE.npy", help="write int64 [batch, prompt + new], prompt first")
     p.add_argument("--save-logits", type=Path, metavar="FILE.npy",

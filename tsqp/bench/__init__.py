@@ -76,7 +76,8 @@ def add_bench_parser(sub) -> None:
                         "median and p99 per round trip (tsqp/bench/rtt.py); --repeat scales the calls")
     p.add_argument("--decode", type=int, default=0, metavar="N",
                    help="also time N decode steps after each prompt, per mode (default 0: prefill only)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} (default: all four)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated subset of {','.join(MODES)} (default: all four)")
     p.add_argument("--wire-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="dtype of the split modes' activations on the wire (split-seed is always float32; "
                         "default float32)")
