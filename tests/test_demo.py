@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 import torch
+import transformers
 
 from tsqp import api
 from tsqp.bench import BREAKDOWN_KEYS, ModeResult, Run, measure, plot
@@ -52,6 +53,7 @@ def test_bench_reports_every_mode_in_a_stable_shape(tiny_dir, tmp_path):
     assert {"device", "model", "results"} <= report.keys()
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert report["host"]["tsqp"] == str(REPO / "tsqp") and report["host"]["commit"] == (head or None)  # which code ran
+    assert report["host"]["transformers"] == transformers.__version__  # `whole`'s code
     modes = {r["mode"] for r in report["results"]}
     assert modes == {"split", "split-seed", "whole", "tee-only", "split-private", "split-verify",
                      "split-private+verify"}

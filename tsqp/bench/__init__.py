@@ -252,8 +252,10 @@ def _cmd_rtt(args: argparse.Namespace) -> None:
 
 def host_info() -> dict:
     """The host, and which code ran (its directory, and its git commit where it is a checkout):
-    the runs of an A/B between two checkouts must be told apart by more than their names."""
+    the runs of an A/B between two checkouts must be told apart by more than their names; and
+    transformers' version, since `whole` and `tee-only` are its code."""
     import torch
+    import transformers
 
     root = Path(__file__).resolve().parents[2]
     try:
@@ -262,4 +264,5 @@ def host_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         git = ["", ""]
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "tsqp": str(root / "tsqp"), "commit": git[0].strip() or None, "modified": bool(git[1].strip())}
